@@ -44,7 +44,8 @@ def build_decoder(config, rngs: nnx.Rngs) -> DecoderLM:
   return DecoderLM(vocab_size=config.data.vocab_size, d_model=m.d_model, num_layers=m.num_layers,
                    num_heads=m.num_heads, mixer=layer_mixers(m), mixer_options=m.mixer_options.to_dict(),
                    mlp_ratio=m.mlp_ratio, short_conv=m.short_conv, pos_emb=m.pos_emb,
-                   max_len=config.data.seq_len, rngs=rngs)
+                   max_len=config.data.seq_len, attn_res=m.get("attn_res", None),
+                   attn_res_block_size=m.get("attn_res_block_size", 1), rngs=rngs)
 
 
 def mqar_loss(model: DecoderLM, batch: mqar.MQARBatch):

@@ -8,8 +8,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attnjax.nn.depth import DepthAttention
 from attnjax.nn.layers import Embed, RMSNorm, ShortConv, SwiGLU, dense
 from attnjax.registry import build_mixer
+
+ATTN_RES_MODES = (None, "full", "block", "delta")
 
 
 def _per_layer(value, num_layers: int, name: str) -> list:
@@ -34,14 +37,75 @@ class DecoderBlock(nnx.Module):
     self.norm2 = RMSNorm(d_model) if hidden else None
     self.mlp = SwiGLU(d_model, hidden, rngs=rngs) if hidden else None
 
-  def __call__(self, x, *, segment_ids=None, decode=False):
+  def mix(self, x, *, segment_ids=None, decode=False):
+    """The token-mixing sublayer without its residual add: `mixer(conv(norm1(x)))`."""
     h = self.norm1(x)
     if self.conv is not None:
       h = self.conv(h, segment_ids=segment_ids, decode=decode)
-    x = x + self.mixer(h, segment_ids=segment_ids, decode=decode)
+    return self.mixer(h, segment_ids=segment_ids, decode=decode)
+
+  def ffn(self, x):
+    """The MLP sublayer without its residual add (only when `self.mlp` is not None)."""
+    return self.mlp(self.norm2(x))
+
+  @property
+  def num_sublayers(self) -> int:
+    return 1 if self.mlp is None else 2
+
+  def sublayers(self, *, segment_ids=None, decode=False):
+    """The block's sublayers as functions `x -> f(x)` (no residual), in order; for AttnRes."""
+    fns = [lambda x: self.mix(x, segment_ids=segment_ids, decode=decode)]
     if self.mlp is not None:
-      x = x + self.mlp(self.norm2(x))
+      fns.append(self.ffn)
+    return fns
+
+  def __call__(self, x, *, segment_ids=None, decode=False):
+    x = x + self.mix(x, segment_ids=segment_ids, decode=decode)
+    if self.mlp is not None:
+      x = x + self.ffn(x)
     return x
+
+
+def check_attn_res(attn_res, block_size: int) -> None:
+  if attn_res not in ATTN_RES_MODES:
+    raise ValueError(f"attn_res must be one of {ATTN_RES_MODES}, got {attn_res!r}")
+  if block_size < 1:
+    raise ValueError(f"attn_res_block_size must be >= 1, got {block_size}")
+
+
+def build_depth_attention(attn_res, block_size: int, d_model: int, blocks) -> DepthAttention | None:
+  """The AttnRes depth mixer for `blocks` (one pseudo-query per sublayer, plus the readout).
+
+  `"full"` is AttnRes over every sublayer output, `"block"` Block AttnRes with `block_size`
+  sublayers per block, `"delta"` Delta AttnRes over the residual increments (grouped by
+  `block_size` too; 1 = every increment is its own source).
+  """
+  check_attn_res(attn_res, block_size)
+  if attn_res is None:
+    return None
+  n = sum(b.num_sublayers for b in blocks)
+  return DepthAttention(d_model, n, block_size=1 if attn_res == "full" else block_size,
+                        delta=attn_res == "delta")
+
+
+def run_blocks(blocks, depth: DepthAttention | None, x, *, segment_ids=None, decode=False):
+  """Runs the blocks with the standard residual stream, or with AttnRes when `depth` is given.
+
+  AttnRes: sublayer l's input is `depth(sources, l)` and the stream's output is
+  `depth.readout(sources)`; sources are the embedding and each sublayer output (`full`/`block`) or the
+  cumulative residual states (`delta`, see `attnjax.nn.depth`). Weights are per token, so decoding
+  needs no extra cache.
+  """
+  if depth is None:
+    for blk in blocks:
+      x = blk(x, segment_ids=segment_ids, decode=decode)
+    return x
+  fns = [f for blk in blocks for f in blk.sublayers(segment_ids=segment_ids, decode=decode)]
+  sources = [x]
+  for layer, f in enumerate(fns):
+    out = f(depth(sources, layer))
+    sources.append(sources[-1] + out if depth.delta else out)
+  return depth.readout(sources)
 
 
 class DecoderLM(nnx.Module):
@@ -51,6 +115,9 @@ class DecoderLM(nnx.Module):
   `mixer_options` a dict or one dict per layer. `short_conv > 0` puts a causal depth-wise
   convolution of that width before each mixer (Zoology's MQAR setup). Positions come from the
   mixers (RoPE in softmax attention); `pos_emb="learned"` adds learned absolute embeddings.
+  `attn_res` replaces the residual sum by Attention Residuals [2] over the sublayer outputs
+  (`"full"`), Block AttnRes with `attn_res_block_size` sublayers per block (`"block"`; size 1
+  equals `"full"`) or Delta AttnRes [78] (`"delta"`); `None` (default) is the standard residual.
 
   `__call__(tokens [B, T] int32, *, segment_ids [B, T] | None, decode=False) -> logits [B, T, vocab]`.
   `hidden(tokens, ...) -> [B, T, d_model]` and `logits(h) -> [..., vocab]` split the two, so a task
@@ -62,7 +129,8 @@ class DecoderLM(nnx.Module):
                mixer_options: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
                mlp_ratio: float = 4.0, short_conv: int = 0, causal: bool = True,
                pos_emb: str = "none", max_len: int = 2048, tie_embeddings: bool = True,
-               rngs: nnx.Rngs):
+               attn_res: str | None = None, attn_res_block_size: int = 1, rngs: nnx.Rngs):
+    check_attn_res(attn_res, attn_res_block_size)
     if pos_emb not in ("none", "learned"):
       raise ValueError(f"pos_emb must be 'none' or 'learned', got {pos_emb!r}")
     mixers = _per_layer(mixer, num_layers, "mixer")
@@ -75,6 +143,7 @@ class DecoderLM(nnx.Module):
     self.blocks = nnx.List([
         DecoderBlock(d_model, num_heads, m, o, mlp_ratio=mlp_ratio, short_conv=short_conv,
                      causal=causal, rngs=rngs) for m, o in zip(mixers, options)])
+    self.depth = build_depth_attention(attn_res, attn_res_block_size, d_model, self.blocks)
     self.final_norm = RMSNorm(d_model)
     self.head = None if tie_embeddings else dense(d_model, vocab_size, axes=("embed", "vocab"), rngs=rngs)
     self.decode_index = nnx.data(None)
@@ -98,8 +167,7 @@ class DecoderLM(nnx.Module):
       x = x + jax.lax.dynamic_slice_in_dim(self.pos[...], start, t, axis=0)[None]
     if decode:
       self.decode_index[...] = self.decode_index[...] + tokens.shape[1]
-    for blk in self.blocks:
-      x = blk(x, segment_ids=segment_ids, decode=decode)
+    x = run_blocks(self.blocks, self.depth, x, segment_ids=segment_ids, decode=decode)
     return self.final_norm(x)
 
   def logits(self, h: jax.Array) -> jax.Array:

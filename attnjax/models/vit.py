@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attnjax.models.decoder import DecoderBlock, _per_layer
+from attnjax.models.decoder import (DecoderBlock, _per_layer, build_depth_attention, check_attn_res,
+                                     run_blocks)
 from attnjax.nn.layers import RMSNorm, dense
 
 
@@ -17,14 +18,17 @@ class ViT(nnx.Module):
 
   `__call__(images [B, H, W, C]) -> logits [B, num_classes]`. `pool="cls"` prepends a class token
   and classifies from it; `pool="mean"` averages the patch tokens. Mixers are built with
-  `causal=False`; `mixer` / `mixer_options` may be per layer, as in `DecoderLM`.
+  `causal=False`; `mixer` / `mixer_options` may be per layer, as in `DecoderLM`. `attn_res` /
+  `attn_res_block_size`: Attention Residuals [2, 78] instead of the residual sum, as in `DecoderLM`.
   """
 
   def __init__(self, *, image_size: int | tuple[int, int], patch_size: int, num_classes: int,
                d_model: int, num_layers: int, num_heads: int, in_channels: int = 3,
                mixer: str | Sequence[str] = "softmax",
                mixer_options: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
-               mlp_ratio: float = 4.0, pool: str = "cls", rngs: nnx.Rngs):
+               mlp_ratio: float = 4.0, pool: str = "cls", attn_res: str | None = None,
+               attn_res_block_size: int = 1, rngs: nnx.Rngs):
+    check_attn_res(attn_res, attn_res_block_size)
     hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if hw[0] % patch_size or hw[1] % patch_size:
       raise ValueError(f"image_size {hw} must be divisible by patch_size={patch_size}")
@@ -44,6 +48,7 @@ class ViT(nnx.Module):
     self.blocks = nnx.List([
         DecoderBlock(d_model, num_heads, m, o, mlp_ratio=mlp_ratio, short_conv=0, causal=False,
                      rngs=rngs) for m, o in zip(mixers, options)])
+    self.depth = build_depth_attention(attn_res, attn_res_block_size, d_model, self.blocks)
     self.norm = RMSNorm(d_model)
     self.classifier = dense(d_model, num_classes, axes=("embed", None), rngs=rngs, use_bias=True)
 
@@ -62,7 +67,6 @@ class ViT(nnx.Module):
     if self.cls is not None:
       x = jnp.concatenate([jnp.broadcast_to(self.cls[...], (x.shape[0], 1, x.shape[2])), x], axis=1)
     x = x + self.pos[...][None]
-    for blk in self.blocks:
-      x = blk(x)
+    x = run_blocks(self.blocks, self.depth, x)
     x = self.norm(x)
     return self.classifier(x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1))

@@ -1,0 +1,62 @@
+"""Attention entropy per head, and the entropy regulariser of Entropy-Guided Attention [34]."""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+
+from attnjax.ops.operators import _common
+
+
+def softmax_attention_weights(q, k, *, mask=None, causal=False, window=None, q_segment_ids=None,
+                              kv_segment_ids=None, scale=None, bias=None):
+  """Dense softmax weights `[B, H, Tq, Tk]` float32 (fully hidden rows are zeros)."""
+  _common.check_qkv("softmax_attention_weights", q, k, k)
+  s = _common.scores(q, k, scale=scale)
+  if bias is not None:
+    s = s + bias
+  valid = _common.visibility(q.shape[1], k.shape[1], mask=mask, causal=causal, window=window,
+                             q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+  return _common.masked_softmax(s, jnp.broadcast_to(valid, s.shape))
+
+
+def attention_entropy(weights, *, reduce: bool = True):
+  """Shannon entropy of attention rows, `H_i = -sum_j A_ij log A_ij` (nats).
+
+  `weights [B, H, Tq, Tk]` from any weight function (`softmax_attention_weights`,
+  `sigmoid_attention_weights`, `lssa_weights`, ...). Rows are renormalised first, so unnormalised
+  families (sigmoid, affine) get the entropy of their weight distribution; all-zero rows (fully
+  masked) count as entropy 0 and are left out of the mean. `reduce=True` returns the per-head mean
+  over batch and queries `[H]` (the head entropy of [34]); otherwise `[B, H, Tq]`.
+  """
+  if weights.ndim != 4:
+    raise ValueError(f"attention_entropy: weights must be [B, H, Tq, Tk], got {weights.shape}")
+  w = weights.astype(jnp.float32)
+  mass = jnp.sum(w, axis=-1, keepdims=True)
+  p = w / jnp.where(mass > 0, mass, 1.0)
+  ent = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
+  if not reduce:
+    return ent
+  live = (mass[..., 0] > 0).astype(jnp.float32)
+  return jnp.sum(ent * live, axis=(0, 2)) / jnp.maximum(jnp.sum(live, axis=(0, 2)), 1.0)
+
+
+def entropy_regularizer(head_entropy, theta, seq_len: int, *, lam: float = 1e-5,
+                        gamma: float = 0.2):
+  """Entropy-band regulariser (Jha & Reagen [34]): `lam * mean_{l,h} max(0, |H_lh - theta_lh| - gamma H_max)^2`.
+
+  `head_entropy` and `theta` (learnable per-head targets) have the same shape (`[H]` or `[L, H]`);
+  `H_max = log(seq_len)`. Zero while every head's entropy stays within `gamma H_max` of its target.
+  Paper defaults `lam = 1e-5`, `gamma = 0.2`. Reading: catalog [34] "partly from code, formula verify";
+  we follow the catalog's formula.
+  """
+  head_entropy = jnp.asarray(head_entropy, jnp.float32)
+  theta = jnp.asarray(theta, jnp.float32)
+  if head_entropy.shape != theta.shape:
+    raise ValueError(f"entropy_regularizer: theta must have the entropy's shape {head_entropy.shape}, "
+                     f"got {theta.shape}")
+  if seq_len < 2:
+    raise ValueError(f"entropy_regularizer: seq_len must be >= 2, got {seq_len}")
+  excess = jnp.maximum(jnp.abs(head_entropy - theta) - gamma * math.log(seq_len), 0.0)
+  return lam * jnp.mean(excess ** 2)
