@@ -1,0 +1,184 @@
+"""The (gated) delta rule: DeltaNet and Gated DeltaNet, recurrent and chunked (WY / UT) forms.
+
+`S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t^T v_t`, `o_t = scale * q_t S_t` with the
+state `S [Dk, Dv]` as in `engine.linear_attention` (fla's `[B, H, K, V]` layout).
+
+Chunked form. Writing `S_t = exp(g_t) S_{t-1} + k_t^T u_t` with the "pseudo-value"
+`u_t = beta_t (v_t - exp(g_t) k_t S_{t-1})`, the u's of one chunk solve a unit lower-triangular
+system `(I + A) U = beta V - beta Gamma (K S_0)`, `A_ij = beta_i exp(G_i - G_j) k_i . k_j` (j < i).
+With `T = (I + A)^{-1}` (the UT transform) `U = T beta V - (T beta Gamma K) S_0 = U' - W S_0`: `T`,
+`W` and `U'` are computed for all chunks in parallel, and only the cheap `U = U' - W S_0`, the
+output and the next state run in the scan over chunks. All decay factors are exps of direct
+segment sums (<= 0), as in the engine.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attnjax.ops.linear.engine import (_check_gate, _concrete_range, _check_state, _reverse_exclusive_cumsum,
+                                       run_ids, segsum)
+
+DELTA_FORMS = ("recurrent", "parallel", "chunked")
+
+
+def _canonical(log_decay, beta, b, t, h):
+  if tuple(beta.shape) != (b, t, h):
+    raise ValueError(f"beta must be [B, T, H]={[b, t, h]}, got {list(beta.shape)}")
+  rng = _concrete_range(beta) if beta.size else None
+  if rng is not None:
+    lo, hi = rng
+    if not (0.0 <= lo and hi <= 2.0):
+      raise ValueError(f"beta must lie in [0, 2] (write strength), got range [{lo}, {hi}]")
+  beta = jnp.transpose(beta.astype(jnp.float32), (0, 2, 1))
+  if log_decay is None:
+    return jnp.zeros((b, h, t), jnp.float32), beta
+  g = jnp.asarray(log_decay)
+  if g.shape == (h,):
+    g = jnp.broadcast_to(g[None, :, None], (b, h, t))
+  elif g.shape == (b, t, h):
+    g = jnp.transpose(g, (0, 2, 1))
+  else:
+    raise ValueError(f"log_decay must be [H]={[h]} or [B, T, H]={[b, t, h]} for the delta rule "
+                     f"(per-key-dim gates are not supported), got {list(g.shape)}")
+  _check_gate("log_decay", log_decay, "[H] or [B, T, H]")
+  return g.astype(jnp.float32), beta
+
+
+def _recurrent(q, k, v, beta, g, s0, runs):
+  b, h, t, dk = q.shape
+  dv = v.shape[-1]
+  s = jnp.zeros((b, h, dk, dv), jnp.float32) if s0 is None else s0
+  if runs is None:
+    reset = jnp.zeros((t, b), bool)
+  else:
+    reset = jnp.transpose(runs != jnp.concatenate([runs[:, :1], runs[:, :-1]], axis=1))
+  mv = lambda x: jnp.moveaxis(x, 2, 0)
+
+  def step(s, x):
+    qt, kt, vt, bt, gt, rt = x
+    s = jnp.where(rt[:, None, None, None], 0.0, jnp.exp(gt)[..., None, None] * s)
+    u = bt[..., None] * (vt - jnp.einsum("bhd,bhde->bhe", kt, s))
+    s = s + kt[..., :, None] * u[..., None, :]
+    return s, jnp.einsum("bhd,bhde->bhe", qt, s)
+
+  s, o = jax.lax.scan(step, s, (mv(q), mv(k), mv(v), mv(beta), mv(g), reset))
+  return jnp.moveaxis(o, 0, 2), s
+
+
+def _chunked(q, k, v, beta, g, s0, runs, c):
+  b, h, t, dk = q.shape
+  dv = v.shape[-1]
+  n = -(-t // c)
+  pad = n * c - t
+  if pad:
+    # Padded steps: k = v = beta = g = 0, same run as the last token: they leave the state alone.
+    p4 = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    p3 = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, pad)))
+    q, k, v, beta, g = p4(q), p4(k), p4(v), p3(beta), p3(g)
+    if runs is not None:
+      runs = jnp.pad(runs, ((0, 0), (0, pad)), mode="edge")
+  qc, kc, vc = (x.reshape(b, h, n, c, x.shape[-1]) for x in (q, k, v))
+  bc, gc = beta.reshape(b, h, n, c), g.reshape(b, h, n, c)
+  dec = jnp.exp(segsum(gc[..., None])[..., 0])                       # [b,h,n,c,c], incl. diagonal
+  gam = jnp.exp(jnp.cumsum(gc, axis=-1))                              # decay chunk start -> i
+  back = jnp.exp(_reverse_exclusive_cumsum(gc, axis=-1))              # decay j -> chunk end
+  total = jnp.exp(jnp.sum(gc, axis=-1))                               # [b,h,n]
+  if runs is not None:
+    rc = runs.reshape(b, n, c)
+    same = (rc[:, :, :, None] == rc[:, :, None, :])[:, None]
+    r_prev = jnp.concatenate([runs[:, :1], rc[:, :-1, -1]], axis=1)
+    r_last = rc[:, :, -1]
+    in_mask = (rc == r_prev[:, :, None])[:, None]
+    out_mask = (rc == r_last[:, :, None])[:, None]
+    carry = (r_last == r_prev)[:, None]
+    dec = jnp.where(same, dec, 0.0)
+    gam = jnp.where(in_mask, gam, 0.0)
+    back = jnp.where(out_mask, back, 0.0)
+    total = jnp.where(carry, total, 0.0)
+  strict = jnp.tril(jnp.ones((c, c), bool), -1)
+  kk = jnp.einsum("...id,...jd->...ij", kc, kc)
+  a = jnp.where(strict, bc[..., :, None] * dec * kk, 0.0)
+  eye = jnp.eye(c, dtype=jnp.float32)
+  solve = lambda rhs: jax.scipy.linalg.solve_triangular(eye + a, rhs, lower=True, unit_diagonal=True)
+  u_free = solve(bc[..., None] * vc)                                  # U' = T beta V
+  w = solve((bc * gam)[..., None] * kc)                               # W = T beta Gamma K
+  qk = jnp.einsum("...id,...jd->...ij", qc, kc) * dec                 # causal incl. diagonal
+  q_gam = qc * gam[..., None]
+  k_back = kc * back[..., None]
+  s_init = jnp.zeros((b, h, dk, dv), jnp.float32) if s0 is None else s0
+  mv = lambda x: jnp.moveaxis(x, 2, 0)
+
+  def step(s, x):
+    u_free_n, w_n, qk_n, q_gam_n, k_back_n, total_n = x
+    u = u_free_n - jnp.einsum("bhid,bhde->bhie", w_n, s)
+    o = jnp.einsum("bhid,bhde->bhie", q_gam_n, s) + jnp.einsum("bhij,bhje->bhie", qk_n, u)
+    s = total_n[..., None, None] * s + jnp.einsum("bhjd,bhje->bhde", k_back_n, u)
+    return s, o
+
+  s, o = jax.lax.scan(step, s_init, tuple(map(mv, (u_free, w, qk, q_gam, k_back, total))))
+  o = jnp.moveaxis(o, 0, 2).reshape(b, h, n * c, dv)[:, :, :t]
+  return o, s
+
+
+def delta_rule(q, k, v, beta, *, log_decay=None, scale=None, initial_state=None,
+               output_final_state=False, segment_ids=None, form="chunked", chunk_size=64):
+  """Gated delta rule on `[B, T, H, D]`; returns `(o [B, T, H, Dv], final_state | None)`.
+
+  `S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t^T v_t`, `o_t = scale q_t S_t`
+  (DeltaNet when `log_decay` is None; Gated DeltaNet [97] with `log_decay [B, T, H]` or `[H]`, log
+  space <= 0). `beta [B, T, H]` in [0, 2] (usually a sigmoid). Keys are used as given: the layers
+  L2-normalise them, which the delta rule needs for stability (||k|| = 1, beta <= 1 keeps
+  `I - beta k k^T` a contraction). `scale` defaults to `Dk**-0.5`. State: float32
+  `[B, H, Dk, Dv]`; `segment_ids`/`initial_state` semantics as in `linear_attention` (reset at each
+  segment change; the initial state feeds the first segment). Forms: "recurrent" (scan) and
+  "chunked" (UT transform, any `chunk_size`, T need not be a multiple); "parallel" is the chunked
+  form with a single chunk of length T (the WY form, O(T^2)).
+  """
+  if form not in DELTA_FORMS:
+    raise ValueError(f"form must be one of {DELTA_FORMS}, got {form!r}")
+  if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+    raise ValueError(f"q, k must be [B, T, H, Dk] and v [B, T, H, Dv]; got {q.shape}, {k.shape}, {v.shape}")
+  if not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  if segment_ids is not None and tuple(segment_ids.shape) != (b, t):
+    raise ValueError(f"segment_ids must be [B, T]={[b, t]}, got {list(segment_ids.shape)}")
+  s0, _ = _check_state(initial_state, b, h, dk, dv, False)
+  g, bt = _canonical(log_decay, jnp.asarray(beta), b, t, h)
+  scale = dk ** -0.5 if scale is None else scale
+  tr = lambda x: jnp.transpose(x, (0, 2, 1, 3)).astype(jnp.float32)
+  qf, kf, vf = tr(q), tr(k), tr(v)
+  runs = None if segment_ids is None else run_ids(segment_ids)
+  if form == "recurrent":
+    o, s = _recurrent(qf, kf, vf, bt, g, s0, runs)
+  else:
+    o, s = _chunked(qf, kf, vf, bt, g, s0, runs, t if form == "parallel" else chunk_size)
+  o = jnp.transpose(o * scale, (0, 2, 1, 3)).astype(q.dtype)
+  return (o, s) if output_final_state else (o, None)
+
+
+def delta_rule_step(q_t, k_t, v_t, beta_t, state, *, log_decay_t=None, scale=None):
+  """One decode step of `delta_rule`: `q_t, k_t [B, H, Dk]`, `v_t [B, H, Dv]`, `beta_t [B, H]`,
+  `log_decay_t` None, `[H]` or `[B, H]` -> `(o_t [B, H, Dv], new_state [B, H, Dk, Dv] float32)`."""
+  if q_t.ndim != 3 or k_t.shape != q_t.shape or v_t.shape[:2] != q_t.shape[:2]:
+    raise ValueError(f"q_t, k_t must be [B, H, Dk], v_t [B, H, Dv]; got {q_t.shape}, {k_t.shape}, {v_t.shape}")
+  b, h, dk = q_t.shape
+  dv = v_t.shape[-1]
+  if tuple(beta_t.shape) != (b, h):
+    raise ValueError(f"beta_t must be [B, H]={[b, h]}, got {list(beta_t.shape)}")
+  s, _ = _check_state(state, b, h, dk, dv, False)
+  if s is None:
+    raise ValueError("state is required (zeros [B, H, Dk, Dv] float32 to start)")
+  scale = dk ** -0.5 if scale is None else scale
+  if log_decay_t is not None:
+    g = jnp.asarray(log_decay_t, jnp.float32)
+    if g.shape not in ((h,), (b, h)):
+      raise ValueError(f"log_decay_t must be [H] or [B, H], got {list(g.shape)}")
+    s = jnp.exp(jnp.broadcast_to(g, (b, h)))[..., None, None] * s
+  qf, kf, vf = (x.astype(jnp.float32) for x in (q_t, k_t, v_t))
+  u = beta_t.astype(jnp.float32)[..., None] * (vf - jnp.einsum("bhd,bhde->bhe", kf, s))
+  s = s + kf[..., :, None] * u[..., None, :]
+  return (jnp.einsum("bhd,bhde->bhe", qf, s) * scale).astype(q_t.dtype), s

@@ -1,0 +1,230 @@
+"""Mechanisms built on the engine whose output is not a single `q S` read-out (MALA, ...)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attnjax.ops.linear.engine import linear_attention, linear_attention_step
+
+
+def _augment(v):
+  return jnp.concatenate([v.astype(jnp.float32), jnp.ones_like(v[..., :1], jnp.float32)], axis=-1)
+
+
+def mala_combine(num, den, vsum, count, dk):
+  """MALA's read-out from running sums (see `mala_attention`); all float32, `[..., Dv]`/`[..., 1]`."""
+  s = dk ** -0.5
+  z = s * den / count
+  return (1.0 + 1.0 / z) * s * num / count - z * vsum / count
+
+
+def mala_attention(phi_q, phi_k, v, *, causal=True, segment_ids=None, initial_state=None,
+                   output_final_state=False, form="chunked", chunk_size=64):
+  """Magnitude-Aware Linear Attention (MALA [6]) on `[B, T, H, D]` features (`phi = elu + 1`).
+
+  `z_i = s phi(q_i) . mean_j phi(k_j)` with `s = Dk^{-1/2}`,
+  `o_i = (1 + 1/z_i) s mean_j[(phi(q_i) . phi(k_j)) v_j] - z_i mean_j v_j`, so the implied
+  weights `(1 + 1/z_i) s phi(q_i).phi(k_j)/N - z_i/N` sum exactly to 1 (the catalog oracle) but
+  keep the query magnitude. Means run over the whole segment (`causal=False`, the paper's vision
+  setting) or over `j <= i` (`causal=True`, our reading for language models: prefix means with
+  the prefix length N_i = i + 1). Computed with two engine passes: `[phi_q S, phi_q z]` and the
+  running `[sum v, N]`. State: `(S [B, H, Dk, Dv+1], C [B, H, 1, Dv+1])`, float32.
+  RoPE, LePE and the output gate of the paper's vision block are left to the layer (not used).
+  """
+  b, t, h, dk = phi_q.shape
+  dv = v.shape[-1]
+  va = _augment(v)
+  s0, c0 = (None, None) if initial_state is None else initial_state
+  kw = dict(causal=causal, segment_ids=segment_ids, output_final_state=True, form=form,
+            chunk_size=chunk_size, scale=1.0)
+  ones = jnp.ones((b, t, h, 1), jnp.float32)
+  o1, s1 = linear_attention(phi_q.astype(jnp.float32), phi_k.astype(jnp.float32), va,
+                            initial_state=s0, **kw)
+  o2, s2 = linear_attention(ones, ones, va, initial_state=c0, **kw)
+  o = mala_combine(o1[..., :dv], o1[..., dv:], o2[..., :dv], o2[..., dv:], dk)
+  return o.astype(phi_q.dtype), ((s1, s2) if output_final_state else None)
+
+
+def mala_step(phi_q_t, phi_k_t, v_t, state):
+  """One causal MALA decode step, `[B, H, D]` inputs, state as returned by `mala_attention`."""
+  dk = phi_q_t.shape[-1]
+  va = _augment(v_t)
+  ones = jnp.ones((*v_t.shape[:2], 1), jnp.float32)
+  o1, s1 = linear_attention_step(phi_q_t.astype(jnp.float32), phi_k_t.astype(jnp.float32), va,
+                                 state[0], scale=1.0)
+  o2, s2 = linear_attention_step(ones, ones, va, state[1], scale=1.0)
+  dv = v_t.shape[-1]
+  o = mala_combine(o1[..., :dv], o1[..., dv:], o2[..., :dv], o2[..., dv:], dk)
+  return o.astype(phi_q_t.dtype), (s1, s2)
+
+
+# ----------------------------------------------------------------------------------------------
+# LightNet [74].
+
+
+def _segment_logcumsumexp(x, runs):
+  """`logcumsumexp` along axis 1 of `x [B, T, ...]`, restarted at every run change."""
+  if runs is None:
+    return jax.lax.cumlogsumexp(x, axis=1)
+  starts = jnp.concatenate([jnp.ones_like(runs[:, :1], bool), runs[:, 1:] != runs[:, :-1]], axis=1)
+  starts = starts.reshape(starts.shape + (1,) * (x.ndim - 2))
+  starts = jnp.broadcast_to(starts, x.shape)
+
+  def combine(a, b):
+    fa, va = a
+    fb, vb = b
+    return fa | fb, jnp.where(fb, vb, jnp.logaddexp(va, vb))
+
+  return jax.lax.associative_scan(combine, (starts, x), axis=1)[1]
+
+
+def lightnet_attention(q, k, v, *, segment_ids=None, initial_state=None, output_final_state=False,
+                       form="chunked", chunk_size=64):
+  """LightNet's additive recurrence [74] on `[B, T, H, D]` (q already activated, e.g. silu).
+
+  `z_t = logcumsumexp_{s<=t}(k_s)` per key dimension, `k'_t = exp(k_t - z_t)`, log gate
+  `g_t = z_{t-1} - z_t (<= 0)`, then GLA's `S_t = exp(g_t) S_{t-1} + k'_t^T v_t`, `o_t = q_t S_t`
+  (no scale: the keys are already a softmax over the past). Equivalent to a per-dimension softmax
+  over past keys: `o_t = sum_d q_td sum_{s<=t} softmax_{s<=t}(k_{., d})_s v_s`. Segments restart the
+  log-cum-sum-exp. State: `(S [B, H, Dk, Dv], z [B, H, Dk])` float32, z = -inf when empty.
+  """
+  from attnjax.ops.linear.engine import run_ids  # local: avoid a cycle at import time
+  b, t, h, dk = q.shape
+  kf = k.astype(jnp.float32)
+  runs = None if segment_ids is None else run_ids(segment_ids)
+  if initial_state is not None:
+    s0, zprev = initial_state
+    # Fold the carried log-sum into the first segment: z_t = logaddexp(z_prev, lcse_t).
+  else:
+    s0, zprev = None, None
+  z = _segment_logcumsumexp(kf, runs)
+  if zprev is not None:
+    first = jnp.ones((b, t), bool) if runs is None else runs == runs[:, :1]
+    z = jnp.where(first[..., None, None], jnp.logaddexp(z, zprev[:, None]), z)
+    z_before = jnp.concatenate([zprev[:, None], z[:, :-1]], axis=1)
+  else:
+    z_before = jnp.concatenate([jnp.full_like(z[:, :1], -jnp.inf), z[:, :-1]], axis=1)
+  if runs is not None:
+    starts = jnp.concatenate([jnp.zeros_like(runs[:, :1], bool), runs[:, 1:] != runs[:, :-1]], axis=1)
+    z_before = jnp.where(starts[..., None, None], -jnp.inf, z_before)
+  # g = z_{t-1} - z_t; 0 where the state is empty (z_{t-1} = -inf), where it multiplies zeros.
+  g = jnp.where(jnp.isfinite(z_before), z_before - z, 0.0)
+  g = jnp.minimum(g, 0.0)
+  kp = jnp.exp(kf - z)
+  o, s = linear_attention(q.astype(jnp.float32), kp, v, log_decay=g, scale=1.0, segment_ids=segment_ids,
+                          initial_state=s0, output_final_state=True, form=form, chunk_size=chunk_size)
+  return o.astype(q.dtype), ((s, z[:, -1]) if output_final_state else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalised non-causal / causal variants built from running sums.
+
+
+def _sums(phi_q, phi_k, v, causal, segment_ids, form, chunk_size):
+  """Running sums `num = phi_q . sum phi_k v^T`, `den = phi_q . sum phi_k`, `vsum`, `count`."""
+  b, t, h, _ = phi_q.shape
+  dv = v.shape[-1]
+  va = _augment(v)
+  kw = dict(causal=causal, segment_ids=segment_ids, form=form, chunk_size=chunk_size, scale=1.0)
+  o1, _ = linear_attention(phi_q.astype(jnp.float32), phi_k.astype(jnp.float32), va, **kw)
+  ones = jnp.ones((b, t, h, 1), jnp.float32)
+  o2, _ = linear_attention(ones, ones, va, **kw)
+  return o1[..., :dv], o1[..., dv:], o2[..., :dv], o2[..., dv:]
+
+
+def inline_attention(phi_q, phi_k, v, *, causal=False, segment_ids=None, form="chunked", chunk_size=64):
+  """InLine (injective linear) attention [26]: weights `w_ij = phi_q_i.phi_k_j - mean_s
+  phi_q_i.phi_k_s + 1/N` (rows sum to 1, may be negative), `o_i = sum_j w_ij v_j`, computed in O(N)
+  as `num - den * mean(v) + mean(v)`. Means run over the segment (non-causal, the paper) or the
+  prefix (`causal=True`, N_i = i + 1; our extension). The paper's local 3x3 residual is a vision
+  extra left to the layer. `[B, T, H, D]`."""
+  num, den, vsum, count = _sums(phi_q, phi_k, v, causal, segment_ids, form, chunk_size)
+  mean_v = vsum / count
+  return (num - den * mean_v + mean_v).astype(phi_q.dtype)
+
+
+def linfusion_attention(phi_q, phi_k, v, *, eps=1e-4, causal=False, segment_ids=None,
+                        form="chunked", chunk_size=64):
+  """LinFusion's generalised linear attention [31]: `o = phi_q (phi_k^T v / N) / (phi_q . mean
+  phi_k + eps)`, eps = 1e-4 (their code), phi = elu + 1 applied by the caller. `[B, T, H, D]`."""
+  num, den, _, count = _sums(phi_q, phi_k, v, causal, segment_ids, form, chunk_size)
+  return ((num / count) / (den / count + eps)).astype(phi_q.dtype)
+
+
+def rala_attention(phi_q, phi_k, v, *, scale=None):
+  """RALA's rank-augmented linear attention [95], non-causal (vision), `[B, N, H, D]`:
+  `eff = softmax_j(s * mean_i(phi_q_i) . phi_k_j)`, `k'_j = phi_k_j * eff_j * N`,
+  `o_i = phi_q_i (k'^T v / N) / (phi_q_i . mean_j k'_j)`, s = D^{-1/2}. RoPE, LePE and the gate of
+  the vision block are left to the layer."""
+  n, d = phi_q.shape[1], phi_q.shape[-1]
+  scale = d ** -0.5 if scale is None else scale
+  pq, pk, vf = (x.astype(jnp.float32) for x in (phi_q, phi_k, v))
+  eff = jax.nn.softmax(scale * jnp.einsum("bhd,bjhd->bjh", pq.mean(1), pk), axis=1)
+  kp = pk * eff[..., None] * n
+  kv = jnp.einsum("bjhd,bjhe->bhde", kp, vf) / n
+  num = jnp.einsum("bihd,bhde->bihe", pq, kv)
+  den = jnp.einsum("bihd,bhd->bih", pq, kp.mean(1))[..., None]
+  return (num / den).astype(phi_q.dtype)
+
+
+def sla_attention(q, k, v, *, eps=1e-6, causal=False, segment_ids=None, form="chunked", chunk_size=64):
+  """SLAB's simplified linear attention [33] (without its depth-wise conv on V, which the layer
+  adds): `o = relu(Q)(relu(K)^T V) / (relu(Q) . sum relu(K) + eps)`. All-zero rows give 0."""
+  num, den, _, _ = _sums(jax.nn.relu(q), jax.nn.relu(k), v, causal, segment_ids, form, chunk_size)
+  return (num / (den + eps)).astype(q.dtype)
+
+
+def lina_attention(phi_q, phi_k, v, kv_gate, *, eps=1e-6, segment_ids=None):
+  """LINA's bidirectional gated linear attention [149] (reading: the data-independent per-token
+  memory weight `g_j > 0` scales key j in numerator and denominator):
+  `o_i = sum_j g_j phi_q_i.phi_k_j v_j / (sum_j g_j phi_q_i.phi_k_j + eps)`; `kv_gate [N]` or
+  `[B, N, H]`. g = 1 is plain normalised linear attention; weights sum to 1."""
+  g = jnp.asarray(kv_gate, jnp.float32)
+  if g.ndim == 1:
+    g = g[None, :, None]
+  num, den, _, _ = _sums(phi_q, phi_k * g[..., None], v, False, segment_ids, "chunked", 64)
+  return (num / (den + eps)).astype(phi_q.dtype)
+
+
+def flow_attention(q, k, v, *, causal=False, eps=1e-6):
+  """Flowformer's Flow-Attention [55] with `phi = sigmoid`, `[B, N, H, D]`.
+
+  Incoming `I_i = phi_q_i . sum_j phi_k_j`, outgoing `O_j = phi_k_j . sum_i phi_q_i`; conserved
+  `Ihat_i = phi_q_i . sum_j phi_k_j / O_j`, `Ohat_j = phi_k_j . sum_i phi_q_i / I_i`; competition
+  `Vhat = N softmax_j(Ohat) (.) V`; aggregation `R = phi_q (phi_k^T Vhat) / I`; allocation
+  `out = sigmoid(Ihat) (.) R`. Causal: every sum over the other side runs over the prefix
+  (`sum_{j<=i}` for queries, `sum_{i<=j}` for keys) and the competition softmax becomes
+  `exp(Ohat_j) / mean_{s<=j} exp(Ohat_s)` (the paper's causal cumsum version, our reading).
+  """
+  pq, pk = jax.nn.sigmoid(q.astype(jnp.float32)), jax.nn.sigmoid(k.astype(jnp.float32))
+  vf = v.astype(jnp.float32)
+  n = q.shape[1]
+  if not causal:
+    incoming = jnp.einsum("bihd,bhd->bih", pq + eps, pk.sum(1) + eps)
+    outgoing = jnp.einsum("bjhd,bhd->bjh", pk + eps, pq.sum(1) + eps)
+    cons_in = jnp.einsum("bihd,bhd->bih", pq + eps, (pk / outgoing[..., None]).sum(1) + eps)
+    cons_out = jnp.einsum("bjhd,bhd->bjh", pk + eps, (pq / incoming[..., None]).sum(1) + eps)
+    vhat = vf * (n * jax.nn.softmax(cons_out, axis=1))[..., None]
+    r = jnp.einsum("bihd,bhde->bihe", pq, jnp.einsum("bjhd,bjhe->bhde", pk, vhat)) / incoming[..., None]
+    return (jax.nn.sigmoid(cons_in)[..., None] * r).astype(q.dtype)
+  cnt = jnp.arange(1, n + 1, dtype=jnp.float32)[None, :, None]
+  cum = lambda x: jnp.cumsum(x, axis=1)
+  incoming = jnp.einsum("bihd,bihd->bih", pq + eps, cum(pk) + eps)
+  outgoing = jnp.einsum("bjhd,bjhd->bjh", pk + eps, cum(pq) + eps)
+  cons_in = jnp.einsum("bihd,bihd->bih", pq + eps, cum(pk / outgoing[..., None]) + eps)
+  cons_out = jnp.einsum("bjhd,bjhd->bjh", pk + eps, cum(pq / incoming[..., None]) + eps)
+  # Prefix-softmax competition, stabilised by the running max.
+  m = jax.lax.cummax(cons_out, axis=1)
+  e = jnp.exp(cons_out - m)
+  # sum_{s<=j} exp(o_s - m_j): rescale the running sum as the max grows (a scan of (m, sum)).
+  def comb(a, b):
+    ma, sa = a
+    mb, sb = b
+    mm = jnp.maximum(ma, mb)
+    return mm, sa * jnp.exp(ma - mm) + sb * jnp.exp(mb - mm)
+  _, denom = jax.lax.associative_scan(comb, (cons_out, jnp.ones_like(cons_out)), axis=1)
+  vhat = vf * (cnt * e / denom)[..., None]
+  o, _ = linear_attention(pq, pk, vhat, scale=1.0)
+  r = o / incoming[..., None]
+  return (jax.nn.sigmoid(cons_in)[..., None] * r).astype(q.dtype)
