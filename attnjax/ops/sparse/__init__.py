@@ -1,0 +1,5 @@
+"""Sparse attention patterns (static layout builders) and dynamic routers (catalog S)."""
+
+from attnjax.ops.sparse import patterns
+
+__all__ = ["patterns"]

@@ -1,0 +1,147 @@
+"""Dynamic routers (MoBA, BiFormer BRA), the registered mixers and the two vision backbones."""
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from attnjax import build_mixer
+from attnjax.ops import layout as L
+from attnjax.ops.softmax import dot_product_attention
+from attnjax.ops.sparse import routing as R
+
+
+def _qkv(key, shape, h, hk, d):
+  ks = jax.random.split(key, 3)
+  return (jax.random.normal(ks[0], shape + (h, d)), jax.random.normal(ks[1], shape + (hk, d)),
+          jax.random.normal(ks[2], shape + (hk, d)))
+
+
+def _moba_dense_definition(q, k, chunk, top_k):
+  """Numpy MoBA: gate = q . mean(K_chunk); own chunk forced, future chunks excluded; causal."""
+  q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+  b, t, h, d = q.shape
+  g = h // k.shape[2]
+  nc = -(-t // chunk)
+  mask = np.zeros((b, h, t, t), bool)
+  for bi in range(b):
+    for hi in range(h):
+      means = np.stack([k[bi, c * chunk:(c + 1) * chunk, hi // g].mean(0) for c in range(nc)])
+      for i in range(t):
+        score = means @ q[bi, i, hi]
+        own = i // chunk
+        score[own] = np.inf
+        score[own + 1:] = -np.inf
+        chosen = [c for c in np.argsort(-score, kind="stable")[:top_k] if score[c] > -np.inf]
+        for c in chosen:
+          mask[bi, hi, i, c * chunk:(c + 1) * chunk] = True
+        mask[bi, hi, i, i + 1:] = False
+  return mask
+
+
+@pytest.mark.parametrize("block_q", [1, 4])
+def test_moba_matches_numpy_definition_values_and_grads(block_q):
+  q, k, v = _qkv(jax.random.PRNGKey(0), (1, 23), 4, 2, 8)
+  lay = R.moba_layout(q, k, chunk_size=5, top_k=2, block_q=block_q)
+  L.check_layout(lay)
+  np.testing.assert_array_equal(np.asarray(L.dense_mask(lay)),
+                                _moba_dense_definition(q, k, 5, 2))
+  kw = dict(chunk_size=5, top_k=2, block_q=block_q)
+  o = R.moba_attention(q, k, v, **kw)
+  o_ref = R.moba_attention(q, k, v, **kw, implementation="reference")
+  np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), atol=2e-5)
+  f = lambda impl: (lambda q, k, v: jnp.sum(jnp.sin(R.moba_attention(q, k, v, **kw,
+                                                                     implementation=impl))))
+  g = jax.grad(f("block_sparse"), (0, 1, 2))(q, k, v)
+  g_ref = jax.grad(f("reference"), (0, 1, 2))(q, k, v)
+  for a, r in zip(g, g_ref):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=1e-4)
+
+
+def test_moba_all_chunks_is_full_attention_and_under_jit():
+  q, k, v = _qkv(jax.random.PRNGKey(1), (1, 17), 2, 2, 8)
+  o = jax.jit(lambda q, k, v: R.moba_attention(q, k, v, chunk_size=4, top_k=5))(q, k, v)
+  o_full = dot_product_attention(q, k, v, causal=True, implementation="reference")
+  np.testing.assert_allclose(np.asarray(o), np.asarray(o_full), atol=2e-5)
+  o_nc = R.moba_attention(q, k, v, chunk_size=4, top_k=5, causal=False)
+  np.testing.assert_allclose(np.asarray(o_nc), np.asarray(
+      dot_product_attention(q, k, v, implementation="reference")), atol=2e-5)
+  with pytest.raises(ValueError, match="chunk_size"):
+    R.moba_layout(q, k, chunk_size=0, top_k=1)
+
+
+def test_bra_routing_shared_by_region_and_full_topk():
+  q, k, v = _qkv(jax.random.PRNGKey(2), (2, 8, 8), 2, 2, 8)
+  o = R.bra_attention(q, k, v, regions=4, top_k=3)
+  o_ref = R.bra_attention(q, k, v, regions=4, top_k=3, implementation="reference")
+  np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), atol=2e-5)
+  # Definition check: region-mean affinity top-k, computed independently in numpy.
+  qn, kn = np.asarray(q), np.asarray(k)
+  qr = qn.reshape(2, 4, 2, 4, 2, -1).mean((2, 4)).reshape(2, 16, -1)
+  kr = kn.reshape(2, 4, 2, 4, 2, -1).mean((2, 4)).reshape(2, 16, -1)
+  top = np.sort(np.argsort(-np.einsum("brc,bsc->brs", qr, kr), -1)[..., :3], -1)
+  np.testing.assert_array_equal(np.asarray(R.bra_routing(q, k, regions=4, top_k=3)), top)
+  o_all = R.bra_attention(q, k, v, regions=4, top_k=16)
+  o_full = dot_product_attention(q.reshape(2, 64, 2, 8), k.reshape(2, 64, 2, 8),
+                                 v.reshape(2, 64, 2, 8), implementation="reference")
+  np.testing.assert_allclose(np.asarray(o_all).reshape(2, 64, 2, 8), np.asarray(o_full), atol=2e-5)
+  with pytest.raises(ValueError, match="regions"):
+    R.bra_attention(q, k, v, regions=3, top_k=1)
+
+
+MIXERS = ["na1d", "neighborhood", "sliding_window_sparse", "moba", "power_attention",
+          "s2_attention"]
+
+
+@pytest.mark.parametrize("name", MIXERS)
+def test_registered_mixers_run_and_respect_causality(name):
+  m = build_mixer(name, d_model=16, num_heads=2, causal=True, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 13, 16))
+  x2 = x.at[:, 9:].set(1.0)
+  y = m(x)
+  assert y.shape == x.shape and np.isfinite(np.asarray(y)).all()
+  np.testing.assert_allclose(np.asarray(m(x2)[:, :9]), np.asarray(y[:, :9]), atol=1e-5)
+
+
+def test_na1d_mixer_decodes_like_full_forward_with_dilation():
+  m = build_mixer("na1d", d_model=16, num_heads=2, causal=True, rngs=nnx.Rngs(0), kernel_size=3,
+                  dilation=2)
+  x = jax.random.normal(jax.random.key(1), (1, 11, 16))
+  full = m(x)
+  m.init_cache(1, 16)
+  outs = [m(x[:, :6], decode=True)] + [m(x[:, t:t + 1], decode=True) for t in range(6, 11)]
+  np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(full), atol=1e-4)
+
+
+def _train(model, steps, images, labels):
+  opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, opt, x, y):
+    def loss_fn(model):
+      return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    opt.update(model, grads)
+    return loss
+
+  return [float(step(model, opt, images, labels)) for _ in range(steps)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["nat", "biformer"])
+def test_vision_backbones_train_a_few_steps(which):
+  images = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+  labels = jnp.array([0, 1, 2, 1])
+  if which == "nat":
+    from attnjax.models.nat import NAT
+    model = NAT(image_size=16, patch_size=2, num_classes=3, dims=(16, 32), depths=(2, 1),
+                heads=(2, 2), kernel_size=3, dilations=(1, 2), rngs=nnx.Rngs(0))
+  else:
+    from attnjax.models.biformer import BiFormer
+    model = BiFormer(image_size=16, patch_size=2, num_classes=3, dims=(16, 32), depths=(2, 1),
+                     heads=(2, 2), regions=(4, 2), top_ks=(3, 4), rngs=nnx.Rngs(0))
+  losses = _train(model, 6, images, labels)
+  assert all(np.isfinite(losses))
+  assert losses[-1] < losses[0]
