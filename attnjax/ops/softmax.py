@@ -1,4 +1,4 @@
-"""The softmax attention engine: one signature, three implementations.
+"""The softmax attention engine: one signature, four implementations.
 
 `dot_product_attention` computes, per batch b, query head h and query i,
 
@@ -17,10 +17,16 @@ with `score_mod` the optional soft-cap `c * tanh(x / c)`. Implementations:
   `jax.jvp`); use "reference" for forward-mode or higher-order derivatives.
 * `"cudnn"`: `jax.nn.dot_product_attention(implementation="cudnn")` on a CUDA GPU, for the calls it
   can serve (see `unsupported_reason`).
+* `"pallas"`: the block-sparse flash kernel `pallas_kernels.flash.api.flash_attention` (Pallas
+  Triton, custom-VJP backward), for calls without a dense `mask`/`bias` and with float32 / bf16 / fp16
+  inputs of one dtype, D, Dv <= 256. Compiled on a GPU; in interpret mode (slow, for tests) elsewhere.
+  Gradients flow to q, k, v, sinks and alibi_slopes, and through the returned lse.
 
-`implementation=None` picks cudnn when it can serve the call on GPU, else xla for long key
-sequences (Tk >= `AUTO_XLA_MIN_KV_LEN`), else reference. An explicit choice that cannot serve the
-call raises `ValueError` with the reason; nothing falls back silently.
+`implementation=None` picks cudnn when it can serve the call on a CUDA GPU (its fused kernels are the
+faster path where they apply); else, for long key sequences (Tk >= `AUTO_XLA_MIN_KV_LEN`), pallas on
+a CUDA GPU when it can serve the call, else xla; else reference. Pallas is never picked on CPU, where
+it would run in the interpreter. An explicit choice that cannot serve the call raises `ValueError`
+with the reason; nothing falls back silently.
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ import numpy as np
 from attnjax.ops import masks as masks_lib
 from attnjax.ops import validation
 
-IMPLEMENTATIONS = ("reference", "xla", "cudnn")
+IMPLEMENTATIONS = ("reference", "xla", "cudnn", "pallas")
+PALLAS_DTYPES = ("float32", "bfloat16", "float16")
+PALLAS_MAX_HEAD_DIM = 256
 DEFAULT_BLOCK_SIZE = 512
 DEFAULT_QUERY_BLOCK_SIZE = 512
 # From benchmarks/softmax_cpu.md (B=1, H=4, D=64): at T=512 the materialised reference is as fast
@@ -64,10 +72,13 @@ def alibi_slopes(num_heads: int) -> jnp.ndarray:
 
 
 def available_implementations() -> tuple[str, ...]:
-  """Implementations that can run on the default backend (cudnn only on a CUDA GPU)."""
+  """Implementations that run natively on the default backend (cudnn and pallas on a CUDA GPU).
+
+  "pallas" also runs elsewhere when asked for explicitly, in interpret mode (for tests only).
+  """
   impls = ("reference", "xla")
   if _on_cuda_gpu():
-    impls += ("cudnn",)
+    impls += ("cudnn", "pallas")
   return impls
 
 
@@ -104,6 +115,8 @@ def unsupported_reason(implementation: str, call: _Call) -> str | None:
   """Why `implementation` cannot serve `call` (None if it can)."""
   if implementation in ("reference", "xla"):
     return None
+  if implementation == "pallas":
+    return _pallas_unsupported_reason(call)
   if implementation != "cudnn":
     return f"unknown implementation {implementation!r}; choose from {IMPLEMENTATIONS} or None"
   if not _on_cuda_gpu():
@@ -128,6 +141,17 @@ def unsupported_reason(implementation: str, call: _Call) -> str | None:
   return None
 
 
+def _pallas_unsupported_reason(call: _Call) -> str | None:
+  if call.dtype not in PALLAS_DTYPES:
+    return f"pallas supports q, k, v of one dtype among {PALLAS_DTYPES}, got {call.dtype}"
+  if max(call.d, call.dv) > PALLAS_MAX_HEAD_DIM:
+    return f"pallas needs D, Dv <= {PALLAS_MAX_HEAD_DIM}, got D={call.d}, Dv={call.dv}"
+  if call.has_mask or call.has_bias:
+    return ("pallas takes no dense mask or bias (use causal / window / segment ids, or a block "
+            "layout with attnjax.ops.block_sparse)")
+  return None
+
+
 def _describe_call(q, k, v, *, bias, mask, causal, q_segment_ids, window, softcap, sinks,
                    alibi_slopes, return_lse) -> _Call:
   same = jnp.result_type(q) == jnp.result_type(k) == jnp.result_type(v)
@@ -149,6 +173,8 @@ def select_implementation(implementation: str | None, call: _Call) -> str:
   if unsupported_reason("cudnn", call) is None:
     return "cudnn"
   if call.tk >= AUTO_XLA_MIN_KV_LEN:
+    if _on_cuda_gpu() and _pallas_unsupported_reason(call) is None:
+      return "pallas"
     return "xla"
   return "reference"
 
@@ -176,8 +202,8 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, causal=False, q_segm
   A query with no visible key returns zeros (and zero gradients), and its lse is -inf; with sinks
   the lse includes the sink term (it is the softmax's log-normaliser). Returns `o` in q's dtype, or
   `(o, lse [B, Hq, Tq] float32)` with `return_lse=True`. `implementation`: None (auto), "reference",
-  "xla" (tiles of `query_block_size` x `block_size`, default 512 x 512) or "cudnn" (see module
-  docstring). `scale`, `softcap`, `causal`, `window` and block sizes are static python values.
+  "xla" (tiles of `query_block_size` x `block_size`, default 512 x 512), "cudnn" or "pallas" (the
+  kernel's own tuned tiles; block sizes here are ignored) (see module docstring). `scale`, `softcap`, `causal`, `window` and block sizes are static python values.
   """
   b, tq, hq, d, tk, hk, dv = validation.check_qkv(q, k, v)
   if tk == 0:
@@ -226,6 +252,8 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, causal=False, q_segm
   elif impl == "xla":
     o, lse = xla_attention(q, k, v, block_size=int(block_size),
                            query_block_size=int(query_block_size), **kwargs)
+  elif impl == "pallas":
+    o, lse = _pallas_attention(q, k, v, **kwargs)
   else:
     o, lse = _cudnn_attention(q, k, v, **kwargs), None
   return (o, lse) if return_lse else o
@@ -637,3 +665,25 @@ def _cudnn_attention(q, k, v, *, bias=None, mask=None, causal=False, q_segment_i
                               q_segment_ids=None, kv_segment_ids=None), axis=-1)
     o = jnp.where(jnp.transpose(row_ok, (0, 2, 1))[..., None], o, jnp.zeros((), o.dtype))
   return o
+
+
+# ----------------------------------------------------------------------------------------------
+# Pallas flash kernel (Triton backend; interpret mode without a GPU).
+
+
+def _pallas_attention(q, k, v, *, bias=None, mask=None, causal=False, q_segment_ids=None,
+                      kv_segment_ids=None, window=None, softcap=None, sinks=None,
+                      alibi_slopes=None, scale=None):
+  del bias, mask  # Excluded by unsupported_reason.
+  # Imported lazily: the kernel package is optional for the engine and heavy to import.
+  from pallas_kernels.flash.api import flash_attention
+  d, dv = q.shape[-1], v.shape[-1]
+  if d != dv:
+    # The kernel wants one head dim: zero columns change neither q.k nor the kept output columns.
+    width = max(d, dv)
+    pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, width - x.shape[-1])])
+    q, k, v = pad(q), pad(k), pad(v)
+  o, lse = flash_attention(q, k, v, causal=causal, window=window, q_segment_ids=q_segment_ids,
+                           kv_segment_ids=kv_segment_ids, softcap=softcap, sinks=sinks,
+                           alibi_slopes=alibi_slopes, scale=scale, return_lse=True)
+  return o[..., :dv], lse
