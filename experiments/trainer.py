@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 from tqdm.auto import tqdm
 
+from attnjax.distributed import checkpoint as ckpt
+from attnjax.distributed import sharding as sh
 from experiments import tasks as tasks_lib
 
 
@@ -40,8 +46,13 @@ def aux_loss(model: nnx.Module) -> jax.Array:
   return total
 
 
-def make_steps(graphdef, task: tasks_lib.Task, tx: optax.GradientTransformation):
-  """Returns jitted `train_step(params, rest, opt_state, batch)` and `eval_step(params, rest, batch)`."""
+def make_steps(graphdef, task: tasks_lib.Task, tx: optax.GradientTransformation, shardings=None):
+  """Returns jitted `train_step(params, rest, opt_state, batch)` and `eval_step(params, rest, batch)`.
+
+  `shardings = (params, rest, opt_state, batch)` NamedSharding trees: the step is compiled with
+  them as explicit in/out shardings (GSPMD partitions the math, e.g. Megatron TP) and donates
+  the params/rest/optimizer buffers. None: plain `jax.jit` (shardings follow the inputs).
+  """
 
   def loss_fn(params, rest, batch):
     model = nnx.merge(graphdef, params, rest)
@@ -50,7 +61,6 @@ def make_steps(graphdef, task: tasks_lib.Task, tx: optax.GradientTransformation)
     new_rest = nnx.state(model, nnx.Not(nnx.Param))
     return loss + aux, (metrics | {"aux_loss": aux}, new_rest)
 
-  @jax.jit
   def train_step(params, rest, opt_state, batch):
     (_, (metrics, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -58,12 +68,20 @@ def make_steps(graphdef, task: tasks_lib.Task, tx: optax.GradientTransformation)
     metrics["grad_norm"] = optax.tree.norm(grads)
     return params, rest, opt_state, metrics
 
-  @jax.jit
   def eval_step(params, rest, batch):
     _, (metrics, _) = loss_fn(params, rest, batch)
     return metrics
 
-  return train_step, eval_step
+  if shardings is None:
+    return jax.jit(train_step), jax.jit(eval_step)
+  p_sh, r_sh, o_sh, b_sh = shardings
+  mesh = jax.tree.leaves(p_sh)[0].mesh
+  repl = jax.NamedSharding(mesh, jax.P())
+  train_jit = jax.jit(train_step, in_shardings=(p_sh, r_sh, o_sh, b_sh),
+                      out_shardings=(p_sh, r_sh, o_sh, repl), donate_argnums=(0, 1, 2))
+  # Eval batches may have a different (last, smaller) size, so their sharding follows the input.
+  eval_jit = jax.jit(eval_step, out_shardings=repl)
+  return train_jit, eval_jit
 
 
 def evaluate(eval_step, params, rest, batches) -> dict[str, float]:
@@ -78,61 +96,171 @@ def evaluate(eval_step, params, rest, batches) -> dict[str, float]:
   return {k: v / n for k, v in sums.items()}
 
 
-def train_and_evaluate(config, workdir: str | None = None) -> dict[str, Any]:
-  """Runs the training loop; returns a summary with the eval history and throughput."""
+def _place(tree, shardings):
+  """Puts host values onto (possibly multi-process) shardings; every process holds the same values."""
+  def put(x, sharding):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+  return jax.tree.map(put, tree, shardings)
+
+
+def _checkpoint_config(config):
+  ck = config.get("checkpoint") or {}
+  get = ck.get if hasattr(ck, "get") else (lambda k, d=None: d)
+  return {"every": int(get("every", 0) or 0), "max_to_keep": int(get("max_to_keep", 3)),
+          "best_metric": get("best_metric", None), "best_mode": get("best_mode", "max"),
+          "async_save": bool(get("async_save", True)), "resume": bool(get("resume", True)),
+          "save_on_sigterm": bool(get("save_on_sigterm", True)),
+          # Test hook: SIGKILL ourselves right after the save of this step has started.
+          "kill_during_save_step": int(get("kill_during_save_step", 0) or 0)}
+
+
+class _Preemption:
+  """Remembers a SIGTERM so the loop can save a checkpoint and stop at the next step boundary."""
+
+  def __init__(self, enabled: bool):
+    self.requested = False
+    self._previous = None
+    if enabled and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config, workdir: str | None = None, *, print_report: bool = False) -> dict[str, Any]:
+  """Runs the training loop; returns a summary with the eval history and throughput.
+
+  Scale-out (all optional, see `configs/mqar_sharded.py`): `config.mesh` (axis sizes for
+  `data/fsdp/tensor/sequence`, one may be -1; default: data parallel over every device) and
+  `config.sharding_rules` (logical name -> mesh axis pairs). The parameter sharding report is
+  printed at start-up. `config.checkpoint.every > 0` saves sharded orbax checkpoints under
+  `workdir/checkpoints` (async, keep-last-N + keep-best by `best_metric`), resumes from the latest
+  completed one (params, optimizer, step, data position), and saves on SIGTERM before stopping.
+  """
   task = tasks_lib.make_task(config)
   model = task.build_model(config, nnx.Rngs(config.seed))
   n_params = tasks_lib.count_params(model)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx = make_optimizer(config)
-  opt_state = tx.init(params)
-  train_step, eval_step = make_steps(graphdef, task, tx)
+
+  mesh_cfg = config.get("mesh")
+  n_dev = config.get("mesh_num_devices")  # use only the first n devices (tests, scaling runs)
+  mesh = sh.make_mesh(mesh_cfg.to_dict() if hasattr(mesh_cfg, "to_dict") else mesh_cfg,
+                      jax.devices()[:n_dev] if n_dev else None)
+  rules = tuple(tuple(r) for r in config.get("sharding_rules") or sh.DEFAULT_RULES)
+  p_sh = sh.to_shardings(sh.param_specs(params, mesh, rules), mesh)
+  r_sh = sh.replicated_like(rest, mesh)
+  params, rest = _place(params, p_sh), _place(rest, r_sh)
+  abstract_opt = jax.eval_shape(tx.init, params)
+  o_sh = sh.opt_state_shardings(tx, abstract_opt, p_sh, mesh)
+  opt_state = jax.jit(tx.init, out_shardings=o_sh)(params)
+  n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.train.batch_size % n_batch_shards:
+    raise ValueError(f"train.batch_size={config.train.batch_size} must be divisible by the mesh's "
+                     f"data x fsdp = {n_batch_shards}")
+  b_sh = jax.tree.map(lambda x: sh.batch_sharding(mesh, np.ndim(x)), task.eval_batches[0])
+  train_step, eval_step = make_steps(graphdef, task, tx, (p_sh, r_sh, o_sh, b_sh))
+  is_chief = jax.process_index() == 0
+  report = sh.sharding_report(params, p_sh, mesh)
+  if is_chief:
+    logging.info("sharding:\n%s", report)
+    if print_report:
+      print(report, flush=True)
+
+  ck = _checkpoint_config(config)
+  mngr = None
+  start_step = 0
+  resumed_from = None
+  if ck["every"] > 0:
+    if not workdir:
+      raise ValueError("checkpoint.every > 0 needs a workdir")
+    mngr = ckpt.open_manager(os.path.join(workdir, "checkpoints"), max_to_keep=ck["max_to_keep"],
+                             best_metric=ck["best_metric"], best_mode=ck["best_mode"],
+                             async_save=ck["async_save"])
+    latest = mngr.latest_step() if ck["resume"] else None
+    if latest is not None:
+      params, opt_state, meta = ckpt.restore(mngr, latest, ckpt.abstract_like(params, p_sh),
+                                             ckpt.abstract_like(opt_state, o_sh))
+      task.train_loader.restore(meta["loader"])
+      start_step = resumed_from = int(meta["step"])
+      logging.info("resumed from step %d", start_step)
 
   log_file = None
-  if workdir:
+  if workdir and is_chief:
     os.makedirs(workdir, exist_ok=True)
-    log_file = open(os.path.join(workdir, "metrics.jsonl"), "w")
+    log_file = open(os.path.join(workdir, "metrics.jsonl"), "a" if resumed_from else "w")
 
   def log(record):
     if log_file:
       log_file.write(json.dumps(record) + "\n")
       log_file.flush()
 
+  def save(step, metrics=None):
+    meta = {"step": step, "loader": task.train_loader.state(), "seed": config.seed}
+    ckpt.save(mngr, step, params, opt_state, meta, metrics=metrics)
+
+  preempt = _Preemption(mngr is not None and ck["save_on_sigterm"])
   history = []
   steps = config.train.steps
-  bar = tqdm(total=steps, desc=f"{config.task}:{tasks_lib.layer_mixers(config.model)}",
-             disable=not config.train.get("progress", True), dynamic_ncols=True)
+  bar = tqdm(total=steps, initial=start_step, desc=f"{config.task}:{tasks_lib.layer_mixers(config.model)}",
+             disable=not (config.train.get("progress", True) and is_chief), dynamic_ncols=True)
   t_start = None
+  t_steps = 0
   last = {}
-  for step in range(1, steps + 1):
-    batch = tasks_lib.to_device(next(task.train_loader))
+  preempted = False
+  for step in range(start_step + 1, steps + 1):
+    batch = sh.shard_batch(next(task.train_loader), mesh)
     params, rest, opt_state, metrics = train_step(params, rest, opt_state, batch)
-    if step == 1:
+    if t_start is None:
       jax.block_until_ready(params)
       t_start = time.perf_counter()  # excludes compilation from steps/s
+    else:
+      t_steps += 1
     if step % config.train.log_every == 0 or step == steps:
       last = {k: float(v) for k, v in jax.device_get(metrics).items()}
       bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}")
       log({"step": step, **{f"train_{k}": v for k, v in last.items()}})
+    ev = None
     if step % config.train.eval_every == 0 or step == steps:
-      ev = evaluate(eval_step, params, rest, task.eval_batches)
+      ev = evaluate(eval_step, params, rest, [sh.shard_batch(b, mesh) for b in task.eval_batches])
       history.append({"step": step, **ev})
       log({"step": step, **{f"eval_{k}": v for k, v in ev.items()}})
       bar.set_postfix(loss=f"{last.get('loss', float('nan')):.3f}", eval_acc=f"{ev['accuracy']:.3f}")
     bar.update(1)
+    if mngr is not None and (step % ck["every"] == 0 or step == steps or preempt.requested):
+      save(step, {f"eval_{k}": v for k, v in ev.items()} if ev else None)
+      if step == ck["kill_during_save_step"]:
+        os.kill(os.getpid(), signal.SIGKILL)
+      if preempt.requested:
+        logging.warning("SIGTERM: saved step %d, stopping", step)
+        preempted = True
+        break
   jax.block_until_ready(params)
-  elapsed = time.perf_counter() - t_start if steps > 1 else float("nan")
+  elapsed = time.perf_counter() - t_start if t_steps else float("nan")
   bar.close()
+  preempt.close()
+  if mngr is not None:
+    mngr.wait_until_finished()
+    mngr.close()
   summary = {
       "task": config.task, "mixer": tasks_lib.layer_mixers(config.model), "params": n_params,
-      "steps": steps, "steps_per_s": (steps - 1) / elapsed if steps > 1 else float("nan"),
+      "steps": steps, "steps_per_s": t_steps / elapsed if t_steps else float("nan"),
       "final_eval": history[-1] if history else {}, "history": history,
-      "final_train": last,
+      "final_train": last, "mesh": dict(mesh.shape), "resumed_from": resumed_from,
+      "preempted": preempted, "param_bytes_per_device": sh.bytes_per_device(params),
+      "opt_bytes_per_device": sh.bytes_per_device(opt_state),
   }
   if log_file:
     log_file.close()
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=1)
-  nnx.update(model, params, rest)
+  if jax.process_count() == 1:
+    nnx.update(model, params, rest)
   summary["model"] = model
   return summary
