@@ -6,7 +6,12 @@ state cache (`init_cache`, then `decode=True` calls: a prefill of any length fol
 one-token steps equals the full causal forward). Registered mixers:
 
 `linear` (feature-map option), `based`, `hedgehog`, `gla`, `retnet`, `lightning`, `deltanet`,
-`gated_deltanet`, `mala`, `transnormer` (NormAttention) and `transnormer_diag` (DiagAttention).
+`gated_deltanet`, `mala`, `transnormer` (NormAttention) and `transnormer_diag` (DiagAttention);
+`lightnet`, `slab`, `flowformer` (causal or not), `inline`, `linfusion`, `rala`, `lina`
+(non-causal only: building them with causal=True raises NotImplementedError); the hybrids
+`lolcats_window` (LoLCATs window + linear, shared normaliser), `nats` (NAtS-L routing) and `skip`
+(LayerBoost's removed attention); `hybrid_layer_pattern` / `layerboost_pattern` give per-layer
+mixer lists for `DecoderLM`. `PRepBN` is SLAB's progressive re-parameterised BatchNorm.
 """
 
 from __future__ import annotations
@@ -18,12 +23,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnjax.nn.attention import MultiHeadAttention
-from attnjax.nn.layers import RMSNorm, dense
+from attnjax.nn.layers import RMSNorm, ShortConv, dense
 from attnjax.ops import masks as masks_lib
 from attnjax.ops.linear import feature_maps as fm
 from attnjax.ops.linear.delta import delta_rule, delta_rule_step
 from attnjax.ops.linear.engine import init_state, linear_attention, linear_attention_step
-from attnjax.ops.linear.mechanisms import mala_attention, mala_step
+from attnjax.ops.linear.hybrid import (chunk_prefix_mean, nats_attention, nats_decode,
+                                       nats_init_cache, straight_through, window_linear_attention,
+                                       window_linear_init_cache, window_linear_step)
+from attnjax.ops.linear.mechanisms import (flow_attention, flow_init_state, flow_step, inline_attention,
+                                           lightnet_attention, lina_attention, linfusion_attention,
+                                           mala_attention, mala_step, rala_attention, sla_attention,
+                                           sla_step)
 from attnjax.ops.softmax import dot_product_attention
 from attnjax.registry import register_mixer
 
@@ -409,3 +420,584 @@ def _build_gated_deltanet(*, d_model, num_heads, causal, rngs, **options):
 @register_mixer("mala", "MALA: magnitude-aware linear attention (elu+1, weights sum to 1).")
 def _build_mala(*, d_model, num_heads, causal, rngs, **options):
   return MALAMixer(d_model, num_heads, causal=causal, rngs=rngs, **options)
+
+
+# ----------------------------------------------------------------------------------------------
+# More mechanisms from catalog L: LightNet, InLine, LinFusion, RALA, SLAB, LINA, Flowformer, and
+# the intra-/inter-layer hybrids (LoLCATs window, NAtS-L, layer patterns).
+
+
+def _noncausal_only(name: str, causal: bool) -> None:
+  if causal:
+    raise NotImplementedError(f"mixer {name!r} is defined non-causal only (a vision / bidirectional "
+                              "mechanism); build it with causal=False")
+
+
+def _no_decode(name: str):
+  raise NotImplementedError(f"mixer {name!r} is non-causal and cannot decode token by token")
+
+
+def _local_conv(x, kernel, segment_ids, causal):
+  """Depth-wise conv along time of `x [B, T, C]` with `kernel [W, C]` (W odd): centred taps when
+  non-causal (the 1-D stand-in for the papers' 3x3 DWConv), never reading across a segment."""
+  b, t, _ = x.shape
+  w = kernel.shape[0]
+  offs = range(-(w // 2), w // 2 + 1)
+  seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
+  y = jnp.zeros_like(x)
+  for tap, o in enumerate(offs):
+    shifted = jnp.roll(x, -o, axis=1)
+    sseg = jnp.roll(seg, -o, axis=1)
+    idx = jnp.arange(t) + o
+    ok = (idx >= 0) & (idx < t) & (sseg == seg)
+    y = y + jnp.where(ok[..., None], shifted, 0.0) * kernel[tap]
+  return y
+
+
+class _QKVBase(nnx.Module, _StateCache):
+  """q, k, v, o projections (head dim d_model / H) shared by the mixers below."""
+
+  def __init__(self, d_model, num_heads, *, causal, rngs, chunk_size=64, form="chunked"):
+    if d_model % num_heads:
+      raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
+    self.h, self.d, self.causal = num_heads, d_model // num_heads, causal
+    self.chunk_size, self.form = chunk_size, form
+    self.q_proj = dense(d_model, d_model, axes=("embed", "heads"), rngs=rngs)
+    self.k_proj = dense(d_model, d_model, axes=("embed", "heads"), rngs=rngs)
+    self.v_proj = dense(d_model, d_model, axes=("embed", "heads"), rngs=rngs)
+    self.o_proj = dense(d_model, d_model, axes=("heads", "embed"), rngs=rngs)
+    self.state = nnx.data(None)
+
+  def _heads(self, y):
+    b, t, _ = y.shape
+    return y.reshape(b, t, self.h, -1)
+
+  def _qkv(self, x):
+    if x.ndim != 3:
+      raise ValueError(f"x must be [B, T, d_model], got shape {x.shape}")
+    return self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+
+  def _out(self, o):
+    b, t = o.shape[:2]
+    return self.o_proj(o.reshape(b, t, self.h * o.shape[-1]))
+
+
+def _scan_decode(step, inputs, state):
+  """Runs `step(state, *token_inputs) -> (o, state)` over the time axis 1 of `inputs`."""
+  mv = lambda a: jnp.moveaxis(a, 1, 0)
+
+  def body(s, xs):
+    o, s = step(s, *xs)
+    return s, o
+
+  state, o = jax.lax.scan(body, state, tuple(mv(a) for a in inputs))
+  return mv(o), state
+
+
+class LightNetMixer(_QKVBase):
+  """LightNet [74] layer (fla's `LightNetAttention`): `q = silu(x W_q)`, raw keys into
+  `lightnet_attention` (per-dimension softmax over the past), per-head RMSNorm, swish gate from a
+  low-rank `x W_g1 W_g2`, `W_o`. Causal only (the additive recurrence scans forward)."""
+
+  def __init__(self, d_model, num_heads, *, causal=True, gate_low_rank=16, rngs, **kw):
+    if not causal:
+      raise NotImplementedError("mixer 'lightnet' is a causal recurrence (causal=True only)")
+    super().__init__(d_model, num_heads, causal=causal, rngs=rngs, **kw)
+    self.norm = RMSNorm(self.d, axis_name="head_dim")
+    self.g_down = dense(d_model, gate_low_rank, axes=("embed", None), rngs=rngs)
+    self.g_up = dense(gate_low_rank, d_model, axes=(None, "heads"), rngs=rngs, use_bias=True)
+
+  def init_cache(self, batch_size, max_len, dtype=jnp.float32):
+    self.state = nnx.Cache((jnp.zeros((batch_size, self.h, self.d, self.d), jnp.float32),
+                            jnp.full((batch_size, self.h, self.d), -jnp.inf, jnp.float32)))
+
+  def __call__(self, x, *, segment_ids=None, decode=False):
+    q, k, v = self._qkv(x)
+    q = jax.nn.silu(q)
+    if decode:
+      o, st = lightnet_attention(q, k, v, initial_state=self._cache_get("state"),
+                                 output_final_state=True, form=self.form, chunk_size=self.chunk_size)
+      self.state.set_value(st)
+    else:
+      o, _ = lightnet_attention(q, k, v, segment_ids=segment_ids, form=self.form, chunk_size=self.chunk_size)
+    o = self.norm(o)
+    b, t = x.shape[:2]
+    o = o.reshape(b, t, -1) * jax.nn.silu(self.g_up(self.g_down(x)))
+    return self.o_proj(o)
+
+
+class _NormalisedNonCausal(_QKVBase):
+  """Shared shell of the non-causal-only mixers (InLine, LinFusion, RALA, LINA)."""
+  name = ""
+
+  def init_cache(self, batch_size, max_len, dtype=jnp.float32):
+    _no_decode(self.name)
+
+
+class InLineMixer(_NormalisedNonCausal):
+  """InLine [26] layer: `phi` (elu + 1 by default; relu / identity) on `x W_q`, `x W_k`,
+  `inline_attention` (injective weights summing to 1), plus the paper's local residual as a
+  centred depth-wise conv of V (width `local`, 0 = off; the 1-D stand-in for its 3x3 window),
+  then `W_o`. Non-causal only, as in the paper (the pure function also has a prefix-mean extension)."""
+  name = "inline"
+
+  def __init__(self, d_model, num_heads, *, causal=False, feature_map="elu", local=3, rngs, **kw):
+    _noncausal_only(self.name, causal)
+    if feature_map not in ("elu", "relu", "identity"):
+      raise ValueError(f"feature_map must be 'elu', 'relu' or 'identity', got {feature_map!r}")
+    if local and local % 2 == 0:
+      raise ValueError(f"local must be 0 or an odd width, got {local}")
+    super().__init__(d_model, num_heads, causal=causal, rngs=rngs, **kw)
+    self.feature_map = feature_map
+    self.local = (nnx.Param(jnp.zeros((local, d_model)), logical_axes=("conv", "embed"))
+                  if local else nnx.data(None))
+
+  def __call__(self, x, *, segment_ids=None, decode=False):
+    if decode:
+      _no_decode(self.name)
+    q, k, v = self._qkv(x)
+    phi = {"elu": fm.elu_plus_one, "relu": fm.relu, "identity": fm.identity}[self.feature_map]
+    o = inline_attention(phi(q), phi(k), v, segment_ids=segment_ids, form=self.form,
+                         chunk_size=self.chunk_size)
+    if self.local is not None:
+      b, t = x.shape[:2]
+      o = o + self._heads(_local_conv(v.reshape(b, t, -1), self.local[...], segment_ids, False))
+    return self._out(o)
+
+
+class LinFusionMixer(_NormalisedNonCausal):
+  """LinFusion [31] generalised linear attention: `q = W_q(x + MLP_q(x))`, `k = W_k(x + MLP_k(x))`
+  with `MLP = Linear-LayerNorm-LeakyReLU-Linear` (zero-initialised last layer, so it starts as plain
+  linear attention), `v = x W_v`, `phi = elu + 1`, `linfusion_attention` (eps 1e-4), `W_o`. Non-causal."""
+  name = "linfusion"
+
+  def __init__(self, d_model, num_heads, *, causal=False, eps=1e-4, rngs, **kw):
+    _noncausal_only(self.name, causal)
+    super().__init__(d_model, num_heads, causal=causal, rngs=rngs, **kw)
+    self.eps = eps
+    mk = lambda: nnx.Sequential(
+        dense(d_model, d_model, axes=("embed", "mlp"), rngs=rngs),
+        nnx.LayerNorm(d_model, rngs=rngs), lambda y: jax.nn.leaky_relu(y, 0.01),
+        nnx.Linear(d_model, d_model, kernel_init=nnx.initializers.zeros, rngs=rngs))
+    self.mlp_q, self.mlp_k = mk(), mk()
+
+  def __call__(self, x, *, segment_ids=None, decode=False):
+    if decode:
+      _no_decode(self.name)
+    q = self._heads(self.q_proj(x + self.mlp_q(x)))
+    k = self._heads(self.k_proj(x + self.mlp_k(x)))
+    v = self._heads(self.v_proj(x))
+    o = linfusion_attention(fm.elu_plus_one(q), fm.elu_plus_one(k), v, eps=self.eps,
+                            segment_ids=segment_ids, form=self.form, chunk_size=self.chunk_size)
+    return self._out(o)
+
+
+class RALAMixer(_NormalisedNonCausal):
+  """RALA [95] layer: `phi = elu + 1`, `rala_attention` (query-aware key re-weighting), plus a
+  centred depth-wise conv of V (LePE's 1-D stand-in, width `local`), `W_o`. Non-causal (the
+  re-weighting reads the mean of all queries). RoPE and the output gate of the vision block are
+  not included."""
+  name = "rala"
+
+  def __init__(self, d_model, num_heads, *, causal=False, local=3, rngs, **kw):
+    _noncausal_only(self.name, causal)
+    super().__init__(d_model, num_heads, causal=causal, rngs=rngs, **kw)
+    self.local = (nnx.Param(jnp.zeros((local, d_model)), logical_axes=("conv", "embed"))
+                  if local else nnx.data(None))
+
+  def __call__(self, x, *, segment_ids=None, decode=False):
+    if decode:
+      _no_decode(self.name)
+    q, k, v = self._qkv(x)
+    o = rala_attention(fm.elu_plus_one(q), fm.elu_plus_one(k), v, segment_ids=segment_ids)
+    if self.local is not None:
+      b, t = x.shape[:2]
+      o = o + self._heads(_local_conv(v.reshape(b, t, -1), self.local[...], segment_ids, False))
+    return self._out(o)
+
+
+class LINAMixer(_NormalisedNonCausal):
+  """LINA [149] layer: bidirectional normalised linear attention (`phi = elu + 1`) with the KV
+  gate: a learned, data-independent weight per position `g_p = exp(a_p) > 0` (p = position within
+  the segment, `max_len` positions, a = 0 at init so it starts as plain normalised linear
+  attention) scaling key p in numerator and denominator (`lina_attention`); plus a centred
+  depth-wise conv of V for locality (width `local`); `W_o`. Non-causal (image tokens in MAR-style
+  generation). Our reading of the gate, from the abstract: see `lina_attention`."""
+  name = "lina"
+
+  def __init__(self, d_model, num_heads, *, causal=False, max_len=2048, local=3, eps=1e-6, rngs, **kw):
+    _noncausal_only(self.name, causal)
+    super().__init__(d_model, num_heads, causal=causal, rngs=rngs, **kw)
+    self.max_len, self.eps = max_len, eps
+    self.log_gate = nnx.Param(jnp.zeros((max_len, num_heads)), logical_axes=(None, None))
+    self.local = (nnx.Param(jnp.zeros((local, d_model)), logical_axes=("conv", "embed"))
+                  if local else nnx.data(None))
+
+  def __call__(self, x, *, segment_ids=None, decode=False):
+    if decode:
+      _no_decode(self.name)
+    b, t = x.shape[:2]
+    if t > self.max_len:
+      raise ValueError(f"lina: sequence length {t} exceeds max_len={self.max_len} (one gate per position)")
+    q, k, v = self._qkv(x)
+    if segment_ids is None:
+      pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    else:
+      first = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+      pos = jnp.arange(t) - jax.lax.cummax(jnp.where(first, jnp.arange(t), 0), axis=1)
+    gate = jnp.exp(self.log_gate[...][pos])                       # [B, T, H]
+    o = lina_attention(fm.elu_plus_one(q), fm.elu_plus_one(k), v, gate, eps=self.eps,
+                       segment_ids=segment_ids)
+    if self.local is not None:
+      o = o + self._heads(_local_conv(v.reshape(b, t, -1), self.local[...], segment_ids, False))
+    return self._out(o)
+
+
+class SLABMixer(_QKVBase):
+  """SLAB [33] simplified linear attention layer: `sla_attention(relu(Q), relu(K), V)` plus a
+  depth-wise conv of V (`local` taps: centred when non-causal, causal `ShortConv` when causal),
+  `W_o`. Causal (prefix sums, decodes with the state `S [B, H, D, D + 1]` and the conv's cache)
+  and non-causal (the paper's vision setting). SLAB's other half, PRepBN, is `PRepBN` below."""
+
+  def __init__(self, d_model, num_heads, *, causal=True, local=3, eps=1e-6, rngs, **kw):
+    super().__init__(d_model, num_heads, causal=causal, rngs=rngs, **kw)
+    self.eps = eps
+    self.conv = self.local = nnx.data(None)
+    if local and causal:
+      self.conv = ShortConv(d_model, local, rngs=rngs)
+    elif local:
+      if local % 2 == 0:
+        raise ValueError(f"local must be an odd width when causal=False, got {local}")
+      self.local = nnx.Param(jnp.zeros((local, d_model)), logical_axes=("conv", "embed"))
+
+  def init_cache(self, batch_size, max_len, dtype=jnp.float32):
+    if not self.causal:
+      raise NotImplementedError("mixer 'slab': decoding needs causal=True")
+    self.state = nnx.Cache(jnp.zeros((batch_size, self.h, self.d, self.d + 1), jnp.float32))
+    if self.conv is not None:
+      self.conv.init_cache(batch_size, max_len, dtype)
+
+  def __call__(self, x, *, segment_ids=None, decode=False):
+    q, k, v = self._qkv(x)
+    b, t = x.shape[:2]
+    if decode:
+      st = self._cache_get("state")
+      if t == 1:
+        o, st = sla_step(q[:, 0], k[:, 0], v[:, 0], st, eps=self.eps)
+        o = o[:, None]
+      else:
+        o, st = sla_attention(q, k, v, eps=self.eps, causal=True, initial_state=st,
+                              output_final_state=True, form=self.form, chunk_size=self.chunk_size)
+      self.state.set_value(st)
+    else:
+      o = sla_attention(q, k, v, eps=self.eps, causal=self.causal, segment_ids=segment_ids,
+                        form=self.form, chunk_size=self.chunk_size)
+    vf = v.reshape(b, t, -1)
+    if self.conv is not None:
+      o = o + self._heads(self.conv(vf, segment_ids=segment_ids, decode=decode) - self.conv.bias[...])
+    elif self.local is not None:
+      o = o + self._heads(_local_conv(vf, self.local[...], segment_ids, False))
+    return self._out(o)
+
+
+class FlowformerMixer(_QKVBase):
+  """Flowformer [55] layer: `flow_attention` (sigmoid features, conservation-flow competition and
+  allocation) between the projections. Non-causal, or causal with prefix sums (the paper's
+  autoregressive version); causal decoding runs `flow_step` per token."""
+
+  def init_cache(self, batch_size, max_len, dtype=jnp.float32):
+    if not self.causal:
+      raise NotImplementedError("mixer 'flowformer': decoding needs causal=True")
+    self.state = nnx.Cache(flow_init_state(batch_size, self.h, self.d, self.d))
+
+  def __call__(self, x, *, segment_ids=None, decode=False):
+    q, k, v = self._qkv(x)
+    if decode:
+      o, st = _scan_decode(lambda s, a, b_, c: flow_step(a, b_, c, s), (q, k, v), self._cache_get("state"))
+      self.state.set_value(st)
+    else:
+      o = flow_attention(q, k, v, causal=self.causal, segment_ids=segment_ids)
+    return self._out(o)
+
+
+class PRepBN(nnx.Module):
+  """SLAB's progressive re-parameterised BatchNorm [33] for `x [..., C]` (a LayerNorm replacement).
+
+  Training: `y = gamma LN(x) + (1 - gamma) RepBN(x)` with `RepBN(x) = BN(x) + eta x` (eta a learned
+  scalar, 1 at init; BN over every axis but the last, batch statistics, running averages updated
+  with `momentum`), and `gamma` following the authors' schedule: 1 (LN only) for `warmup` calls,
+  then `gamma = r0 * remaining / total_steps`, decreasing linearly to 0 over `total_steps` calls.
+  Evaluation (`train=False`, or `module.eval()`): only RepBN with running statistics, folded into
+  one per-channel affine `y = a x + c` (`folded()`), which is what lets it merge into the next
+  linear layer. Each training call advances the schedule by one step.
+  """
+
+  def __init__(self, num_features, *, total_steps: int, warmup: int = 0, r0: float = 1.0,
+               momentum: float = 0.9, eps: float = 1e-5, rngs: nnx.Rngs | None = None):
+    if total_steps < 1 or warmup < 0:
+      raise ValueError(f"total_steps must be >= 1 and warmup >= 0, got {total_steps}, {warmup}")
+    if not 0.0 <= momentum < 1.0:
+      raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    del rngs
+    self.total_steps, self.r0, self.momentum, self.eps = total_steps, r0, momentum, eps
+    self.ln = nnx.LayerNorm(num_features, epsilon=eps, rngs=nnx.Rngs(0))
+    self.bn_scale = nnx.Param(jnp.ones((num_features,)))
+    self.bn_bias = nnx.Param(jnp.zeros((num_features,)))
+    self.eta = nnx.Param(jnp.ones(()))
+    self.mean = nnx.BatchStat(jnp.zeros((num_features,)))
+    self.var = nnx.BatchStat(jnp.ones((num_features,)))
+    self.warm = nnx.BatchStat(jnp.asarray(warmup, jnp.int32))
+    self.remaining = nnx.BatchStat(jnp.asarray(total_steps, jnp.int32))
+    self.use_running_average = False
+
+  def gamma(self) -> jax.Array:
+    """The LayerNorm weight the next training call uses (1 during warm-up)."""
+    g = self.r0 * self.remaining[...].astype(jnp.float32) / self.total_steps
+    return jnp.where(self.warm[...] > 0, 1.0, g)
+
+  def folded(self):
+    """`(a, c) [C]` with `RepBN_eval(x) = a x + c` (running statistics folded in)."""
+    inv = self.bn_scale[...] * jax.lax.rsqrt(self.var[...] + self.eps)
+    return inv + self.eta[...], self.bn_bias[...] - inv * self.mean[...]
+
+  def __call__(self, x: jax.Array, *, train: bool | None = None) -> jax.Array:
+    train = (not self.use_running_average) if train is None else train
+    if x.shape[-1] != self.bn_scale.shape[0]:
+      raise ValueError(f"x must be [..., C] with C={self.bn_scale.shape[0]}, got {x.shape}")
+    if not train:
+      a, c = self.folded()
+      return x * a + c
+    axes = tuple(range(x.ndim - 1))
+    xf = x.astype(jnp.float32)
+    mu, var = jnp.mean(xf, axes), jnp.var(xf, axes)
+    n = xf.size // xf.shape[-1]
+    m = self.momentum
+    self.mean[...] = m * self.mean[...] + (1 - m) * jax.lax.stop_gradient(mu)
+    # Running variance unbiased, as torch's BatchNorm keeps it.
+    self.var[...] = m * self.var[...] + (1 - m) * jax.lax.stop_gradient(var * n / max(n - 1, 1))
+    rep = (xf - mu) * jax.lax.rsqrt(var + self.eps) * self.bn_scale[...] + self.bn_bias[...] + self.eta[...] * xf
+    gamma = self.gamma()
+    y = gamma * self.ln(xf) + (1.0 - gamma) * rep
+    warming = self.warm[...] > 0
+    self.warm[...] = jnp.where(warming, self.warm[...] - 1, self.warm[...])
+    self.remaining[...] = jnp.where(warming, self.remaining[...], jnp.maximum(self.remaining[...] - 1, 0))
+    return y.astype(x.dtype)
+
+
+class WindowLinearMixer(_QKVBase):
+  """LoLCATs [4] attention layer: sliding-window softmax (`window` keys) plus Hedgehog linear
+  attention for older tokens, one shared normaliser (`window_linear_attention`).
+
+  Hedgehog map per head `[softmax(x W), softmax(-x W)]` (`W [H, D, D]`, identity init, no bias, as
+  the LoLCATs config), window factor `sigmoid(w_h)` per head with `w_h = -2.197` at init (0.1),
+  linear factor 1. Causal only; decodes with the last `window` keys plus the linear state
+  (`window_linear_step`). No positional encoding (the window gives locality).
+  """
+
+  def __init__(self, d_model, num_heads, *, causal=True, window=64, window_logit_init=-2.197,
+               rngs, **kw):
+    if not causal:
+      raise NotImplementedError("mixer 'lolcats_window' is causal only (a window of past keys)")
+    if not isinstance(window, int) or window < 1:
+      raise ValueError(f"window must be an int >= 1, got {window!r}")
+    super().__init__(d_model, num_heads, causal=causal, rngs=rngs, **kw)
+    self.window = window
+    eye = jnp.broadcast_to(jnp.eye(self.d), (num_heads, self.d, self.d))
+    self.fm_q = nnx.Param(eye, logical_axes=(None, "head_dim", None))
+    self.fm_k = nnx.Param(eye, logical_axes=(None, "head_dim", None))
+    self.window_logit = nnx.Param(jnp.full((num_heads,), window_logit_init), logical_axes=(None,))
+
+  def init_cache(self, batch_size, max_len, dtype=jnp.float32):
+    self.state = nnx.Cache(window_linear_init_cache(batch_size, self.window, self.h, self.d,
+                                                    2 * self.d, self.d))
+
+  def __call__(self, x, *, segment_ids=None, decode=False):
+    q, k, v = self._qkv(x)
+    pq, pk = fm.hedgehog(q, self.fm_q[...]), fm.hedgehog(k, self.fm_k[...])
+    wf = jax.nn.sigmoid(self.window_logit[...])
+    if decode:
+      o, st = _scan_decode(lambda s, *a: window_linear_step(*a, s, window_factor=wf),
+                           (q, k, v, pq, pk), self._cache_get("state"))
+      self.state.set_value(st)
+    else:
+      o = window_linear_attention(q, k, v, pq, pk, window=self.window, window_factor=wf,
+                                  segment_ids=segment_ids, form=self.form, chunk_size=self.chunk_size)
+    return self._out(o)
+
+
+class NAtSMixer(_QKVBase):
+  """NAtS-L [153] layer: per-chunk routing between softmax attention and Gated DeltaNet.
+
+  Shared `W_q, W_k, W_v`; the router scores `Linear(mean-pool of the chunk) in R^2` (chunks of
+  `route_chunk` positions from the segment start), `p = softmax(score)[1]`, route = `p > 0.5` with
+  a straight-through gradient. Causal reading: a token's pool covers its chunk up to itself, so at
+  the chunk's last token it is the paper's chunk mean and no token sees the future. Routed tokens
+  stay in the KV cache for softmax attention (raw q, k, scale D^-1/2); the others are written into
+  the GDN state (`l2norm(silu(.))` q, k, `beta = sigmoid(x W_b)`, Mamba-2 style decay); the two
+  read-outs are added (`nats_attention`), then per-head RMSNorm, swish gate, `W_o`.
+  `router_bias` initialises the softmax logit's bias (0: about half the chunks at init).
+  """
+
+  def __init__(self, d_model, num_heads, *, causal=True, route_chunk=16, router_bias=0.0, rngs, **kw):
+    if not causal:
+      raise NotImplementedError("mixer 'nats' is causal only (a KV cache and a recurrent state)")
+    super().__init__(d_model, num_heads, causal=causal, rngs=rngs, **kw)
+    self.route_chunk = route_chunk
+    self.router = dense(d_model, 2, axes=("embed", None), rngs=rngs, use_bias=True)
+    self.router.bias[...] = jnp.asarray([0.0, router_bias])
+    self.b_proj = dense(d_model, num_heads, axes=("embed", None), rngs=rngs)
+    self.a_proj = dense(d_model, num_heads, axes=("embed", None), rngs=rngs)
+    k1, k2 = jax.random.split(rngs.params())
+    self.a_log = nnx.Param(jnp.log(jax.random.uniform(k1, (num_heads,), minval=1.0, maxval=16.0)),
+                           logical_axes=(None,))
+    dt = jnp.exp(jax.random.uniform(k2, (num_heads,), minval=jnp.log(1e-3), maxval=jnp.log(1e-1)))
+    self.dt_bias = nnx.Param(dt + jnp.log(-jnp.expm1(-dt)), logical_axes=(None,))
+    self.g_proj = dense(d_model, d_model, axes=("embed", "heads"), rngs=rngs)
+    self.norm = RMSNorm(self.d, axis_name="head_dim")
+    self.d_model = d_model
+
+  def init_cache(self, batch_size, max_len, dtype=jnp.float32):
+    self.state = nnx.Cache(nats_init_cache(batch_size, max_len, self.h, self.d, self.d, self.d_model))
+
+  def route(self, x, *, segment_ids=None, start_pos=None, carry=None):
+    """Straight-through 0/1 route `[B, T]` and the partial-chunk pool sum."""
+    pooled, tail = chunk_prefix_mean(x, self.route_chunk, segment_ids=segment_ids,
+                                     start_pos=start_pos, carry=carry)
+    p = jax.nn.softmax(self.router(pooled).astype(jnp.float32), axis=-1)[..., 1]
+    return straight_through(p), tail
+
+  def __call__(self, x, *, segment_ids=None, decode=False):
+    q, k, v = self._qkv(x)
+    l2 = lambda y: y * jax.lax.rsqrt(jnp.sum(y * y, axis=-1, keepdims=True) + 1e-6)
+    ql, kl = l2(jax.nn.silu(q)), l2(jax.nn.silu(k))
+    beta = jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))
+    ld = -jnp.exp(self.a_log[...]) * jax.nn.softplus(self.a_proj(x).astype(jnp.float32) + self.dt_bias[...])
+    if decode:
+      cache = self._cache_get("state")
+      b = x.shape[0]
+      r, tail = self.route(x, start_pos=jnp.broadcast_to(cache["pos"], (b,)), carry=cache["pool"])
+      o, cache = nats_decode(q, k, v, beta, r, cache, q_lin=ql, k_lin=kl, log_decay=ld)
+      self.state.set_value(dict(cache, pool=tail))
+    else:
+      r, _ = self.route(x, segment_ids=segment_ids)
+      o = nats_attention(q, k, v, beta, r, q_lin=ql, k_lin=kl, log_decay=ld, segment_ids=segment_ids,
+                         form="parallel" if self.form == "parallel" else "chunked",
+                         chunk_size=self.chunk_size)
+    b, t = x.shape[:2]
+    o = self.norm(o).reshape(b, t, -1) * jax.nn.silu(self.g_proj(x))
+    return self.o_proj(o)
+
+
+class SkipMixer(nnx.Module):
+  """A removed attention sublayer (LayerBoost's "low sensitivity" policy): outputs zeros, so the
+  block's residual passes `x` unchanged. Decodes trivially."""
+
+  def __call__(self, x, *, segment_ids=None, decode=False):
+    if x.ndim != 3:
+      raise ValueError(f"x must be [B, T, d_model], got shape {x.shape}")
+    return jnp.zeros_like(x)
+
+  def init_cache(self, batch_size, max_len, dtype=jnp.float32):
+    return None
+
+
+def _parse_ratio(ratio) -> tuple[int, int]:
+  if isinstance(ratio, str):
+    parts = ratio.split(":")
+    ok = len(parts) == 2 and all(p.strip().isdigit() for p in parts)
+    lin, full = (int(parts[0]), int(parts[1])) if ok else (-1, -1)
+  elif isinstance(ratio, (tuple, list)) and len(ratio) == 2:
+    lin, full = int(ratio[0]), int(ratio[1])
+  else:
+    lin = full = -1
+  if lin < 0 or full < 0 or lin + full == 0:
+    raise ValueError(f"ratio must be 'L:F' (linear:full, non-negative ints, not both 0), got {ratio!r}")
+  return lin, full
+
+
+def hybrid_layer_pattern(num_layers: int, ratio="3:1", *, linear: str = "gated_deltanet",
+                         full: str = "softmax") -> list[str]:
+  """Per-layer mixer names for a layer-level hybrid with `linear:full` = `ratio` ([97]: 3:1 to 6:1
+  with Gated DeltaNet; "1:0" all linear, "0:1" all full).
+
+  The layers are cut into groups of `L + F`, each group L linear layers then F full ones (so with
+  3:1 every fourth layer is full attention, and the last layer of a multiple-of-4 stack is full, as
+  in [97]'s interleaving). A trailing partial group keeps the same order. For `DecoderLM(mixer=...)`.
+  """
+  if not isinstance(num_layers, int) or num_layers < 1:
+    raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
+  lin, fl = _parse_ratio(ratio)
+  group = [linear] * lin + [full] * fl
+  return [group[i % len(group)] for i in range(num_layers)]
+
+
+def layerboost_pattern(sensitivity, *, num_full: int, num_removed: int = 0, full: str = "softmax",
+                       linear: str = "lolcats_window", removed: str = "skip") -> list[str]:
+  """LayerBoost [75] policy from per-layer sensitivities `s_l` (loss change when layer l's attention
+  is replaced): the `num_full` most sensitive layers keep softmax attention, the `num_removed` least
+  sensitive lose it (`skip`: the residual passes unchanged), the rest get linear sliding-window
+  attention (LoLCATs-style `lolcats_window` by default). Ties keep the earlier layer more sensitive.
+  """
+  s = [float(x) for x in sensitivity]
+  n = len(s)
+  if n == 0 or num_full < 0 or num_removed < 0 or num_full + num_removed > n:
+    raise ValueError(f"need 0 <= num_full + num_removed <= len(sensitivity)={n}, got "
+                     f"num_full={num_full}, num_removed={num_removed}")
+  order = sorted(range(n), key=lambda i: (-s[i], i))
+  out = [linear] * n
+  for i in order[:num_full]:
+    out[i] = full
+  for i in order[n - num_removed:] if num_removed else []:
+    out[i] = removed
+  return out
+
+
+@register_mixer("lightnet", "LightNet: additive recurrence (per-dim softmax over the past), RMSNorm + swish gate.")
+def _build_lightnet(*, d_model, num_heads, causal, rngs, **options):
+  return LightNetMixer(d_model, num_heads, causal=causal, rngs=rngs, **options)
+
+
+@register_mixer("inline", "InLine: injective linear attention (weights sum to 1) + local residual; non-causal.")
+def _build_inline(*, d_model, num_heads, causal, rngs, **options):
+  return InLineMixer(d_model, num_heads, causal=causal, rngs=rngs, **options)
+
+
+@register_mixer("linfusion", "LinFusion: generalised linear attention with MLP-refined q, k; non-causal.")
+def _build_linfusion(*, d_model, num_heads, causal, rngs, **options):
+  return LinFusionMixer(d_model, num_heads, causal=causal, rngs=rngs, **options)
+
+
+@register_mixer("rala", "RALA: rank-augmented linear attention (query-aware key weights) + local conv; non-causal.")
+def _build_rala(*, d_model, num_heads, causal, rngs, **options):
+  return RALAMixer(d_model, num_heads, causal=causal, rngs=rngs, **options)
+
+
+@register_mixer("slab", "SLAB: simplified linear attention relu(Q)(relu(K)^T V)/norm + depth-wise conv of V.")
+def _build_slab(*, d_model, num_heads, causal, rngs, **options):
+  return SLABMixer(d_model, num_heads, causal=causal, rngs=rngs, **options)
+
+
+@register_mixer("lina", "LINA: bidirectional linear attention with a learned per-position KV gate; non-causal.")
+def _build_lina(*, d_model, num_heads, causal, rngs, **options):
+  return LINAMixer(d_model, num_heads, causal=causal, rngs=rngs, **options)
+
+
+@register_mixer("flowformer", "Flowformer: flow-conservation linear attention (sigmoid features), causal or not.")
+def _build_flowformer(*, d_model, num_heads, causal, rngs, **options):
+  return FlowformerMixer(d_model, num_heads, causal=causal, rngs=rngs, **options)
+
+
+@register_mixer("lolcats_window", "LoLCATs: sliding-window softmax + Hedgehog linear attention, shared normaliser.")
+def _build_lolcats_window(*, d_model, num_heads, causal, rngs, **options):
+  return WindowLinearMixer(d_model, num_heads, causal=causal, rngs=rngs, **options)
+
+
+@register_mixer("nats", "NAtS-L: per-chunk routing between softmax attention and Gated DeltaNet in one layer.")
+def _build_nats(*, d_model, num_heads, causal, rngs, **options):
+  return NAtSMixer(d_model, num_heads, causal=causal, rngs=rngs, **options)
+
+
+@register_mixer("skip", "No attention (LayerBoost's removed layer): zeros, the residual passes unchanged.")
+def _build_skip(*, d_model, num_heads, causal, rngs, **options):
+  _reject("skip", options)
+  return SkipMixer()

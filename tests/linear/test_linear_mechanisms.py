@@ -99,11 +99,12 @@ def test_flowformer_linear_forms_equal_explicit_quadratic():
     qk = jnp.einsum("bihd,bjhd->bhij", pq + eps, pk + eps)           # pairwise (eps on both sides)
     incoming = jnp.einsum("bihd,bjhd,ij->bhi", pq + eps, pk, m) + eps * jnp.sum(pq + eps, -1).transpose(0, 2, 1) * 0
     incoming = jnp.einsum("bihd,bhid->bhi", pq + eps, jnp.einsum("ij,bjhd->bhid", m, pk) + eps)
-    outgoing = jnp.einsum("bjhd,bhjd->bhj", pk + eps, jnp.einsum("ij,bihd->bhjd", m, pq) + eps)
+    # Key j's outgoing flow sums the queries that reach it: i <= j when causal (m[j, i]).
+    outgoing = jnp.einsum("bjhd,bhjd->bhj", pk + eps, jnp.einsum("ji,bihd->bhjd", m, pq) + eps)
     cons_in = jnp.einsum("bihd,bhid->bhi", pq + eps,
                          jnp.einsum("ij,bjhd->bhid", m, pk / outgoing.transpose(0, 2, 1)[..., None]) + eps)
     cons_out = jnp.einsum("bjhd,bhjd->bhj", pk + eps,
-                          jnp.einsum("ij,bihd->bhjd", m, pq / incoming.transpose(0, 2, 1)[..., None]) + eps)
+                          jnp.einsum("ji,bihd->bhjd", m, pq / incoming.transpose(0, 2, 1)[..., None]) + eps)
     if causal:
       e = jnp.exp(cons_out)
       comp = jnp.arange(1, T + 1) * e / jnp.cumsum(e, -1)

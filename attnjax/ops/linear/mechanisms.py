@@ -152,27 +152,84 @@ def linfusion_attention(phi_q, phi_k, v, *, eps=1e-4, causal=False, segment_ids=
   return ((num / count) / (den / count + eps)).astype(phi_q.dtype)
 
 
-def rala_attention(phi_q, phi_k, v, *, scale=None):
+def _seg_total(x, runs):
+  """Per token, the sum of `x [B, T, ...]` over its segment (the whole row when `runs` is None)."""
+  if runs is None:
+    return jnp.broadcast_to(jnp.sum(x, axis=1, keepdims=True), x.shape)
+  t = x.shape[1]
+  tot = jax.vmap(lambda xb, rb: jax.ops.segment_sum(xb, rb, num_segments=t))(x, runs)
+  return jax.vmap(lambda tb, rb: tb[rb])(tot, runs)
+
+
+def _seg_max(x, runs):
+  """Per token, the max of `x [B, T, ...]` over its segment."""
+  if runs is None:
+    return jnp.broadcast_to(jnp.max(x, axis=1, keepdims=True), x.shape)
+  t = x.shape[1]
+  mx = jax.vmap(lambda xb, rb: jax.ops.segment_max(xb, rb, num_segments=t))(x, runs)
+  return jax.vmap(lambda tb, rb: tb[rb])(mx, runs)
+
+
+def _seg_scan(x, runs, combine):
+  """Inclusive scan of `x [B, T, ...]` along time with `combine`, restarted at each segment."""
+  b, t = x.shape[:2]
+  if runs is None:
+    starts = jnp.zeros((b, t), bool)
+  else:
+    starts = jnp.concatenate([jnp.ones((b, 1), bool), runs[:, 1:] != runs[:, :-1]], axis=1)
+  starts = jnp.broadcast_to(starts.reshape((b, t) + (1,) * (x.ndim - 2)), x.shape)
+
+  def comb(a, c):
+    fa, va = a
+    fc, vc = c
+    return fa | fc, jnp.where(fc, vc, combine(va, vc))
+
+  return jax.lax.associative_scan(comb, (starts, x), axis=1)[1]
+
+
+def rala_attention(phi_q, phi_k, v, *, scale=None, segment_ids=None):
   """RALA's rank-augmented linear attention [95], non-causal (vision), `[B, N, H, D]`:
   `eff = softmax_j(s * mean_i(phi_q_i) . phi_k_j)`, `k'_j = phi_k_j * eff_j * N`,
   `o_i = phi_q_i (k'^T v / N) / (phi_q_i . mean_j k'_j)`, s = D^{-1/2}. RoPE, LePE and the gate of
-  the vision block are left to the layer."""
-  n, d = phi_q.shape[1], phi_q.shape[-1]
+  the vision block are left to the layer. `segment_ids [B, N]`: means, softmax and sums run over
+  each token's own segment (N = its length)."""
+  from attnjax.ops.linear.engine import run_ids  # local: avoid a cycle at import time
+  d = phi_q.shape[-1]
+  dv = v.shape[-1]
   scale = d ** -0.5 if scale is None else scale
+  runs = None if segment_ids is None else run_ids(segment_ids)
   pq, pk, vf = (x.astype(jnp.float32) for x in (phi_q, phi_k, v))
-  eff = jax.nn.softmax(scale * jnp.einsum("bhd,bjhd->bjh", pq.mean(1), pk), axis=1)
-  kp = pk * eff[..., None] * n
-  kv = jnp.einsum("bjhd,bjhe->bhde", kp, vf) / n
-  num = jnp.einsum("bihd,bhde->bihe", pq, kv)
-  den = jnp.einsum("bihd,bhd->bih", pq, kp.mean(1))[..., None]
-  return (num / den).astype(phi_q.dtype)
+  n = _seg_total(jnp.ones(pq.shape[:2], jnp.float32), runs)[..., None]          # [B, N, 1]
+  qbar = _seg_total(pq, runs) / n[..., None]
+  logits = scale * jnp.einsum("bjhd,bjhd->bjh", qbar, pk)
+  e = jnp.exp(logits - jax.lax.stop_gradient(_seg_max(logits, runs)))
+  eff = e / _seg_total(e, runs)
+  kp = pk * (eff * n)[..., None]
+  o, _ = linear_attention(pq, kp, _augment(vf), causal=False, segment_ids=segment_ids, scale=1.0)
+  return (o[..., :dv] / o[..., dv:]).astype(phi_q.dtype)
 
 
-def sla_attention(q, k, v, *, eps=1e-6, causal=False, segment_ids=None, form="chunked", chunk_size=64):
+def sla_attention(q, k, v, *, eps=1e-6, causal=False, segment_ids=None, initial_state=None,
+                  output_final_state=False, form="chunked", chunk_size=64):
   """SLAB's simplified linear attention [33] (without its depth-wise conv on V, which the layer
-  adds): `o = relu(Q)(relu(K)^T V) / (relu(Q) . sum relu(K) + eps)`. All-zero rows give 0."""
-  num, den, _, _ = _sums(jax.nn.relu(q), jax.nn.relu(k), v, causal, segment_ids, form, chunk_size)
-  return (num / (den + eps)).astype(q.dtype)
+  adds): `o = relu(Q)(relu(K)^T V) / (relu(Q) . sum relu(K) + eps)`. All-zero rows give 0.
+  Causal (prefix sums, our extension for language models) with `initial_state` /
+  `output_final_state`: the state is `S [B, H, Dk, Dv + 1]` float32 (the last column is the key sum)."""
+  dv = v.shape[-1]
+  o, s = linear_attention(jax.nn.relu(q.astype(jnp.float32)), jax.nn.relu(k.astype(jnp.float32)),
+                          _augment(v), causal=causal, segment_ids=segment_ids, scale=1.0,
+                          initial_state=initial_state, output_final_state=output_final_state,
+                          form=form, chunk_size=chunk_size)
+  o = (o[..., :dv] / (o[..., dv:] + eps)).astype(q.dtype)
+  return (o, s) if output_final_state else o
+
+
+def sla_step(q_t, k_t, v_t, state, *, eps=1e-6):
+  """One causal `sla_attention` decode step: `[B, H, D]` inputs, state `S [B, H, Dk, Dv + 1]`."""
+  dv = v_t.shape[-1]
+  o, s = linear_attention_step(jax.nn.relu(q_t.astype(jnp.float32)), jax.nn.relu(k_t.astype(jnp.float32)),
+                               _augment(v_t), state, scale=1.0)
+  return (o[..., :dv] / (o[..., dv:] + eps)).astype(q_t.dtype), s
 
 
 def lina_attention(phi_q, phi_k, v, kv_gate, *, eps=1e-6, segment_ids=None):
@@ -187,7 +244,7 @@ def lina_attention(phi_q, phi_k, v, kv_gate, *, eps=1e-6, segment_ids=None):
   return (num / (den + eps)).astype(phi_q.dtype)
 
 
-def flow_attention(q, k, v, *, causal=False, eps=1e-6):
+def flow_attention(q, k, v, *, causal=False, eps=1e-6, segment_ids=None):
   """Flowformer's Flow-Attention [55] with `phi = sigmoid`, `[B, N, H, D]`.
 
   Incoming `I_i = phi_q_i . sum_j phi_k_j`, outgoing `O_j = phi_k_j . sum_i phi_q_i`; conserved
@@ -196,35 +253,74 @@ def flow_attention(q, k, v, *, causal=False, eps=1e-6):
   `out = sigmoid(Ihat) (.) R`. Causal: every sum over the other side runs over the prefix
   (`sum_{j<=i}` for queries, `sum_{i<=j}` for keys) and the competition softmax becomes
   `exp(Ohat_j) / mean_{s<=j} exp(Ohat_s)` (the paper's causal cumsum version, our reading).
+  `segment_ids [B, N]`: every sum, count and softmax runs within the token's segment.
+  `flow_step` is the causal form one token at a time.
   """
+  from attnjax.ops.linear.engine import run_ids  # local: avoid a cycle at import time
   pq, pk = jax.nn.sigmoid(q.astype(jnp.float32)), jax.nn.sigmoid(k.astype(jnp.float32))
   vf = v.astype(jnp.float32)
-  n = q.shape[1]
-  if not causal:
-    incoming = jnp.einsum("bihd,bhd->bih", pq + eps, pk.sum(1) + eps)
-    outgoing = jnp.einsum("bjhd,bhd->bjh", pk + eps, pq.sum(1) + eps)
-    cons_in = jnp.einsum("bihd,bhd->bih", pq + eps, (pk / outgoing[..., None]).sum(1) + eps)
-    cons_out = jnp.einsum("bjhd,bhd->bjh", pk + eps, (pq / incoming[..., None]).sum(1) + eps)
-    vhat = vf * (n * jax.nn.softmax(cons_out, axis=1))[..., None]
-    r = jnp.einsum("bihd,bhde->bihe", pq, jnp.einsum("bjhd,bjhe->bhde", pk, vhat)) / incoming[..., None]
-    return (jax.nn.sigmoid(cons_in)[..., None] * r).astype(q.dtype)
-  cnt = jnp.arange(1, n + 1, dtype=jnp.float32)[None, :, None]
-  cum = lambda x: jnp.cumsum(x, axis=1)
-  incoming = jnp.einsum("bihd,bihd->bih", pq + eps, cum(pk) + eps)
-  outgoing = jnp.einsum("bjhd,bjhd->bjh", pk + eps, cum(pq) + eps)
-  cons_in = jnp.einsum("bihd,bihd->bih", pq + eps, cum(pk / outgoing[..., None]) + eps)
-  cons_out = jnp.einsum("bjhd,bjhd->bjh", pk + eps, cum(pq / incoming[..., None]) + eps)
-  # Prefix-softmax competition, stabilised by the running max.
-  m = jax.lax.cummax(cons_out, axis=1)
-  e = jnp.exp(cons_out - m)
-  # sum_{s<=j} exp(o_s - m_j): rescale the running sum as the max grows (a scan of (m, sum)).
-  def comb(a, b):
-    ma, sa = a
-    mb, sb = b
-    mm = jnp.maximum(ma, mb)
-    return mm, sa * jnp.exp(ma - mm) + sb * jnp.exp(mb - mm)
-  _, denom = jax.lax.associative_scan(comb, (cons_out, jnp.ones_like(cons_out)), axis=1)
-  vhat = vf * (cnt * e / denom)[..., None]
-  o, _ = linear_attention(pq, pk, vhat, scale=1.0)
+  runs = None if segment_ids is None else run_ids(segment_ids)
+  if causal:
+    agg = lambda x: _seg_scan(x, runs, jnp.add)
+  else:
+    agg = lambda x: _seg_total(x, runs)
+  ones = jnp.ones(q.shape[:3], jnp.float32)
+  cnt = agg(ones)
+  dot = lambda a, b_: jnp.einsum("bihd,bihd->bih", a, b_)
+  incoming = dot(pq + eps, agg(pk) + eps)
+  outgoing = dot(pk + eps, agg(pq) + eps)
+  cons_in = dot(pq + eps, agg(pk / outgoing[..., None]) + eps)
+  cons_out = dot(pk + eps, agg(pq / incoming[..., None]) + eps)
+  if causal:
+    # Prefix softmax: a segmented scan of (running max, sum of exp(. - max)).
+    def comb(a, c):
+      return jnp.stack(_lse_combine((a[..., 0], a[..., 1]), (c[..., 0], c[..., 1])), axis=-1)
+    ml = _seg_scan(jnp.stack([cons_out, jnp.ones_like(cons_out)], axis=-1), runs, comb)
+    comp = cnt * jnp.exp(cons_out - ml[..., 0]) / ml[..., 1]
+  else:
+    e = jnp.exp(cons_out - jax.lax.stop_gradient(_seg_max(cons_out, runs)))
+    comp = cnt * e / _seg_total(e, runs)
+  vhat = vf * comp[..., None]
+  o, _ = linear_attention(pq, pk, vhat, scale=1.0, causal=causal, segment_ids=segment_ids)
   r = o / incoming[..., None]
   return (jax.nn.sigmoid(cons_in)[..., None] * r).astype(q.dtype)
+
+
+def _lse_combine(a, c):
+  """Merges two (max, sum of exp(x - max)) pairs."""
+  ma, sa = a
+  mc, sc = c
+  mm = jnp.maximum(ma, mc)
+  return mm, sa * jnp.exp(ma - mm) + sc * jnp.exp(mc - mm)
+
+
+def flow_init_state(batch_size: int, num_heads: int, dk: int, dv: int):
+  """Zero state of `flow_step`: prefix sums of phi_k, phi_q, phi_k / O, phi_q / I `[B, H, Dk]`,
+  the competition's running (max, sum) `[B, H]`, the count `[B, H]` and `S [B, H, Dk, Dv]`."""
+  z = lambda *s: jnp.zeros(s, jnp.float32)
+  return dict(spk=z(batch_size, num_heads, dk), spq=z(batch_size, num_heads, dk),
+              spk_o=z(batch_size, num_heads, dk), spq_i=z(batch_size, num_heads, dk),
+              m=jnp.full((batch_size, num_heads), -jnp.inf, jnp.float32), l=z(batch_size, num_heads),
+              n=z(batch_size, num_heads), s=z(batch_size, num_heads, dk, dv))
+
+
+def flow_step(q_t, k_t, v_t, state, *, eps=1e-6):
+  """One causal Flow-Attention step, `q_t, k_t [B, H, Dk]`, `v_t [B, H, Dv]` -> `(o_t, state)`."""
+  pq, pk = jax.nn.sigmoid(q_t.astype(jnp.float32)), jax.nn.sigmoid(k_t.astype(jnp.float32))
+  st = dict(state)
+  st["spk"], st["spq"], st["n"] = st["spk"] + pk, st["spq"] + pq, st["n"] + 1.0
+  dot = lambda a, b_: jnp.sum(a * b_, axis=-1)
+  incoming = dot(pq + eps, st["spk"] + eps)
+  outgoing = dot(pk + eps, st["spq"] + eps)
+  st["spk_o"] = st["spk_o"] + pk / outgoing[..., None]
+  st["spq_i"] = st["spq_i"] + pq / incoming[..., None]
+  cons_in = dot(pq + eps, st["spk_o"] + eps)
+  cons_out = dot(pk + eps, st["spq_i"] + eps)
+  m_prev = st["m"]
+  mm = jnp.maximum(m_prev, cons_out)
+  st["m"] = mm
+  st["l"] = st["l"] * jnp.exp(jnp.where(jnp.isfinite(m_prev), m_prev - mm, -jnp.inf)) + jnp.exp(cons_out - mm)
+  vhat = v_t.astype(jnp.float32) * (st["n"] * jnp.exp(cons_out - mm) / st["l"])[..., None]
+  st["s"] = st["s"] + pk[..., :, None] * vhat[..., None, :]
+  r = jnp.einsum("bhd,bhde->bhe", pq, st["s"]) / incoming[..., None]
+  return (jax.nn.sigmoid(cons_in)[..., None] * r).astype(q_t.dtype), st

@@ -1,0 +1,368 @@
+"""Intra-layer hybrids of softmax and linear attention.
+
+* `window_linear_attention`: LoLCATs [4] sliding-window softmax + linear attention over the older
+  tokens, one shared normaliser (the STILL [3] formula with the selected set = the window);
+* `nats_attention`: NAtS-L [153] routed hybrid: each token is kept for softmax attention or
+  written into a Gated-DeltaNet state, and the two read-outs are added.
+
+All on `[B, T, H, D]`, causal (both are language-model mechanisms), with packed `segment_ids`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attnjax.ops.linear.delta import delta_rule, delta_rule_step
+from attnjax.ops.linear.engine import linear_attention, run_ids
+from attnjax.ops.softmax import dot_product_attention
+
+WINDOW_FORMS = ("parallel", "chunked", "recurrent")
+
+
+def _factor(f, h):
+  """Scalar or `[H]` mixing factor -> `[1, 1, H, 1]`-broadcastable float32 over `[B, T, H, .]`."""
+  f = jnp.asarray(f, jnp.float32)
+  if f.ndim == 0:
+    return jnp.broadcast_to(f, (h,))
+  if f.shape != (h,):
+    raise ValueError(f"window_factor / linear_factor must be a scalar or [H]={[h]}, got {list(f.shape)}")
+  return f
+
+
+def _check_window_inputs(q, k, v, phi_q, phi_k, window, segment_ids):
+  if q.ndim != 4 or k.shape != q.shape:
+    raise ValueError(f"q, k must be [B, T, H, D] of one shape, got {q.shape}, {k.shape}")
+  b, t, h, _ = q.shape
+  if v.ndim != 4 or v.shape[:3] != (b, t, h):
+    raise ValueError(f"v must be [B, T, H, Dv] with [B, T, H]={[b, t, h]}, got {list(v.shape)}")
+  if phi_q.ndim != 4 or phi_q.shape[:3] != (b, t, h) or phi_k.shape != phi_q.shape:
+    raise ValueError(f"phi_q, phi_k must be [B, T, H, F] with [B, T, H]={[b, t, h]}, got "
+                     f"{list(phi_q.shape)}, {list(phi_k.shape)}")
+  if not isinstance(window, int) or window < 1:
+    raise ValueError(f"window must be an int >= 1 (keys i - window < j <= i use softmax), got {window!r}")
+  if segment_ids is not None and tuple(segment_ids.shape) != (b, t):
+    raise ValueError(f"segment_ids must be [B, T]={[b, t]}, got {list(segment_ids.shape)}")
+
+
+def _window_dense(q, k, v, pq, pk, window, wf, lf, scale, segment_ids):
+  """The dense masked reference `[B, H, T, T]` (see `window_linear_attention`)."""
+  t = q.shape[1]
+  i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+  same = jnp.ones((1, 1, t, t), bool)
+  if segment_ids is not None:
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+  win = same & (j <= i) & (j > i - window)
+  lin = same & (j <= i - window)
+  s = jnp.einsum("bihd,bjhd->bhij", q, k) * scale
+  s = jnp.where(win, s, -jnp.inf)
+  m = jnp.max(s, axis=-1, keepdims=True)           # finite: the diagonal is always in the window
+  e = wf[None, :, None, None] * jnp.exp(s - m)
+  a = e + jnp.where(lin, lf[None, :, None, None] * jnp.einsum("bihf,bjhf->bhij", pq, pk), 0.0)
+  o = jnp.einsum("bhij,bjhe->bihe", a, v)
+  return o / jnp.sum(a, axis=-1)[..., None].transpose(0, 2, 1, 3)
+
+
+def _window_blocked(q, k, v, pq, pk, window, wf, lf, scale, segment_ids, form, chunk_size):
+  """Blocked window softmax (O(T (c + w)) scores) + the engine for the linear part."""
+  b, t, h, d = q.shape
+  dv = v.shape[-1]
+  c = chunk_size
+  nb = -(-(window - 1) // c)                        # look-back blocks covering the window
+  n = -(-t // c)
+  tp = n * c
+  seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  padt = lambda x, front, val=0.0: jnp.pad(x, ((0, 0), (front, tp - t)) + ((0, 0),) * (x.ndim - 2),
+                                            constant_values=val)
+  qb = padt(q, 0).reshape(b, n, c, h, d)
+  qpos = jnp.arange(tp).reshape(n, c)
+  qseg = padt(seg, 0, -2).reshape(b, n, c)
+  kpad, vpad = padt(k, nb * c), padt(v, nb * c)
+  kseg = padt(seg, nb * c, -1)
+  # Keys of query block i: padded blocks i .. i + nb (original blocks i - nb .. i).
+  gather = lambda x: jnp.concatenate(
+      [x[:, r * c:(r + n) * c].reshape(b, n, c, *x.shape[2:]) for r in range(nb + 1)], axis=2)
+  kb, vb, ksb = gather(kpad), gather(vpad), gather(kseg)          # [b, n, (nb+1) c, ...]
+  kpos = jnp.concatenate([(jnp.arange(n)[:, None] + r - nb) * c + jnp.arange(c)[None, :]
+                          for r in range(nb + 1)], axis=1)         # [n, (nb+1) c]
+  win = ((kpos[:, None, :] <= qpos[:, :, None]) & (kpos[:, None, :] > qpos[:, :, None] - window))
+  win = win[None, :, None] & (ksb[:, :, None, None, :] == qseg[:, :, None, :, None])
+  s = jnp.einsum("bnihd,bnjhd->bnhij", qb, kb) * scale
+  s = jnp.where(win, s, -jnp.inf)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)            # padded query rows only
+  e = wf[None, None, :, None, None] * jnp.exp(s - m)
+  num_w = jnp.einsum("bnhij,bnjhe->bnihe", e, vb).reshape(b, tp, h, dv)[:, :t]
+  den_w = jnp.sum(e, axis=-1).transpose(0, 1, 3, 2).reshape(b, tp, h)[:, :t]
+  # Linear part: key j reaches query i iff j <= i - window (same segment): shift keys and values
+  # right by `window` and run the causal engine with the queries' segment ids.
+  if window < t:
+    keep = (seg[:, window:] == seg[:, :-window])[..., None, None]
+    sh = lambda x: jnp.pad(jnp.where(keep, x[:, :-window], 0.0), ((0, 0), (window, 0), (0, 0), (0, 0)))
+    va = jnp.concatenate([v.astype(jnp.float32), jnp.ones((b, t, h, 1), jnp.float32)], axis=-1)
+    o_lin, _ = linear_attention(pq, sh(pk), sh(va), scale=1.0, causal=True, segment_ids=segment_ids,
+                                form=form, chunk_size=c)
+    num_l, den_l = o_lin[..., :dv], o_lin[..., dv]
+  else:
+    num_l, den_l = 0.0, 0.0
+  lfb = lf[None, None, :]
+  return (num_w + lfb[..., None] * num_l) / (den_w + lfb * den_l)[..., None]
+
+
+def window_linear_init_cache(batch_size: int, window: int, num_heads: int, head_dim: int,
+                             feature_dim: int, value_dim: int):
+  """Decode cache of `window_linear_step`: the last `window` keys/values/features in a ring
+  buffer, the linear state `(S [B, H, F, Dv], z [B, H, F])` of the tokens that left the window,
+  and the position within the sequence. All float32."""
+  z = lambda *s: jnp.zeros(s, jnp.float32)
+  return dict(k=z(batch_size, window, num_heads, head_dim), v=z(batch_size, window, num_heads, value_dim),
+              pk=z(batch_size, window, num_heads, feature_dim),
+              valid=jnp.zeros((batch_size, window), bool),
+              s=z(batch_size, num_heads, feature_dim, value_dim), z=z(batch_size, num_heads, feature_dim),
+              pos=jnp.zeros((batch_size,), jnp.int32))
+
+
+def window_linear_step(q_t, k_t, v_t, phi_q_t, phi_k_t, cache, *, window_factor=1.0,
+                       linear_factor=1.0, scale=None, reset=None):
+  """One decode step of `window_linear_attention`: `q_t, k_t [B, H, D]`, `v_t [B, H, Dv]`,
+  `phi_* [B, H, F]`, `cache` from `window_linear_init_cache` -> `(o_t [B, H, Dv], cache)`.
+
+  The token leaving the window (position p - window) is folded into `(S, z)`, the new one takes
+  its ring slot. `reset [B]` bool clears the cache first (a new packed sequence). O(window) per token.
+  """
+  b, h, d = q_t.shape
+  w = cache["k"].shape[1]
+  if cache["k"].shape != (b, w, h, d) or cache["pk"].shape[-1] != phi_k_t.shape[-1]:
+    raise ValueError(f"cache does not match q_t [B, H, D]={[b, h, d]} / phi_k_t {list(phi_k_t.shape)}")
+  scale = d ** -0.5 if scale is None else scale
+  wf, lf = _factor(window_factor, h), _factor(linear_factor, h)
+  f32 = lambda x: x.astype(jnp.float32)
+  if reset is not None:
+    cache = {key: jnp.where(reset.reshape((b,) + (1,) * (val.ndim - 1)), jnp.zeros_like(val), val)
+             for key, val in cache.items()}
+  slot = cache["pos"] % w                                           # [B]
+  onehot = jax.nn.one_hot(slot, w, dtype=jnp.float32)               # [B, W]
+  old = (onehot * cache["valid"])                                    # evicted token (if any)
+  old_pk = jnp.einsum("bw,bwhf->bhf", old, cache["pk"])
+  old_v = jnp.einsum("bw,bwhe->bhe", old, cache["v"])
+  s = cache["s"] + old_pk[..., :, None] * old_v[..., None, :]
+  z = cache["z"] + old_pk
+  put = lambda buf, x: jnp.where(onehot.astype(bool)[:, :, None, None], f32(x)[:, None], buf)
+  kbuf, vbuf, pkbuf = put(cache["k"], k_t), put(cache["v"], v_t), put(cache["pk"], phi_k_t)
+  valid = cache["valid"] | onehot.astype(bool)
+  sc = jnp.einsum("bhd,bwhd->bhw", f32(q_t), kbuf) * scale
+  sc = jnp.where(valid[:, None], sc, -jnp.inf)
+  m = jnp.max(sc, axis=-1, keepdims=True)
+  e = wf[None, :, None] * jnp.exp(sc - m)
+  pq = f32(phi_q_t)
+  num = jnp.einsum("bhw,bwhe->bhe", e, vbuf) + lf[None, :, None] * jnp.einsum("bhf,bhfe->bhe", pq, s)
+  den = jnp.sum(e, axis=-1) + lf[None] * jnp.einsum("bhf,bhf->bh", pq, z)
+  new = dict(k=kbuf, v=vbuf, pk=pkbuf, valid=valid, s=s, z=z, pos=cache["pos"] + 1)
+  return (num / den[..., None]).astype(q_t.dtype), new
+
+
+def window_linear_attention(q, k, v, phi_q, phi_k, *, window: int, window_factor=1.0,
+                            linear_factor=1.0, scale=None, segment_ids=None, form="chunked",
+                            chunk_size: int = 64):
+  """LoLCATs [4] hybrid: sliding-window softmax + linear attention, one shared normaliser (causal).
+
+  `q, k [B, T, H, D]` (softmax scores `s_ij = scale q_i.k_j`, scale = D^-1/2), `phi_q, phi_k
+  [B, T, H, F]` (feature maps already applied, e.g. Hedgehog), `v [B, T, H, Dv]`. With the window
+  `W_i = {i - window < j <= i}` and `m_i = max_{j in W_i} s_ij`:
+
+      o_i = (wf sum_{j in W_i} e^{s_ij - m_i} v_j + lf sum_{j <= i - window} phi_q_i.phi_k_j v_j)
+            / (wf sum_{j in W_i} e^{s_ij - m_i}   + lf sum_{j <= i - window} phi_q_i.phi_k_j)
+
+  as in the authors' code (`linear_window_attention_sw.py`; the `_tk` variant's block-terraced
+  window is a kernel convenience not reproduced): the max is subtracted from the softmax terms
+  only, `wf = window_factor` (LoLCATs: sigmoid of a learned per-head logit, 0.1 at init) and
+  `lf = linear_factor` (1 in LoLCATs), scalars or `[H]`. STILL [3] uses the same shared-normaliser
+  formula with a different softmax set (top-k salient tokens); that selection is not implemented.
+  `window >= T` is exact softmax attention (the catalog oracle). `segment_ids [B, T]`: packed
+  sequences, nothing crosses a boundary.
+
+  `form`: "parallel" (dense [T, T] masked reference), "chunked" (window softmax in query blocks of
+  `chunk_size` against `chunk_size + window` keys, linear part by the chunked engine on keys shifted
+  by `window`: O(T (chunk + window)) memory), "recurrent" (a scan of `window_linear_step`, the
+  decode semantics). All agree in values and gradients. Returns `o [B, T, H, Dv]` in q's dtype.
+  """
+  if form not in WINDOW_FORMS:
+    raise ValueError(f"form must be one of {WINDOW_FORMS}, got {form!r}")
+  if not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+  _check_window_inputs(q, k, v, phi_q, phi_k, window, segment_ids)
+  b, t, h, d = q.shape
+  scale = d ** -0.5 if scale is None else scale
+  wf, lf = _factor(window_factor, h), _factor(linear_factor, h)
+  f32 = lambda x: x.astype(jnp.float32)
+  args = (f32(q), f32(k), f32(v), f32(phi_q), f32(phi_k))
+  if form == "parallel":
+    o = _window_dense(*args, window, wf, lf, scale, segment_ids)
+  elif form == "chunked":
+    o = _window_blocked(*args, window, wf, lf, scale, segment_ids, "chunked", chunk_size)
+  else:
+    cache = window_linear_init_cache(b, window, h, d, phi_q.shape[-1], v.shape[-1])
+    if segment_ids is None:
+      reset = jnp.zeros((t, b), bool)
+    else:
+      reset = jnp.concatenate([jnp.zeros((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1).T
+    mv = lambda x: jnp.moveaxis(x, 1, 0)
+
+    def step(cache, xs):
+      qt, kt, vt, pqt, pkt, rt = xs
+      o, cache = window_linear_step(qt, kt, vt, pqt, pkt, cache, window_factor=wf,
+                                    linear_factor=lf, scale=scale, reset=rt)
+      return cache, o
+
+    _, o = jax.lax.scan(step, cache, tuple(mv(a) for a in args) + (reset,))
+    o = mv(o)
+  return o.astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# NAtS-L [153].
+
+
+NATS_FORMS = ("parallel", "chunked")
+
+
+def straight_through(p: jax.Array, threshold: float = 0.5) -> jax.Array:
+  """Hard `p > threshold` in the forward pass, gradient of `p` in the backward (straight-through)."""
+  hard = (p > threshold).astype(p.dtype)
+  return hard + p - jax.lax.stop_gradient(p)
+
+
+def nats_attention(q, k, v, beta, route, *, q_lin=None, k_lin=None, log_decay=None, scale=None,
+                   segment_ids=None, form="chunked", chunk_size: int = 64):
+  """NAtS-L [153] token-routed hybrid of causal softmax attention and Gated DeltaNet.
+
+  `route [B, T]` (1 = the token is kept in the softmax KV cache, 0 = it is written into the GDN
+  state; forward values must be 0/1, e.g. `straight_through(p)`, whose gradient reaches the router
+  through `v_j * route_j` and `beta_j * (1 - route_j)`):
+
+      o_i = softmax-attention of q_i over {j <= i : route_j = 1} (values v_j route_j)
+          + GDN read-out of q_lin_i from the delta rule with writes beta_j (1 - route_j)
+
+  Both share the projections (`q_lin, k_lin` default to `q, k`; the layer passes L2-normalised
+  ones to the delta rule). All-softmax gives causal softmax attention, all-linear gives Gated
+  DeltaNet (the catalog oracles); a query with no softmax key reads 0 from that branch. Our reading
+  of the paper (abstract + summary): the two read-outs are added, and the decay `log_decay [B, T, H]`
+  acts at every step. `q, k [B, T, H, D]`, `v [B, T, H, Dv]`, `beta [B, T, H]` in (0, 1).
+  `form`: "parallel" (dense masked softmax + the delta rule's parallel form) or "chunked" (the
+  flash softmax op with unrouted keys hidden by segment ids, and the chunked delta rule).
+  """
+  if form not in NATS_FORMS:
+    raise ValueError(f"form must be one of {NATS_FORMS}, got {form!r}")
+  if q.ndim != 4:
+    raise ValueError(f"q must be [B, T, H, D], got {q.shape}")
+  b, t, h, d = q.shape
+  if tuple(route.shape) != (b, t):
+    raise ValueError(f"route must be [B, T]={[b, t]} (per token, shared by the heads), got {list(route.shape)}")
+  if segment_ids is not None and tuple(segment_ids.shape) != (b, t):
+    raise ValueError(f"segment_ids must be [B, T]={[b, t]}, got {list(segment_ids.shape)}")
+  scale = d ** -0.5 if scale is None else scale
+  q_lin = q if q_lin is None else q_lin
+  k_lin = k if k_lin is None else k_lin
+  r = route.astype(jnp.float32)
+  kept = r > 0.5
+  vr = (v.astype(jnp.float32) * r[..., None, None]).astype(v.dtype)
+  seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  if form == "parallel":
+    i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+    mask = (j <= i) & (seg[:, :, None] == seg[:, None, :]) & kept[:, None, :]
+    mask = mask[:, None]
+    s = jnp.einsum("bihd,bjhd->bhij", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+    s = jnp.where(mask, s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    den = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(den > 0, den, 1.0)
+    o_sm = jnp.einsum("bhij,bjhe->bihe", p, vr.astype(jnp.float32))
+  else:
+    # Unrouted keys get a segment id no query has (int32 min): the flash op never lets them in.
+    kv_seg = jnp.where(kept, seg, jnp.iinfo(jnp.int32).min)
+    o_sm = dot_product_attention(q, k, vr, causal=True, q_segment_ids=seg, kv_segment_ids=kv_seg,
+                                 scale=scale).astype(jnp.float32)
+  beta_w = beta.astype(jnp.float32) * (1.0 - r)[..., None]
+  o_lin, _ = delta_rule(q_lin, k_lin, v, beta_w, log_decay=log_decay, segment_ids=segment_ids,
+                        form=form, chunk_size=chunk_size)
+  return (o_sm + o_lin.astype(jnp.float32)).astype(q.dtype)
+
+
+def chunk_prefix_mean(x, chunk_size: int, *, segment_ids=None, start_pos=None, carry=None):
+  """Causal per-chunk mean pool: token t gets the mean of its chunk's tokens up to t.
+
+  `x [B, T, C]`; chunks are `chunk_size` positions counted from each segment's start (or from
+  `start_pos [B]` with the carried partial-chunk sum `carry [B, C]`, for decoding). Returns
+  `(mean [B, T, C] float32, sum of the last token's partial chunk [B, C])`. At a chunk's last token
+  this is NAtS-L's chunk mean pool; earlier tokens see only the chunk's prefix (causal).
+  """
+  b, t, _ = x.shape
+  xf = x.astype(jnp.float32)
+  tpos = jnp.arange(t)[None, :]
+  if segment_ids is not None:
+    runs = run_ids(segment_ids)
+    first = jnp.concatenate([jnp.ones((b, 1), bool), runs[:, 1:] != runs[:, :-1]], axis=1)
+    seg_start = jax.lax.cummax(jnp.where(first, tpos, 0), axis=1)
+    pos = tpos - seg_start
+  else:
+    pos = jnp.broadcast_to(tpos, (b, t))
+  if start_pos is not None:
+    pos = pos + start_pos[:, None]
+  restart = (pos % chunk_size) == 0
+  if carry is not None:
+    xf = xf.at[:, 0].add(jnp.where(restart[:, 0, None], 0.0, carry.astype(jnp.float32)))
+
+  def comb(a, c):
+    ra, va = a
+    rc, vc = c
+    return ra | rc, jnp.where(rc[..., None], vc, va + vc)
+
+  _, sums = jax.lax.associative_scan(comb, (restart, xf), axis=1)
+  count = (pos % chunk_size + 1).astype(jnp.float32)[..., None]
+  return sums / count, sums[:, -1]
+
+
+def nats_init_cache(batch_size: int, max_len: int, num_heads: int, head_dim: int, value_dim: int,
+                    d_model: int):
+  """Decode cache of the NAtS-L layer: the KV cache (with each token's route), the GDN state, the
+  partial-chunk sum of the router's mean pool and the position."""
+  z = lambda *s: jnp.zeros(s, jnp.float32)
+  return dict(k=z(batch_size, max_len, num_heads, head_dim), v=z(batch_size, max_len, num_heads, value_dim),
+              kept=jnp.zeros((batch_size, max_len), bool),
+              s=z(batch_size, num_heads, head_dim, value_dim), pool=z(batch_size, d_model),
+              pos=jnp.zeros((), jnp.int32))
+
+
+def nats_decode(q, k, v, beta, route, cache, *, q_lin=None, k_lin=None, log_decay=None, scale=None):
+  """Decode `T >= 1` tokens with `nats_attention`'s semantics from `cache` (see `nats_init_cache`).
+
+  Writes k, v, route into the KV cache at `pos .. pos + T`; softmax over the routed cached keys at
+  positions <= the query's; the delta rule continues from the cached state (one step when T = 1).
+  Returns `(o [B, T, H, Dv], cache)`; the router's pool sum is updated by the caller.
+  """
+  b, t, h, d = q.shape
+  scale = d ** -0.5 if scale is None else scale
+  q_lin = q if q_lin is None else q_lin
+  k_lin = k if k_lin is None else k_lin
+  max_len = cache["k"].shape[1]
+  pos = cache["pos"]
+  r = route.astype(jnp.float32)
+  upd = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), pos, axis=1)
+  kc = upd(cache["k"], k)
+  vc = upd(cache["v"], v.astype(jnp.float32) * r[..., None, None])
+  kept = upd(cache["kept"], r > 0.5)
+  qpos = pos + jnp.arange(t)
+  mask = (jnp.arange(max_len)[None, :] <= qpos[:, None])[None, None] & kept[:, None, None, :]
+  o_sm = dot_product_attention(q.astype(jnp.float32), kc, vc, mask=mask, scale=scale,
+                               implementation="xla")
+  beta_w = beta.astype(jnp.float32) * (1.0 - r)[..., None]
+  if t == 1:
+    ld = None if log_decay is None else log_decay[:, 0]
+    o_lin, s = delta_rule_step(q_lin[:, 0], k_lin[:, 0], v[:, 0], beta_w[:, 0], cache["s"], log_decay_t=ld)
+    o_lin = o_lin[:, None]
+  else:
+    o_lin, s = delta_rule(q_lin, k_lin, v, beta_w, log_decay=log_decay, initial_state=cache["s"],
+                          output_final_state=True)
+  new = dict(cache, k=kc, v=vc, kept=kept, s=s, pos=pos + t)
+  return (o_sm.astype(jnp.float32) + o_lin.astype(jnp.float32)).astype(q.dtype), new
