@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -43,7 +44,7 @@ def maybe_initialize_distributed() -> None:
     return
   if nproc is None or pid is None:
     raise app.UsageError("--coordinator_address needs --num_processes and --process_id")
-  import jax
+  # Before the backend starts: cross-process collectives on CPU devices go through gloo.
   jax.config.update("jax_cpu_collectives_implementation", _CPU_COLLECTIVES.value)
   jax.distributed.initialize(coordinator_address=coord, num_processes=int(nproc), process_id=int(pid))
 
@@ -56,9 +57,13 @@ def main(argv):
   workdir = _WORKDIR.value or os.path.join("workdirs", f"{config.task}_{config.model.mixer}")
   logging.info("config:\n%s", config)
   summary = train_and_evaluate(config, workdir, print_report=True)
+  if jax.process_index() != 0:  # process 0 reports for all (and alone writes metrics/summary)
+    return
   ev = summary["final_eval"]
   print(f"{summary['mixer']}: params={summary['params']:,} eval_accuracy={ev.get('accuracy', float('nan')):.4f} "
         f"eval_loss={ev.get('loss', float('nan')):.4f} steps/s={summary['steps_per_s']:.1f} -> {workdir}")
+  if summary["preempted"]:
+    print(f"stopped by SIGTERM after step {summary['last_step']} (checkpoint saved; rerun to resume)")
 
 
 if __name__ == "__main__":

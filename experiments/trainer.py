@@ -109,6 +109,7 @@ def _checkpoint_config(config):
   get = ck.get if hasattr(ck, "get") else (lambda k, d=None: d)
   return {"every": int(get("every", 0) or 0), "max_to_keep": int(get("max_to_keep", 3)),
           "best_metric": get("best_metric", None), "best_mode": get("best_mode", "max"),
+          "keep_best": int(get("keep_best", 1)),
           "async_save": bool(get("async_save", True)), "resume": bool(get("resume", True)),
           "save_on_sigterm": bool(get("save_on_sigterm", True)),
           # Test hook: SIGKILL ourselves right after the save of this step has started.
@@ -116,21 +117,91 @@ def _checkpoint_config(config):
 
 
 class _Preemption:
-  """Remembers a SIGTERM so the loop can save a checkpoint and stop at the next step boundary."""
+  """Notices a SIGTERM so the loop can save a checkpoint and stop at a step boundary.
+
+  One process: a Python SIGTERM handler sets a flag. Several processes: the signal may reach only
+  some of them, and all must save the same step together (orbax saves are collective), so JAX's
+  preemption service (started by `jax.distributed.initialize`, it listens for SIGTERM itself)
+  picks a common step: `reached_preemption_sync_point(step)` is True on every process at it.
+  """
 
   def __init__(self, enabled: bool):
-    self.requested = False
+    self._flag = False
     self._previous = None
-    if enabled and threading.current_thread() is threading.main_thread():
+    self._multi = enabled and jax.process_count() > 1
+    if enabled and not self._multi and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
-    self.requested = True
+    self._flag = True
+
+  def requested(self, step: int) -> bool:
+    """Call once per step, on every process, with increasing `step`."""
+    if self._multi:
+      from jax.experimental import multihost_utils
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._flag
 
   def close(self):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+def make_mesh(config, devices=None) -> jax.sharding.Mesh:
+  """The mesh `config.mesh` asks for, over `devices` (default: all, or the first
+  `config.mesh_num_devices`). ValueError when the axis sizes do not fit the device count."""
+  mesh_cfg = config.get("mesh")
+  if devices is None:
+    n_dev = config.get("mesh_num_devices")  # only the first n devices (tests, scaling runs)
+    devices = jax.devices()[:n_dev] if n_dev else jax.devices()
+  return sh.make_mesh(mesh_cfg.to_dict() if hasattr(mesh_cfg, "to_dict") else mesh_cfg, devices)
+
+
+def state_shardings(config, mesh, params, rest, tx):
+  """NamedSharding trees `(params, rest, opt_state)` for the train state on `mesh`.
+
+  Parameters follow the logical-axis rules (`config.sharding_rules` or the default Megatron + FSDP
+  table), optimizer moments follow their parameter, everything else is replicated. `params` and
+  `rest` may be abstract (`ShapeDtypeStruct` leaves).
+  """
+  rules = tuple(tuple(r) for r in config.get("sharding_rules") or sh.DEFAULT_RULES)
+  p_sh = ckpt.param_shardings(params, mesh, rules)
+  r_sh = sh.replicated_like(rest, mesh)
+  o_sh = sh.opt_state_shardings(tx, jax.eval_shape(tx.init, params), p_sh, mesh)
+  return p_sh, r_sh, o_sh
+
+
+def abstract_train_state(config, mesh, task: tasks_lib.Task | None = None):
+  """`(graphdef, params, rest, opt_state)` as `ShapeDtypeStruct`s carrying the shardings that
+  `train_and_evaluate` uses on `mesh`: the targets for restoring a checkpoint onto that mesh
+  (any mesh: orbax reshards on read). Nothing is materialised."""
+  task = task or tasks_lib.make_task(config)
+  model = nnx.eval_shape(lambda: task.build_model(config, nnx.Rngs(config.seed)))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = make_optimizer(config)
+  p_sh, r_sh, o_sh = state_shardings(config, mesh, params, rest, tx)
+  opt_state = jax.eval_shape(tx.init, params)
+  return (graphdef, ckpt.abstract_like(params, p_sh), ckpt.abstract_like(rest, r_sh),
+          ckpt.abstract_like(opt_state, o_sh))
+
+
+def _truncate_metrics(path: str, last_step: int) -> None:
+  """Drops records after `last_step` (logged by a run that died before its next checkpoint), so
+  that a resumed run's metrics.jsonl holds each step once."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [l for l in f if l.strip()]
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line).get("step", 0) <= last_step:
+        keep.append(line)
+    except json.JSONDecodeError:  # a line cut short by the kill
+      pass
+  with open(path, "w") as f:
+    f.writelines(l if l.endswith("\n") else l + "\n" for l in keep)
 
 
 def train_and_evaluate(config, workdir: str | None = None, *, print_report: bool = False) -> dict[str, Any]:
@@ -141,24 +212,24 @@ def train_and_evaluate(config, workdir: str | None = None, *, print_report: bool
   `config.sharding_rules` (logical name -> mesh axis pairs). The parameter sharding report is
   printed at start-up. `config.checkpoint.every > 0` saves sharded orbax checkpoints under
   `workdir/checkpoints` (async, keep-last-N + keep-best by `best_metric`), resumes from the latest
-  completed one (params, optimizer, step, data position), and saves on SIGTERM before stopping.
+  completed one (params, optimizer, non-parameter model state such as RNG counters, step and data
+  position, so the resumed run sees the batches the uninterrupted run would have seen; a
+  checkpoint from another mesh is resharded on read), and on SIGTERM saves at the next step
+  boundary and stops (`summary["preempted"]`). On resume, metrics.jsonl is cut back to the
+  restored step so that each step appears once. Only process 0 writes metrics and the summary.
   """
+  ck = _checkpoint_config(config)
+  if ck["every"] > 0 and not workdir:
+    raise ValueError("checkpoint.every > 0 needs a workdir (checkpoints go to <workdir>/checkpoints)")
   task = tasks_lib.make_task(config)
   model = task.build_model(config, nnx.Rngs(config.seed))
   n_params = tasks_lib.count_params(model)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx = make_optimizer(config)
 
-  mesh_cfg = config.get("mesh")
-  n_dev = config.get("mesh_num_devices")  # use only the first n devices (tests, scaling runs)
-  mesh = sh.make_mesh(mesh_cfg.to_dict() if hasattr(mesh_cfg, "to_dict") else mesh_cfg,
-                      jax.devices()[:n_dev] if n_dev else None)
-  rules = tuple(tuple(r) for r in config.get("sharding_rules") or sh.DEFAULT_RULES)
-  p_sh = sh.to_shardings(sh.param_specs(params, mesh, rules), mesh)
-  r_sh = sh.replicated_like(rest, mesh)
+  mesh = make_mesh(config)
+  p_sh, r_sh, o_sh = state_shardings(config, mesh, params, rest, tx)
   params, rest = _place(params, p_sh), _place(rest, r_sh)
-  abstract_opt = jax.eval_shape(tx.init, params)
-  o_sh = sh.opt_state_shardings(tx, abstract_opt, p_sh, mesh)
   opt_state = jax.jit(tx.init, out_shardings=o_sh)(params)
   n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if config.train.batch_size % n_batch_shards:
@@ -173,20 +244,22 @@ def train_and_evaluate(config, workdir: str | None = None, *, print_report: bool
     if print_report:
       print(report, flush=True)
 
-  ck = _checkpoint_config(config)
   mngr = None
   start_step = 0
   resumed_from = None
   if ck["every"] > 0:
-    if not workdir:
-      raise ValueError("checkpoint.every > 0 needs a workdir")
     mngr = ckpt.open_manager(os.path.join(workdir, "checkpoints"), max_to_keep=ck["max_to_keep"],
                              best_metric=ck["best_metric"], best_mode=ck["best_mode"],
-                             async_save=ck["async_save"])
+                             keep_best=ck["keep_best"], async_save=ck["async_save"])
     latest = mngr.latest_step() if ck["resume"] else None
     if latest is not None:
-      params, opt_state, meta = ckpt.restore(mngr, latest, ckpt.abstract_like(params, p_sh),
-                                             ckpt.abstract_like(opt_state, o_sh))
+      # Restore straight into this run's shardings (the checkpoint may come from another mesh).
+      params, opt_state, meta, rest = ckpt.restore(
+          mngr, latest, ckpt.abstract_like(params, p_sh), ckpt.abstract_like(opt_state, o_sh),
+          ckpt.abstract_like(rest, r_sh))
+      if meta.get("seed", config.seed) != config.seed:
+        logging.warning("checkpoint was written with seed %s but config.seed=%s: the data order "
+                        "after resuming differs from the original run", meta.get("seed"), config.seed)
       task.train_loader.restore(meta["loader"])
       start_step = resumed_from = int(meta["step"])
       logging.info("resumed from step %d", start_step)
@@ -194,7 +267,10 @@ def train_and_evaluate(config, workdir: str | None = None, *, print_report: bool
   log_file = None
   if workdir and is_chief:
     os.makedirs(workdir, exist_ok=True)
-    log_file = open(os.path.join(workdir, "metrics.jsonl"), "a" if resumed_from else "w")
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if resumed_from is not None:
+      _truncate_metrics(metrics_path, resumed_from)
+    log_file = open(metrics_path, "a" if resumed_from is not None else "w")
 
   def log(record):
     if log_file:
@@ -202,8 +278,11 @@ def train_and_evaluate(config, workdir: str | None = None, *, print_report: bool
       log_file.flush()
 
   def save(step, metrics=None):
+    if metrics is not None and ck["best_metric"] and ck["best_metric"] not in metrics:
+      raise ValueError(f"checkpoint.best_metric={ck['best_metric']!r} is not among the eval "
+                       f"metrics {sorted(metrics)}")
     meta = {"step": step, "loader": task.train_loader.state(), "seed": config.seed}
-    ckpt.save(mngr, step, params, opt_state, meta, metrics=metrics)
+    ckpt.save(mngr, step, params, opt_state, meta, metrics=metrics, rest=rest)
 
   preempt = _Preemption(mngr is not None and ck["save_on_sigterm"])
   history = []
@@ -214,7 +293,9 @@ def train_and_evaluate(config, workdir: str | None = None, *, print_report: bool
   t_steps = 0
   last = {}
   preempted = False
+  last_step = start_step
   for step in range(start_step + 1, steps + 1):
+    last_step = step
     batch = sh.shard_batch(next(task.train_loader), mesh)
     params, rest, opt_state, metrics = train_step(params, rest, opt_state, batch)
     if t_start is None:
@@ -233,11 +314,13 @@ def train_and_evaluate(config, workdir: str | None = None, *, print_report: bool
       log({"step": step, **{f"eval_{k}": v for k, v in ev.items()}})
       bar.set_postfix(loss=f"{last.get('loss', float('nan')):.3f}", eval_acc=f"{ev['accuracy']:.3f}")
     bar.update(1)
-    if mngr is not None and (step % ck["every"] == 0 or step == steps or preempt.requested):
+    stop = mngr is not None and preempt.requested(step)
+    if mngr is not None and (step % ck["every"] == 0 or step == steps or stop):
       save(step, {f"eval_{k}": v for k, v in ev.items()} if ev else None)
       if step == ck["kill_during_save_step"]:
+        # Test hook: the async save has started (its temporary directory exists) but not finished.
         os.kill(os.getpid(), signal.SIGKILL)
-      if preempt.requested:
+      if stop:
         logging.warning("SIGTERM: saved step %d, stopping", step)
         preempted = True
         break
@@ -253,7 +336,7 @@ def train_and_evaluate(config, workdir: str | None = None, *, print_report: bool
       "steps": steps, "steps_per_s": t_steps / elapsed if t_steps else float("nan"),
       "final_eval": history[-1] if history else {}, "history": history,
       "final_train": last, "mesh": dict(mesh.shape), "resumed_from": resumed_from,
-      "preempted": preempted, "param_bytes_per_device": sh.bytes_per_device(params),
+      "preempted": preempted, "last_step": last_step, "param_bytes_per_device": sh.bytes_per_device(params),
       "opt_bytes_per_device": sh.bytes_per_device(opt_state),
   }
   if log_file:

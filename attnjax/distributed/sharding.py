@@ -125,6 +125,29 @@ def opt_state_shardings(tx: optax.GradientTransformation, opt_state, param_shard
                                is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
+def present_axes(mesh: jax.sharding.Mesh, axes: Sequence[str] | str | None) -> tuple[str, ...]:
+  """The names in `axes` that `mesh` has (so helpers also work on meshes without every axis)."""
+  if axes is None:
+    return ()
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+  return tuple(a for a in axes if a in mesh.axis_names)
+
+
+def axis_size(mesh: jax.sharding.Mesh, axes: Sequence[str] | str | None) -> int:
+  """Product of the sizes of the mesh axes `axes` that `mesh` has (1 for none)."""
+  return math.prod(mesh.shape[a] for a in present_axes(mesh, axes))
+
+
+def activation_spec(mesh: jax.sharding.Mesh, *, sequence: bool = False, heads: bool = True) -> P:
+  """`PartitionSpec` of a `[B, T, H, D]` activation: B over data x fsdp, T over `sequence`
+  (when `sequence`), H over `tensor` (when `heads`); axes the mesh lacks are left out."""
+  def entry(axes):
+    axes = present_axes(mesh, axes)
+    return None if not axes else (axes[0] if len(axes) == 1 else axes)
+  return P(entry(BATCH_AXES), entry("sequence" if sequence else None),
+           entry("tensor" if heads else None), None)
+
+
 def batch_sharding(mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
