@@ -45,6 +45,7 @@ _FAMILY_MODULES = (
     "attnjax.nn.linear",      # catalog L, linear / recurrent family
     "attnjax.nn.local",       # catalog N, neighborhood / local
     "attnjax.nn.sparse",      # catalog S, sparse / routed
+    "attnjax.nn.titans",      # Titans memory, MAC / MAG / MAL, Miras variants
 )
 _loaded = False
 

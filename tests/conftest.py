@@ -1,5 +1,5 @@
 import os
 
 # Tests run on the CPU; keep XLA from grabbing every core per process when xdist runs two workers.
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

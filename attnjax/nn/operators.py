@@ -125,7 +125,7 @@ def _build_gated(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs,
 
 
 # --------------------------------------------------------------------------------------------
-# Affine-scaled attention [1].
+# FlashBias [119].
 
 
 def flashbias_alibi_fn(slopes):
@@ -154,6 +154,67 @@ def _build_flashbias_alibi(*, d_model: int, num_heads: int, causal: bool, rngs: 
   slopes = softmax_lib.alibi_slopes(num_heads)
   return MultiHeadAttention(d_model, num_heads, causal=True, rope=False, rngs=rngs,
                             attn_fn=flashbias_alibi_fn(slopes), **options)
+
+
+# --------------------------------------------------------------------------------------------
+# Concentric causal attention [83]: the softmax mixer with CCA positions and mask.
+
+
+def cca_attn_fn(grid, num_prefix: int = 0):
+  """An `attn_fn` for `MultiHeadAttention(rope=False, ...)`: RoPE at CCA positions + the CCA mask.
+
+  Tokens are laid out `[prefix (num_prefix), image (grid h x w, row-major), text]`
+  (`attnjax.ops.operators.cca`). Causal: the ring-causal mask; non-causal: only the concentric
+  positions. Decoding works from a prefill that holds the whole image (the visual tokens of one
+  ring see each other both ways, so they cannot be fed one by one); the query's token index is
+  read off the decode mask (`k <= q`) that `MultiHeadAttention` passes. Cross attention and
+  packed sequences are undefined here (positions and mask live on one prompt) and raise.
+  """
+  gh, gw = (int(a) for a in grid)
+  if gh < 1 or gw < 1 or num_prefix < 0:
+    raise ValueError(f"cca: grid must be two positive ints and num_prefix >= 0, got {grid}, {num_prefix}")
+
+  def attn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=None, **kw):
+    if q_segment_ids is not None or kv_segment_ids is not None:
+      raise NotImplementedError("cca: segment_ids (packed sequences) are not supported")
+    tq, tk = q.shape[1], k.shape[1]
+    k_idx = jnp.arange(tk)
+    if mask is None:
+      if tq != tk:
+        raise PatternUndefinedError("cca: cross attention is undefined (positions and mask live on "
+                                    "one prompt)")
+      q_idx = k_idx
+      vis = ops.cca_visibility(q_idx, k_idx, gh, gw, num_prefix) if causal else None
+    else:
+      # Decode: the mask is `k_pos <= q_pos` over the cache, so each row counts q_pos + 1 keys;
+      # every slot below the last query's position + 1 has been written.
+      q_idx = jnp.sum(jnp.broadcast_to(mask, (1, 1, tq, tk))[0, 0], axis=-1) - 1
+      vis = ops.cca_visibility(q_idx, k_idx, gh, gw, num_prefix) & (k_idx[None, :] <= q_idx[-1])
+    q = apply_rope(q, ops.cca_token_positions(q_idx, gh, gw, num_prefix))
+    k = apply_rope(k, ops.cca_token_positions(k_idx, gh, gw, num_prefix))
+    return softmax_lib.dot_product_attention(
+        q, k, v, mask=None if vis is None else vis[None, None], causal=False, **kw)
+
+  return attn
+
+
+@register_mixer("cca", "Concentric causal attention [83]: softmax MHA with ring RoPE positions and ring-causal mask on an image grid.")
+def _build_cca(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, grid=None,
+               num_prefix: int = 0, **options: Any):
+  """`grid = (h, w)` of the image tokens that follow `num_prefix` prefix tokens (a ViT class token:
+  `num_prefix=1`); text tokens may follow. Without `grid` there are no image tokens and this is
+  the `softmax` mixer (RoPE at token positions). Other options go to `MultiHeadAttention`."""
+  if grid is None:
+    return MultiHeadAttention(d_model, num_heads, causal=causal, rngs=rngs, **options)
+  for bad in ("rope", "window", "attn_fn"):
+    if bad in options:
+      raise ValueError(f"cca: option {bad!r} is fixed by CCA (RoPE at ring positions, full ring mask)")
+  return MultiHeadAttention(d_model, num_heads, causal=causal, rope=False, rngs=rngs,
+                            attn_fn=cca_attn_fn(grid, num_prefix), **options)
+
+
+# --------------------------------------------------------------------------------------------
+# Affine-scaled attention [1].
 
 
 class AffineScaledAttention(_CachedMixer):
@@ -628,7 +689,20 @@ class DecoupledHeadAttention(_QKVO):
         raise ValueError(f"dha: {name} must list {num_heads} group ids in [0, {g}), got {assign}")
 
   def fuse_from(self, mha: MultiHeadAttention, k_fusion, v_fusion) -> None:
-    """Copies q/o from `mha` and fuses its K/V heads: `k_fusion [gK, H]`, `v_fusion [gV, H]`."""
+    """Copies q/o from `mha` and fuses its K/V heads: `k_fusion [gK, Hkv]`, `v_fusion [gV, Hkv]`.
+
+    `mha` must be a plain `MultiHeadAttention` of the same shape (no QK-norm, output gate or
+    window, same RoPE setting), so that only the K/V head grouping differs."""
+    if (mha.num_heads, mha.head_dim) != (self.num_heads, self.head_dim) or mha.rope != self.rope:
+      raise ValueError(f"dha.fuse_from: mha must have num_heads={self.num_heads}, head_dim="
+                       f"{self.head_dim}, rope={self.rope}; got {mha.num_heads}, {mha.head_dim}, {mha.rope}")
+    if mha.q_norm is not None or mha.gate_proj is not None or mha.window is not None:
+      raise ValueError("dha.fuse_from: mha must not use qk_norm, output_gate or window (DHA has none)")
+    k_fusion, v_fusion = jnp.asarray(k_fusion), jnp.asarray(v_fusion)
+    for name, f, g in (("k_fusion", k_fusion, self.gk), ("v_fusion", v_fusion, self.gv)):
+      if f.shape != (g, mha.num_kv_heads):
+        raise ValueError(f"dha.fuse_from: {name} must be [groups={g}, mha kv heads={mha.num_kv_heads}], "
+                         f"got {f.shape}")
     self.q_proj.kernel[...] = mha.q_proj.kernel[...]
     self.o_proj.kernel[...] = mha.o_proj.kernel[...]
     self.k_proj.kernel[...] = ops.dha_fuse_heads(mha.k_proj.kernel[...], jnp.asarray(k_fusion), self.head_dim)
@@ -829,7 +903,9 @@ def _build_gaam(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, *
 class EfficientProbe(nnx.Module):
   """EP attentive probe [85]: `num_queries` learned queries over the frozen tokens, `[B, N, C] -> [B, C / d_out]`.
 
-  Paper defaults: 32 queries, `d_out = 1`, no qkv bias. Feed a linear classifier on top.
+  Paper defaults: 32 queries, `d_out = 1`, no qkv bias. Feed a linear classifier on top. A pooler,
+  not a registered mixer: it returns one vector per example, not one per token (see
+  `attnjax.ops.operators.pooling`).
   """
 
   def __init__(self, dim: int, *, num_queries: int = 32, d_out: int = 1, rngs: nnx.Rngs):
@@ -847,7 +923,8 @@ class EfficientProbe(nnx.Module):
 class LowRankAttentionPooling(nnx.Module):
   """LAMA pooling [60]: `num_heads` low-rank bilinear attention heads against the mean context.
 
-  `[B, N, D] -> [B, num_heads * D]` (token states from any encoder; the paper uses a BiGRU).
+  `[B, N, D] -> [B, num_heads * D]` (token states from any encoder; the paper uses a BiGRU). A
+  pooler, not a registered mixer (one vector per example; see `attnjax.ops.operators.pooling`).
   """
 
   def __init__(self, dim: int, *, rank: int = 16, num_heads: int = 4, rngs: nnx.Rngs):

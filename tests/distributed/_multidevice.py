@@ -21,8 +21,7 @@ def multidevice_env(num_devices: int = 8) -> dict[str, str]:
   env = dict(os.environ)
   flags = [f for f in env.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count")]
-  # First, because XLA stops parsing XLA_FLAGS at the first token it does not understand (the
-  # suite's conftest adds a bare `intra_op_parallelism_threads=1`); jax's own option as well.
+  # First, so that no later token can keep XLA from reading it; jax's own option as well.
   env["XLA_FLAGS"] = " ".join([f"--xla_force_host_platform_device_count={num_devices}"] + flags)
   env["JAX_NUM_CPU_DEVICES"] = str(num_devices)
   env["JAX_PLATFORMS"] = "cpu"

@@ -1,8 +1,8 @@
 """Catalog-A attention operators as pure functions on `[B, T, H, D]` (see each module's docstrings)."""
 
 from attnjax.ops.operators.aaren import AarenState, aaren_attention, aaren_init_state, aaren_step
-from attnjax.ops.operators.entropy import (attention_entropy, entropy_regularizer,
-                                           softmax_attention_weights)
+from attnjax.ops.operators.entropy import (attention_entropy, entropy_regularizer, head_entropy,
+                                           probe_attention_weights, softmax_attention_weights)
 from attnjax.ops.operators.flashbias import (alibi_factors, alibi_key_factors, flashbias_attention,
                                              lowrank_bias_factors)
 from attnjax.ops.operators.heads import (diff_lambda, diff_lambda_init, differential_attention,
@@ -11,7 +11,8 @@ from attnjax.ops.operators.heads import (diff_lambda, diff_lambda_init, differen
 from attnjax.ops.operators.scorefns import (affine_scaled_attention, gated_attention, lssa_attention,
                                             lssa_weights, sigmoid_attention,
                                             sigmoid_attention_weights)
-from attnjax.ops.operators.cca import cca_mask, cca_positions, cca_ring_index
+from attnjax.ops.operators.cca import (cca_mask, cca_positions, cca_ring_index, cca_token_positions,
+                                       cca_visibility)
 from attnjax.ops.operators.gaam import gaam_weights, gaussian_adaptive_attention
 from attnjax.ops.operators.pooling import efficient_probe, lama_pool
 from attnjax.ops.operators.structured import (dha_attention, dha_fuse_heads, gpsa_attention,

@@ -1,4 +1,12 @@
-"""Attention entropy per head, and the entropy regulariser of Entropy-Guided Attention [34]."""
+"""Attention entropy per head, and the entropy regulariser of Entropy-Guided Attention [34].
+
+Per-head entropy of ANY softmax-family operator: `head_entropy(attn_fn, q, k, **kw)` reads the
+operator's weights with `probe_attention_weights` (values = one-hot key indicators, so the output
+is the weight matrix itself) and reduces them with `attention_entropy`. This covers every operator
+that is linear in V, `o_i = sum_j A_ij v_j`: the softmax engine (`dot_product_attention`, any
+implementation, with ALiBi / bias / sinks / windows), sigmoid, LSSA / LSSAR, affine-scaled,
+head-wise gated, differential, MoH, FlashBias, DHA, relative, GPSA, MODA, reversed, hierarchical.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +27,40 @@ def softmax_attention_weights(q, k, *, mask=None, causal=False, window=None, q_s
   valid = _common.visibility(q.shape[1], k.shape[1], mask=mask, causal=causal, window=window,
                              q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
   return _common.masked_softmax(s, jnp.broadcast_to(valid, s.shape))
+
+
+def probe_attention_weights(attn_fn, q, k, *, num_v_heads: int | None = None, **attn_kwargs):
+  """The weights `A [B, H, Tq, Tk]` float32 of an operator that is linear in its values.
+
+  Calls `attn_fn(q, k, v, **attn_kwargs)` with `v [B, Tk, Hv, Tk]` = the identity over keys
+  (`v_j = e_j`, `Hv = num_v_heads`, default `k`'s head count), so output row i of head h is
+  `sum_j A_hij e_j = A_hi`. Exact (no sampling), in float32 when q and k are float32; costs one
+  call with `Dv = Tk`, i.e. the memory of the dense weights. For operators whose value argument
+  is not the third positional one, wrap them (`lambda q, k, v, **kw: op(q, k, q2, k2, v, lam)`).
+  """
+  if q.ndim != 4 or k.ndim != 4:
+    raise ValueError(f"probe_attention_weights: q and k must be [B, T, H, D], got {q.shape}, {k.shape}")
+  b, tk = k.shape[0], k.shape[1]
+  hv = k.shape[2] if num_v_heads is None else num_v_heads
+  eye = jnp.eye(tk, dtype=jnp.result_type(q.dtype, jnp.float32))
+  v = jnp.broadcast_to(eye[None, :, None, :], (b, tk, hv, tk))
+  out = attn_fn(q, k, v, **attn_kwargs)
+  if out.ndim != 4 or out.shape[0] != b or out.shape[-1] != tk:
+    raise ValueError(f"probe_attention_weights: attn_fn returned {out.shape}; expected [B={b}, Tq, H, "
+                     f"Tk={tk}] (is the operator linear in v, with v as its third argument?)")
+  return jnp.transpose(out.astype(jnp.float32), (0, 2, 1, 3))
+
+
+def head_entropy(attn_fn, q, k, *, reduce: bool = True, num_v_heads: int | None = None,
+                 **attn_kwargs):
+  """Per-head attention entropy of any operator linear in V (see `probe_attention_weights`).
+
+  `attention_entropy(probe_attention_weights(attn_fn, q, k, **attn_kwargs), reduce=reduce)`:
+  `[H]` (mean over batch and visible query rows) or `[B, H, Tq]`. For operators with signed
+  weights (differential attention) the entropy of `|A|` renormalised is reported.
+  """
+  w = probe_attention_weights(attn_fn, q, k, num_v_heads=num_v_heads, **attn_kwargs)
+  return attention_entropy(jnp.abs(w), reduce=reduce)
 
 
 def attention_entropy(weights, *, reduce: bool = True):

@@ -73,8 +73,11 @@ def moh_router(shared_logits, routed_logits, branch_logits, top_k: int):
   zero elsewhere). The `2`, `Hsh` and `k` factors make every gate 1 on average at init, so all heads
   on with uniform routers is standard MHA. Load balance (switch style) over routed heads:
   `Hr * sum_i f_i P_i`, `f_i` = fraction of tokens picking head i, `P_i` = mean routed probability.
-  Reading: catalog [9] is "from memory"; the scaling factors follow our recollection of the authors'
-  code (SkyworkAI/MoH), the loss is the paper's `sum f_i P_i` times Hr (1 when balanced).
+  Reading: catalog [9] is "from memory"; checked against the authors' code (SkyworkAI/MoH,
+  `MoH-DiT/models.py`, `MoHAttention`): the gates (`2 softmax` branch weights, `Hsh softmax` shared,
+  top-k of the routed softmax renormalised times k) are theirs. Their loss is
+  `Hr^2 mean_i(P_i c_i)` with `c_i` the fraction of tokens picking head i, which is `top_k` times
+  ours (we divide `c_i` by k so that balanced routing gives 1 whatever k; `aux_weight` absorbs it).
   """
   hr = routed_logits.shape[-1]
   hsh = shared_logits.shape[-1]

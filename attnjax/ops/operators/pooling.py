@@ -1,4 +1,12 @@
-"""Attention pooling: efficient attentive probing, EP [85], and low-rank factorised MHSA, LAMA [60]."""
+"""Attention pooling: efficient attentive probing, EP [85], and low-rank factorised MHSA, LAMA [60].
+
+Both are poolers, not sequence mixers: they map a set of tokens `[B, N, C]` to ONE vector per
+example (`[B, C']`), with queries that are learned constants (EP) or the sequence's global context
+(LAMA), so there is no `[B, T, d_model] -> [B, T, d_model]` mixer to register, and the CAB patterns
+do not apply (no per-token queries: causal and cross are undefined). Use them as a classification
+head on the tokens of any backbone (`attnjax.nn.operators.EfficientProbe`, `LowRankAttentionPooling`),
+e.g. on `ViT` patch tokens for attentive probing of a frozen encoder.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +31,10 @@ def efficient_probe(x, queries, w_v, *, mask=None):
   `w_v [C, C']` (C' = C / d_out, divisible by M). `A = softmax_N(Q x^T / sqrt(C))` `[B, M, N]`,
   `V = x W_v` split into M chunks of C'/M channels; output `concat_m A_m V^(m)` `[B, C']`.
   Permutation-invariant over tokens; if all tokens are equal the output is `x W_v`. `mask [B, N]`
-  hides padding tokens. Defaults in the paper: M = 32, d_out = 1, no qkv bias.
+  hides padding tokens (a fully masked example gives zeros). Defaults in the paper: M = 32,
+  d_out = 1, no qkv bias, queries init N(0, 0.02). Checked against the authors' code
+  (billpsomas/efficient-probing, `poolings/ep.py`, one head): keys are the raw tokens scaled by
+  `C ** -0.5`, value chunk m (channels `m C'/M .. (m+1) C'/M`) is read by query m only.
   """
   if x.ndim != 3:
     raise ValueError(f"efficient_probe: x must be [B, N, C], got {x.shape}")
@@ -46,7 +57,10 @@ def lama_pool(h, u, v, p, *, mask=None):
   shared by the heads, `p [K, r]` per-head vectors. `c = mean_i h_i` (over unmasked tokens),
   `s_ki = p_k . (U^T h_i * V^T c)`, `a_k = softmax_i(s_k)`, `m_k = sum_i a_ki h_i`; returns
   `(concat_k m_k [B, K * D], a [B, K, N])`. Each `a_k` sums to 1 and the output is invariant to
-  permuting tokens. Catalog [60] is "from abstract + memory": this is its formula.
+  permuting tokens; `mask [B, N]` hides padding (from the context mean and the softmax). Catalog [60]
+  is "from abstract + memory": the abstract confirms the two ingredients (a low-rank factorised
+  affinity giving all heads' distributions from shared U, V, and scores that query a global
+  context vector instead of every word); the exact bilinear form is the catalog's.
   """
   if h.ndim != 3:
     raise ValueError(f"lama_pool: h must be [B, N, D], got {h.shape}")

@@ -75,26 +75,31 @@ def gpsa_local_init(num_heads: int, locality_strength: float = 1.0):
   return -locality_strength * jnp.concatenate([jnp.ones((num_heads, 1)), -2.0 * c], axis=-1)
 
 
-def gpsa_attention(q, k, v, pos_weights, gate_logits, *, grid, mask=None, scale=None):
+def gpsa_attention(q, k, v, pos_weights, gate_logits, *, grid, mask=None, causal=False, scale=None):
   """Gated positional self-attention (d'Ascoli et al., ConViT [148]).
 
   `A_h = (1 - sigmoid(l_h)) softmax(Q_h K_h^T / sqrt(D)) + sigmoid(l_h) softmax_j(v_h . r_ij)`,
   `r_ij = (|delta|^2, delta_x, delta_y)` on the `grid = (h, w)` token grid (row-major,
   `T = h * w`); `pos_weights [H, 3]` (`gpsa_local_init`), `gate_logits [H]` (ConViT init 1).
   Both parts are row-stochastic, so `A`'s rows sum to 1 (ConViT's renormalisation is then a no-op
-  except under masks). Self-attention only (the positional part needs both sides on one grid);
-  `mask` may hide keys (both parts renormalise over visible keys).
+  except under masks). Self-attention only: cross attention is undefined (the positional part
+  needs queries and keys on one grid) and raises `PatternUndefinedError`. `causal=True` hides later
+  tokens in raster order and `mask` may hide keys (both parts renormalise over visible keys).
+  ConViT defaults: locality strength 1, gates 1, used in the first 10 of 12 blocks.
   """
   _common.check_qkv("gpsa_attention", q, k, v)
   gh, gw = grid
   b, t, h, _ = q.shape
-  if t != gh * gw or k.shape[1] != t:
-    raise ValueError(f"gpsa_attention: needs self-attention on a {gh}x{gw} grid (T={gh * gw}), "
-                     f"got Tq={t}, Tk={k.shape[1]}")
+  if k.shape[1] != t:
+    raise _common.PatternUndefinedError(
+        f"gpsa_attention: cross attention is undefined for GPSA (positions live on one grid), got "
+        f"Tq={t}, Tk={k.shape[1]}")
+  if t != gh * gw:
+    raise ValueError(f"gpsa_attention: grid {gh}x{gw} needs T={gh * gw} tokens, got T={t}")
   if pos_weights.shape != (h, 3) or gate_logits.shape != (h,):
     raise ValueError(f"gpsa_attention: pos_weights must be [H={h}, 3] and gate_logits [H], got "
                      f"{pos_weights.shape}, {gate_logits.shape}")
-  valid = jnp.broadcast_to(_common.visibility(t, t, mask=mask), (b, h, t, t))
+  valid = jnp.broadcast_to(_common.visibility(t, t, mask=mask, causal=causal), (b, h, t, t))
   content = _common.masked_softmax(_common.scores(q, k, scale=scale), valid)
   pos_logits = jnp.einsum("qkr,hr->hqk", grid_offsets(gh, gw), pos_weights.astype(jnp.float32))
   positional = _common.masked_softmax(jnp.broadcast_to(pos_logits[None], valid.shape), valid)

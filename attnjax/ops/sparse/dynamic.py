@@ -93,10 +93,26 @@ def routing_attention(q, k, v, centroids, *, window: int, causal: bool = True, s
   return o.transpose(0, 2, 1, 3).astype(q.dtype)
 
 
-def routing_mask(q, k, centroids, *, window: int, causal: bool = True):
-  """`[B, H, Tq, Tk]` bool: the Routing Transformer's pattern as a dense mask (the oracle)."""
-  qc, members = routing_clusters(q, k, centroids, window)
+def routing_mask(q, k, centroids, *, window: int, causal: bool = True, balanced: bool = True):
+  """`[B, H, Tq, Tk]` bool: the Routing Transformer's pattern as a dense mask (the oracle).
+
+  `balanced=False`: key j belongs to its nearest centroid (argmax, clusters of any size) instead of
+  the balanced top-`window` membership. Only this variant is causal-safe: whether a past key is
+  among a centroid's top-w depends on the future keys it competes with, so the balanced causal
+  pattern (`routing_attention(causal=True)`) lets future tokens change past outputs."""
   tk = k.shape[1]
+  if not balanced:
+    h, c, _ = centroids.shape
+    g = q.shape[2] // k.shape[2]
+    mu = _unit(jax.lax.stop_gradient(centroids))
+    qc = jnp.argmax(jnp.einsum("bthd,hcd->bhtc", _unit(jax.lax.stop_gradient(q)), mu), -1)
+    kc = jnp.argmax(jnp.einsum("bthd,hcd->bhtc", _unit(jnp.repeat(jax.lax.stop_gradient(k), g,
+                                                                   axis=2)), mu), -1)
+    mask = qc[..., :, None] == kc[..., None, :]
+    if causal:
+      mask = mask & (jnp.arange(tk)[None, :] <= jnp.arange(q.shape[1])[:, None] + tk - q.shape[1])
+    return mask
+  qc, members = routing_clusters(q, k, centroids, window)
   member = jnp.zeros(members.shape[:3] + (tk,), bool).at[
       jnp.arange(members.shape[0])[:, None, None, None], jnp.arange(members.shape[1])[None, :, None,
                                                                                       None],

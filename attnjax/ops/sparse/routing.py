@@ -76,10 +76,21 @@ def moba_layout(q, k, *, chunk_size: int, top_k: int, causal: bool = True,
   if chunk_size < 1 or top_k < 1 or block_q < 1:
     raise ValueError(f"chunk_size, top_k and block_q must be >= 1, got {chunk_size}, {top_k}, "
                      f"{block_q}")
-  tq, tk = q.shape[1], k.shape[1]
-  nc, nq = -(-tk // chunk_size), -(-tq // block_q)
   sel = moba_selection(q, k, chunk_size=chunk_size, top_k=top_k, causal=causal,
                        threshold=threshold)
+  return chunk_selection_layout(sel, q.shape[1], k.shape[1], chunk_size=chunk_size, top_k=top_k,
+                                causal=causal, block_q=block_q)
+
+
+def chunk_selection_layout(sel, tq: int, tk: int, *, chunk_size: int, top_k: int,
+                           causal: bool = True, block_q: int = 1) -> L.BlockLayout:
+  """Layout of a per-token chunk selection `sel [B, H, Tq, nC]` (bool, at most `top_k` per row):
+  key blocks = chunks, a query block lists the union of its tokens' chunks, `query_block_select`
+  keeps each token to its own chunks (`block_q > 1`), causal rule on partial chunks. Shared by MoBA
+  and SEA (any router that picks whole key chunks per query token)."""
+  nc, nq = -(-tk // chunk_size), -(-tq // block_q)
+  if sel.ndim != 4 or sel.shape[-2:] != (tq, nc):
+    raise ValueError(f"sel must be [B, H, Tq={tq}, nC={nc}], got {sel.shape}")
   selp = jnp.pad(sel, ((0, 0), (0, 0), (0, nq * block_q - tq), (0, 0)))
   blocks = selp.reshape(sel.shape[0], sel.shape[1], nq, block_q, nc).any(3)
   max_kv = min(nc, block_q * min(top_k, nc))
