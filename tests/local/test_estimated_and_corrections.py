@@ -1,0 +1,216 @@
+"""HyperAttention, SEA, Rectified SpaAttn, Recycled Attention, HyLRA and Flux Attention against
+their dense definitions and catalog oracles (values, and gradients where differentiable).
+float32; T = 21 or 23 (not a multiple of any block / chunk size)."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnjax.ops.softmax import dot_product_attention
+from attnjax.ops.sparse import corrections as C
+from attnjax.ops.sparse import dynamic as D
+from attnjax.ops.sparse import estimated as E
+
+
+def _qkv(t=21, h=4, hk=2, d=8, seed=0, b=1):
+  ks = jax.random.split(jax.random.key(seed), 3)
+  return (jax.random.normal(ks[0], (b, t, h, d)), jax.random.normal(ks[1], (b, t, hk, d)),
+          jax.random.normal(ks[2], (b, t, hk, d)))
+
+
+def _full(q, k, v, causal=False):
+  return dot_product_attention(q, k, v, causal=causal, implementation="reference")
+
+
+def _values_and_grads_match(fast, ref, args, atol=2e-5):
+  """One jitted value-and-grad per path (two compiles: this CPU is slow and shared)."""
+  w = jax.random.normal(jax.random.key(7), jax.eval_shape(fast, *args).shape)
+
+  def vg(fn):
+    return jax.jit(jax.value_and_grad(lambda *a: (jnp.sum(w * fn(*a)), fn(*a)), argnums=(0, 1, 2),
+                                      has_aux=True))
+
+  ((_, o), g), ((_, o_ref), g_ref) = vg(fast)(*args), vg(ref)(*args)
+  np.testing.assert_allclose(o, o_ref, atol=atol)
+  for a, b in zip(g, g_ref):
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+PROJ = jax.random.normal(jax.random.key(11), (8, 3))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_hyper_attention_equals_dense_definition(causal):
+  q, k, v = _qkv(13)
+  kw = dict(block_size=4, sample_size=5, key=jax.random.key(3), causal=causal, min_seq_len=6)
+  fast = lambda q, k, v: E.hyper_attention(q, k, v, PROJ, **kw)
+  ref = lambda q, k, v: E.hyper_attention_reference(q, k, v, PROJ, **kw)
+  _values_and_grads_match(fast, ref, (q, k, v))
+  c = np.asarray(E.hyper_attention_counts(q, k, PROJ, **kw))
+  if causal:
+    assert not np.triu(c[0, 0], 1).any()            # recursion never reads the future
+  # The block-diagonal part: every query sees its whole sorted block (block_size keys, non-causal).
+  c0 = np.asarray(E.hyper_attention_counts(q, k, PROJ, block_size=4, sample_size=0,
+                                           min_seq_len=5))
+  assert set(np.unique((c0 > 0).sum(-1))) <= {4, 1}  # 13 = 3 * 4 + 1: the last block has 1 key
+
+
+def test_hyper_attention_oracles():
+  q, k, v = _qkv(13)
+  for causal in (False, True):   # one block covering the sequence: exact attention
+    o = E.hyper_attention(q, k, v, PROJ, block_size=32, sample_size=5, key=jax.random.key(0),
+                          causal=causal, min_seq_len=2)
+    np.testing.assert_allclose(o, _full(q, k, v, causal), atol=2e-5)
+  # The sampled residual is unbiased: E[exp(lse)] equals the full normaliser.
+  _, lse_full = dot_product_attention(q, k, v, return_lse=True, implementation="reference")
+  est = jax.jit(jax.vmap(lambda key: jnp.exp(E.hyper_attention(
+      q, k, v, PROJ, block_size=4, sample_size=6, key=key, min_seq_len=2, return_lse=True)[1])))(
+          jax.random.split(jax.random.key(5), 400))
+  np.testing.assert_allclose(est.mean(0), jnp.exp(lse_full), rtol=0.12)
+  with pytest.raises(ValueError, match="block_size"):
+    E.hyper_attention(q, k, v, PROJ, block_size=0)
+  with pytest.raises(ValueError, match="proj"):
+    E.angular_lsh_hash(q, PROJ[:4])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sea_equals_dense_definition_and_oracles(causal):
+  q, k, v = _qkv(23)
+  proj = jax.random.normal(jax.random.key(2), (8, 64))
+  kw = dict(chunk_size=4, top_k=2, causal=causal)
+  fast = lambda q, k, v: E.sea_attention(q, k, v, proj, **kw)
+  # Definition, built independently: estimate -> top-k chunks -> token mask (-> causal).
+  est = np.asarray(E.sea_estimate(q, k, proj, chunk_size=4))            # [B, H, T, 6]
+  mask = np.zeros((1, 4, 23, 23), bool)
+  for h in range(4):
+    for i in range(23):
+      score = est[0, h, i].copy()
+      if causal:
+        score[i // 4 + 1:] = -np.inf
+        score[i // 4] = np.inf
+      for c in np.argsort(-score, kind="stable")[:2]:
+        if score[c] > -np.inf:
+          mask[0, h, i, c * 4:(c + 1) * 4] = True
+  if causal:
+    mask &= np.tril(np.ones((23, 23), bool))
+  ref = lambda q, k, v: dot_product_attention(q, k, v, mask=jnp.asarray(mask),
+                                              implementation="reference")
+  _values_and_grads_match(fast, ref, (q, k, v))
+  sel = E.sea_selection(jnp.asarray(est), chunk_size=4, top_k=2, tk=23, causal=False)
+  assert (np.asarray(sel).sum(-1) == 2).all()                            # exactly k per row
+  np.testing.assert_allclose(E.sea_attention(q, k, v, proj, chunk_size=4, top_k=6, causal=causal),
+                             _full(q, k, v, causal), atol=2e-5)          # k = all chunks: exact
+
+
+def test_sea_estimate_tracks_true_compressed_attention_and_distillation():
+  q, k, _ = _qkv(24, h=2, hk=2, seed=4)
+  proj = jax.random.normal(jax.random.key(9), (8, 1024))
+  est = np.asarray(E.sea_estimate(q, k, proj, chunk_size=4))
+  p = np.asarray(jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) * 8 ** -0.5, -1))
+  true = p.reshape(1, 2, 24, 6, 4).sum(-1)
+  assert np.corrcoef(est.ravel(), true.ravel())[0, 1] > 0.6   # a wrong estimator gives ~0
+  loss = float(E.sea_distillation_loss(q, k, proj, chunk_size=4))
+  bad = float(E.sea_distillation_loss(q, k, proj * 0.01, chunk_size=4))   # near-uniform estimate
+  assert 0 <= loss < bad
+  with pytest.raises(ValueError, match="top_k"):
+    E.sea_attention(q, k, k, proj, chunk_size=4, top_k=0)
+
+
+def test_rectified_spaattn_oracles_and_definition():
+  q, k, v = _qkv(23)
+  kw = dict(block=4, top_k=2)
+  fast = lambda q, k, v: C.rectified_spaattn(q, k, v, **kw)
+  ref = lambda q, k, v: C.rectified_spaattn(q, k, v, **kw, implementation="reference")
+  _values_and_grads_match(fast, ref, (q, k, v))
+  # Every block critical: exact attention.
+  np.testing.assert_allclose(C.rectified_spaattn(q, k, v, block=4, top_k=6), _full(q, k, v),
+                             atol=2e-5)
+  # Block-constant keys and values: pooled estimates are exact, so any selection is exact.
+  rep = lambda a: jnp.repeat(a[:, ::4], 4, axis=1)[:, :23]
+  kc, vc = rep(k), rep(v)
+  o, mass = C.rectified_spaattn(q, kc, vc, block=4, top_k=1, return_row_mass=True)
+  np.testing.assert_allclose(o, _full(q, kc, vc), atol=2e-5)
+  np.testing.assert_allclose(mass, 1.0, atol=1e-5)
+  # Random values: the row mass is in (0, 1]; plain sparse attention is recovered with no correction.
+  _, mass = C.rectified_spaattn(q, k, v, block=4, top_k=2, return_row_mass=True)
+  assert bool(jnp.all((mass > 0) & (mass <= 1 + 1e-6)))
+  plain = C.rectified_spaattn(q, k, v, block=4, top_k=2, ipar=False, gapr=False)
+  crit = C.pooled_block_selection(q, k, block=4, top_k=2)
+  tok = np.repeat(np.repeat(np.asarray(crit), 4, 2), 4, 3)[:, :, :23, :23]
+  np.testing.assert_allclose(plain, dot_product_attention(q, k, v, mask=jnp.asarray(tok),
+                                                          implementation="reference"), atol=2e-5)
+  with pytest.raises(ValueError, match="implementation"):
+    C.rectified_spaattn(q, k, v, block=4, top_k=2, implementation="pallas")
+
+
+def test_recycled_decode_definition_and_oracles():
+  q, k, v = _qkv(21)
+  qd = q[:, 13:]                                    # 8 decode steps after a 13-token prompt
+  full = _full(qd, k, v, causal=True)
+  o1, _ = C.recycled_decode(qd, k, v, prompt_len=13, stride=1, top_k=3)
+  np.testing.assert_allclose(o1, full, atol=2e-5)   # S = 1: every step full
+  oall, _ = C.recycled_decode(qd, k, v, prompt_len=13, stride=3, top_k=21)
+  np.testing.assert_allclose(oall, full, atol=2e-5)  # K = context: full
+  o, is_full = C.recycled_decode(qd, k, v, prompt_len=13, stride=3, top_k=4)
+  assert list(is_full) == [True, False, False, True, False, False, True, False]
+  for n in range(8):                                # step by step, through the gather path
+    pos = 13 + n
+    last = 13 + 3 * (n // 3)
+    if pos == last:                                 # full step
+      ref = _full(q[:, pos:pos + 1], k[:, :pos + 1], v[:, :pos + 1])
+    else:                                           # recycled: recorded top-4 + keys after `last`
+      idx = D.topk_key_indices(q[:, last:last + 1], k[:, :last + 1], 4)
+      ref = D.attend_to_indices(q[:, pos:pos + 1], k[:, :pos + 1], v[:, :pos + 1], idx,
+                                recent_from=last + 1)
+    np.testing.assert_allclose(o[:, n:n + 1], ref, atol=2e-5, err_msg=f"step {n}")
+  with pytest.raises(ValueError, match="prompt_len"):
+    C.recycled_decode(qd, k, v, prompt_len=12, stride=2, top_k=2)
+
+
+def test_hylra_policy_dp_and_layers():
+  rng = np.random.default_rng(0)
+  score = rng.uniform(size=(6, 6))
+  for nf in (1, 2, 3):
+    pol = C.hylra_policy(score, nf)
+    assert pol[0] and pol.sum() == nf
+    best = max(C.hylra_policy_score(score, (1,) + rest) for rest in
+               itertools.product((0, 1), repeat=5) if sum(rest) == nf - 1)
+    assert np.isclose(C.hylra_policy_score(score, pol), best)
+  q, k, v = _qkv(21)
+  o, idx = C.hylra_layer(q, k, v, full=True, top_k=5)
+  np.testing.assert_allclose(o, _full(q, k, v, True), atol=2e-5)
+  o2, idx2 = C.hylra_layer(q, k, v, full=False, top_k=5, indices=idx)
+  mask = D.indices_mask(idx, 21, 21, 4, causal=True)
+  np.testing.assert_allclose(o2, dot_product_attention(q, k, v, mask=mask,
+                                                       implementation="reference"), atol=2e-5)
+  assert idx2 is idx
+  _, every = C.hylra_layer(q, k, v, full=True, top_k=21)
+  np.testing.assert_allclose(C.hylra_layer(q, k, v, full=False, top_k=21, indices=every)[0],
+                             _full(q, k, v, True), atol=2e-5)
+  with pytest.raises(ValueError, match="indices"):
+    C.hylra_layer(q, k, v, full=False, top_k=5)
+
+
+def test_flux_gate_and_forced_routes():
+  q, k, v = _qkv(21)
+  sparse = lambda q, k, v, causal, scale: dot_product_attention(q, k, v, causal=causal, scale=scale,
+                                                                window=(3, 0))
+  ones, zeros = jnp.ones((1,)), jnp.zeros((1,))
+  np.testing.assert_array_equal(C.flux_attention(q, k, v, ones, sparse_fn=sparse),
+                                dot_product_attention(q, k, v, causal=True))
+  np.testing.assert_allclose(C.flux_attention(q, k, v, zeros, sparse_fn=sparse),
+                             sparse(q, k, v, True, None), atol=1e-6)
+  logits = jnp.array([3.0, -3.0, 0.2])
+  hard = C.flux_gate(logits, hard=True)
+  np.testing.assert_array_equal(hard, [1.0, 0.0, 1.0])
+  g = jax.grad(lambda l: C.flux_gate(l, hard=True).sum())(logits)
+  np.testing.assert_allclose(g, jax.nn.sigmoid(logits) * (1 - jax.nn.sigmoid(logits)), rtol=1e-5)
+  noisy = C.flux_gate(jnp.zeros((4000,)), key=jax.random.key(0))
+  assert abs(float(noisy.mean()) - 0.5) < 0.03 and float(noisy.std()) > 0.2
+  ctx = C.pooled_context(k, causal=True)
+  np.testing.assert_allclose(ctx[:, -1], k.reshape(1, 21, -1).mean(1), atol=1e-6)
+  with pytest.raises(ValueError, match="gate"):
+    C.flux_attention(q, k, v, jnp.ones((2,)), sparse_fn=sparse)
