@@ -29,8 +29,12 @@ from attnjax.ops.linear import feature_maps as fm
 from attnjax.ops.linear.delta import delta_rule, delta_rule_step
 from attnjax.ops.linear.engine import init_state, linear_attention, linear_attention_step
 from attnjax.ops.linear.hybrid import (chunk_prefix_mean, nats_attention, nats_decode,
-                                       nats_init_cache, straight_through, window_linear_attention,
+                                       nats_init_cache, seqboat_attention, seqboat_decode,
+                                       seqboat_init_cache, still_attention, still_decode,
+                                       still_init_cache, still_saliency, still_select,
+                                       straight_through, window_linear_attention,
                                        window_linear_init_cache, window_linear_step)
+from attnjax.ops.rope import apply_rope
 from attnjax.ops.linear.mechanisms import (flow_attention, flow_init_state, flow_step, inline_attention,
                                            lightnet_attention, lina_attention, linfusion_attention,
                                            mala_attention, mala_step, rala_attention, sla_attention,
@@ -97,7 +101,7 @@ class LinearMixer(nnx.Module, _StateCache):
     if key_dim % num_heads or d_model % num_heads:
       raise ValueError(f"key_dim={key_dim} and d_model={d_model} must be divisible by num_heads={num_heads}")
     if decay != "none" and not causal:
-      raise ValueError(f"decay={decay!r} needs causal=True (a bidirectional state has no decay)")
+      raise NotImplementedError(f"decay={decay!r} needs causal=True (a bidirectional state has no decay)")
     self.h, self.dk, self.dv = num_heads, key_dim // num_heads, d_model // num_heads
     self.causal, self.feature_map, self.normalize, self.decay = causal, feature_map, normalize, decay
     self.chunk_size, self.form = chunk_size, form
@@ -229,7 +233,7 @@ class DeltaNetMixer(nnx.Module, _StateCache):
   def __init__(self, d_model: int, num_heads: int, *, causal: bool = True, gated: bool = True,
                chunk_size: int = 64, form: str = "chunked", rngs: nnx.Rngs):
     if not causal:
-      raise ValueError("deltanet / gated_deltanet are causal recurrences (causal=True)")
+      raise NotImplementedError("deltanet / gated_deltanet are causal recurrences (causal=True only)")
     self.h, self.d = num_heads, d_model // num_heads
     self.gated, self.chunk_size, self.form = gated, chunk_size, form
     self.q_proj = dense(d_model, d_model, axes=("embed", "heads"), rngs=rngs)
@@ -1001,3 +1005,169 @@ def _build_nats(*, d_model, num_heads, causal, rngs, **options):
 def _build_skip(*, d_model, num_heads, causal, rngs, **options):
   _reject("skip", options)
   return SkipMixer()
+
+
+# ----------------------------------------------------------------------------------------------
+# STILL [3] and SeqBoat [140].
+
+
+class StillMixer(WindowLinearMixer):
+  """STILL [3] layer: the LoLCATs window + linear hybrid (`WindowLinearMixer`: Hedgehog maps,
+  per-head window factor) whose softmax set also keeps the salient older tokens.
+
+  Reading (only the abstract was available; the catalog marks the score "verify"): the
+  Self-Saliency Score of token j is the log weight it gives itself in its own causal window
+  softmax (`still_saliency`: computed in sliding windows, as the abstract says); per head, the
+  `top_k` best tokens of each `select_chunk` positions (from the segment start) are salient
+  (`still_select`). "Delayed selection": a chunk is decided once it is complete, which happens
+  before its first token leaves the window because `select_chunk <= window` (enforced), so the
+  layer is causal. The NP-Map (norm re-injection) is not applied: the feature maps are Hedgehog's.
+  Decoding keeps every key (`still_decode`, dense over the cache).
+  """
+
+  def __init__(self, d_model, num_heads, *, causal=True, window=64, top_k=4, select_chunk=None,
+               rngs, **kw):
+    if not causal:
+      raise NotImplementedError("mixer 'still' is causal only (a window of past keys)")
+    super().__init__(d_model, num_heads, causal=causal, window=window, rngs=rngs, **kw)
+    select_chunk = window if select_chunk is None else select_chunk
+    if not isinstance(select_chunk, int) or not 1 <= select_chunk <= window:
+      raise ValueError(f"select_chunk must be an int in [1, window={window}] (causal delayed "
+                       f"selection), got {select_chunk!r}")
+    if not isinstance(top_k, int) or top_k < 0:
+      raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
+    self.top_k, self.select_chunk = top_k, select_chunk
+
+  def init_cache(self, batch_size, max_len, dtype=jnp.float32):
+    self.state = nnx.Cache(still_init_cache(batch_size, max_len, self.h, self.d, 2 * self.d, self.d))
+
+  def __call__(self, x, *, segment_ids=None, decode=False):
+    q, k, v = self._qkv(x)
+    pq, pk = fm.hedgehog(q, self.fm_q[...]), fm.hedgehog(k, self.fm_k[...])
+    wf = jax.nn.sigmoid(self.window_logit[...])
+    if decode:
+      o, st = still_decode(q, k, v, pq, pk, self._cache_get("state"), window=self.window,
+                           top_k=self.top_k, chunk=self.select_chunk, window_factor=wf)
+      self.state.set_value(st)
+      return self._out(o)
+    t = x.shape[1]
+    score = still_saliency(q, k, window=self.window, segment_ids=segment_ids,
+                           chunk_size=self.chunk_size)
+    sal = still_select(score, top_k=self.top_k, chunk=self.select_chunk, segment_ids=segment_ids)
+    # Exactly min(top_k, chunk) per chunk, so without packing the count is known statically.
+    bound = None if segment_ids is not None else min(t, self.top_k * -(-t // self.select_chunk))
+    o = still_attention(q, k, v, pq, pk, sal, window=self.window, window_factor=wf,
+                        segment_ids=segment_ids, form="parallel" if self.form == "parallel" else "chunked",
+                        chunk_size=self.chunk_size, max_salient=bound)
+    return self._out(o)
+
+
+class SeqBoatMixer(nnx.Module, _StateCache):
+  """SeqBoat [140] layer (the authors' `SeqBoatLayer`, causal, without its norm / residual /
+  output activation, which the block provides).
+
+  Backbone over every token: MEGA's multi-head damped EMA per channel (`ndim` states,
+  `h_t = (1 - p a) h_{t-1} + p b x_t`, `y_t = gamma . h_t / sqrt(ndim) + omega x_t`), run on the
+  linear engine with a per-key-dimension decay (heads = channels), then `mx = silu(y)`.
+  `[u, hx] = mx W_h`: `hx` is the backbone's output, `u` two router logits (attention off / on);
+  `p = softmax(u / tau)` (`tau = exp(log_tau)`, sqrt(d_model) at init, the latent configurator),
+  route = argmax is "on". Routed tokens run a GAU-style local attention on the compressed
+  sequence (`seqboat_attention`): `[z, r, v] = silu(mx W_m)`, `q, k = z gamma_{q,k} + beta_{q,k}`
+  (RoPE on the original positions, the authors' LM setting), softmax over the last `window`
+  routed tokens, `h = ((A v) * r) W_o`, scattered back. The router learns through the authors'
+  estimator: `h` is multiplied by the chosen option's probability (so 0 for unrouted tokens).
+  Output `hx + h`. Heads split z and v (the paper's GAU is single-head: num_heads=1).
+  """
+
+  def __init__(self, d_model, num_heads, *, causal=True, window=64, ndim=16, chunk_size=64,
+               activation="softmax", router_bias=0.0, form="chunked", rngs):
+    if not causal:
+      raise NotImplementedError("mixer 'seqboat' is built causal only here (an EMA scanned forward)")
+    if d_model % num_heads:
+      raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
+    if not isinstance(window, int) or window < 1:
+      raise ValueError(f"window must be an int >= 1, got {window!r}")
+    self.h, self.d, self.c, self.n = num_heads, d_model // num_heads, d_model, ndim
+    self.window, self.chunk_size, self.activation, self.form = window, chunk_size, activation, form
+    keys = jax.random.split(rngs.params(), 6)
+    nrm = lambda key, shape, std: nnx.Param(std * jax.random.normal(key, shape), logical_axes=(None,) * len(shape))
+    self.ema_delta = nrm(keys[0], (d_model, ndim), 0.2)
+    self.ema_alpha = nrm(keys[1], (d_model, ndim), 0.2)
+    sign = jnp.where(jnp.arange(ndim) % 2 == 0, 1.0, -1.0)
+    self.ema_beta = nnx.Param(sign + 0.02 * jax.random.normal(keys[2], (d_model, ndim)), logical_axes=(None, None))
+    self.ema_gamma = nrm(keys[3], (d_model, ndim), 1.0)
+    self.ema_omega = nrm(keys[4], (d_model,), 1.0)
+    self.h_proj_in = dense(d_model, 2 + d_model, axes=("embed", None), rngs=rngs, use_bias=True)
+    self.h_proj_in.bias[...] = jnp.zeros((2 + d_model,)).at[1].set(router_bias)
+    self.log_tau = nnx.Param(jnp.full((), 0.5 * jnp.log(float(d_model))))
+    self.m_proj = dense(d_model, 3 * d_model, axes=("embed", "heads"), rngs=rngs, use_bias=True)
+    self.qk_gamma = nnx.Param(0.02 * jax.random.normal(keys[5], (2, d_model)) + 1.0, logical_axes=(None, None))
+    self.qk_beta = nnx.Param(jnp.zeros((2, d_model)), logical_axes=(None, None))
+    self.o_proj = dense(d_model, d_model, axes=("heads", "embed"), rngs=rngs, use_bias=True)
+    self.state = nnx.data(None)
+
+  def _ema_inputs(self, x):
+    p = jax.nn.sigmoid(self.ema_delta[...])
+    log_q = jnp.log1p(-p * jax.nn.sigmoid(self.ema_alpha[...]))        # [C, N], < 0
+    kk = p * self.ema_beta[...]
+    qq = self.ema_gamma[...] * self.n ** -0.5
+    b, t, _ = x.shape
+    bc = lambda a: jnp.broadcast_to(a, (b, t, self.c, self.n))
+    return bc(qq), bc(kk), x.astype(jnp.float32)[..., None], bc(log_q)
+
+  def backbone(self, x, *, segment_ids=None, decode=False):
+    """`(mx, hx, router logits u)` of the EMA backbone; updates the EMA state when decoding."""
+    if x.ndim != 3:
+      raise ValueError(f"x must be [B, T, d_model], got shape {x.shape}")
+    qq, kk, vv, lq = self._ema_inputs(x)
+    if decode:
+      st = self._cache_get("state")
+      y, s = linear_attention(qq, kk, vv, log_decay=lq, scale=1.0, initial_state=st["ema"],
+                              output_final_state=True, form="recurrent")
+      self.state.set_value(dict(st, ema=s))
+    else:
+      y, _ = linear_attention(qq, kk, vv, log_decay=lq, scale=1.0, segment_ids=segment_ids,
+                              form="parallel" if self.form == "parallel" else "chunked",
+                              chunk_size=self.chunk_size)
+    mx = jax.nn.silu(y[..., 0] + self.ema_omega[...] * x.astype(jnp.float32)).astype(x.dtype)
+    hu = self.h_proj_in(mx)
+    return mx, hu[..., 2:], hu[..., :2]
+
+  def init_cache(self, batch_size, max_len, dtype=jnp.float32):
+    self.state = nnx.Cache(dict(attn=seqboat_init_cache(batch_size, max_len, self.h, self.d, self.d),
+                                ema=init_state(batch_size, self.c, self.n, 1)))
+
+  def __call__(self, x, *, segment_ids=None, decode=False):
+    b, t, _ = x.shape
+    mx, hx, u = self.backbone(x, segment_ids=segment_ids, decode=decode)
+    p = jax.nn.softmax(u.astype(jnp.float32) / jnp.exp(self.log_tau[...]), axis=-1)
+    route = p[..., 1] > p[..., 0]
+    gate = jnp.where(route, jnp.max(p, axis=-1), 0.0)               # the authors' estimator
+    z, r, v = jnp.split(jax.nn.silu(self.m_proj(mx)), 3, axis=-1)
+    qk = z[..., None, :] * self.qk_gamma[...] + self.qk_beta[...]
+    heads = lambda a: a.reshape(b, t, self.h, self.d)
+    q, k, v = heads(qk[..., 0, :]), heads(qk[..., 1, :]), heads(v)
+    if decode:
+      st = self._cache_get("state")
+      pos = st["attn"]["pos"] + jnp.arange(t)
+      q, k = apply_rope(q, pos), apply_rope(k, pos)
+      o, att = seqboat_decode(q, k, v, route, st["attn"], window=self.window, activation=self.activation)
+      self.state.set_value(dict(self.state.get_value(), attn=att))
+    else:
+      pos = jnp.arange(t)
+      q, k = apply_rope(q, pos), apply_rope(k, pos)
+      o = seqboat_attention(q, k, v, route, window=self.window, activation=self.activation,
+                            segment_ids=segment_ids, form="parallel" if self.form == "parallel" else "chunked",
+                            chunk_size=self.chunk_size)
+    h = self.o_proj(o.reshape(b, t, -1) * r) * gate[..., None].astype(x.dtype)
+    return hx + h
+
+
+@register_mixer("still", "STILL: window softmax + salient tokens (self-saliency top-k per chunk) + linear rest, shared normaliser.")
+def _build_still(*, d_model, num_heads, causal, rngs, **options):
+  return StillMixer(d_model, num_heads, causal=causal, rngs=rngs, **options)
+
+
+@register_mixer("seqboat", "SeqBoat: EMA backbone + router-activated local attention over the selected tokens.")
+def _build_seqboat(*, d_model, num_heads, causal, rngs, **options):
+  return SeqBoatMixer(d_model, num_heads, causal=causal, rngs=rngs, **options)

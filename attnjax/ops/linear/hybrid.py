@@ -63,22 +63,26 @@ def _window_dense(q, k, v, pq, pk, window, wf, lf, scale, segment_ids):
   return o / jnp.sum(a, axis=-1)[..., None].transpose(0, 2, 1, 3)
 
 
-def _window_blocked(q, k, v, pq, pk, window, wf, lf, scale, segment_ids, form, chunk_size):
-  """Blocked window softmax (O(T (c + w)) scores) + the engine for the linear part."""
+def _banded_scores(q, k, v, seg, window, chunk_size, scale, q_seg=None, k_seg=None):
+  """Causal banded scores: query blocks of `chunk_size` against the `chunk_size + window` keys
+  before them (O(T (c + w)) memory). `q, k [B, T, H, D]`, `v [B, T, H, Dv]`, `seg [B, T]` int.
+  Key j is visible to query i iff `i - window < j <= i` and their segment ids agree (`q_seg` /
+  `k_seg` override `seg` per side, e.g. to hide keys). Returns `(s [b, n, h, c, K]` scaled scores
+  (-inf where hidden), `vb [b, n, K, h, Dv]`, `visible [b, n, h?, c, K]`, `tp` padded length)."""
   b, t, h, d = q.shape
-  dv = v.shape[-1]
   c = chunk_size
   nb = -(-(window - 1) // c)                        # look-back blocks covering the window
   n = -(-t // c)
   tp = n * c
-  seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  q_seg = seg if q_seg is None else q_seg
+  k_seg = seg if k_seg is None else k_seg
   padt = lambda x, front, val=0.0: jnp.pad(x, ((0, 0), (front, tp - t)) + ((0, 0),) * (x.ndim - 2),
                                             constant_values=val)
   qb = padt(q, 0).reshape(b, n, c, h, d)
   qpos = jnp.arange(tp).reshape(n, c)
-  qseg = padt(seg, 0, -2).reshape(b, n, c)
+  qseg = padt(q_seg, 0, -2).reshape(b, n, c)
   kpad, vpad = padt(k, nb * c), padt(v, nb * c)
-  kseg = padt(seg, nb * c, -1)
+  kseg = padt(k_seg, nb * c, -1)
   # Keys of query block i: padded blocks i .. i + nb (original blocks i - nb .. i).
   gather = lambda x: jnp.concatenate(
       [x[:, r * c:(r + n) * c].reshape(b, n, c, *x.shape[2:]) for r in range(nb + 1)], axis=2)
@@ -88,23 +92,39 @@ def _window_blocked(q, k, v, pq, pk, window, wf, lf, scale, segment_ids, form, c
   win = ((kpos[:, None, :] <= qpos[:, :, None]) & (kpos[:, None, :] > qpos[:, :, None] - window))
   win = win[None, :, None] & (ksb[:, :, None, None, :] == qseg[:, :, None, :, None])
   s = jnp.einsum("bnihd,bnjhd->bnhij", qb, kb) * scale
-  s = jnp.where(win, s, -jnp.inf)
+  return jnp.where(win, s, -jnp.inf), vb, win, tp
+
+
+def _shifted_linear(pq, pk, v, window, seg, segment_ids, form, chunk_size):
+  """Linear terms of the keys older than the window: `(num [B, T, H, Dv], den [B, T, H])` with
+  `num_i = sum_{j <= i - window, same segment} (pq_i . pk_j) v_j` (and `den` without `v_j`).
+  Key j reaches query i iff j <= i - window: shift keys and values right by `window` and run the
+  causal engine with the queries' segment ids."""
+  b, t, h, _ = v.shape
+  dv = v.shape[-1]
+  if window >= t:
+    return 0.0, 0.0
+  keep = (seg[:, window:] == seg[:, :-window])[..., None, None]
+  sh = lambda x: jnp.pad(jnp.where(keep, x[:, :-window], 0.0), ((0, 0), (window, 0), (0, 0), (0, 0)))
+  va = jnp.concatenate([v.astype(jnp.float32), jnp.ones((b, t, h, 1), jnp.float32)], axis=-1)
+  o_lin, _ = linear_attention(pq, sh(pk), sh(va), scale=1.0, causal=True, segment_ids=segment_ids,
+                              form=form, chunk_size=chunk_size)
+  return o_lin[..., :dv], o_lin[..., dv]
+
+
+def _window_blocked(q, k, v, pq, pk, window, wf, lf, scale, segment_ids, form, chunk_size):
+  """Blocked window softmax (O(T (c + w)) scores) + the engine for the linear part."""
+  b, t, h, d = q.shape
+  dv = v.shape[-1]
+  c = chunk_size
+  seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  s, vb, _, tp = _banded_scores(q, k, v, seg, window, c, scale)
   m = jnp.max(s, axis=-1, keepdims=True)
   m = jnp.where(jnp.isfinite(m), m, 0.0)            # padded query rows only
   e = wf[None, None, :, None, None] * jnp.exp(s - m)
   num_w = jnp.einsum("bnhij,bnjhe->bnihe", e, vb).reshape(b, tp, h, dv)[:, :t]
   den_w = jnp.sum(e, axis=-1).transpose(0, 1, 3, 2).reshape(b, tp, h)[:, :t]
-  # Linear part: key j reaches query i iff j <= i - window (same segment): shift keys and values
-  # right by `window` and run the causal engine with the queries' segment ids.
-  if window < t:
-    keep = (seg[:, window:] == seg[:, :-window])[..., None, None]
-    sh = lambda x: jnp.pad(jnp.where(keep, x[:, :-window], 0.0), ((0, 0), (window, 0), (0, 0), (0, 0)))
-    va = jnp.concatenate([v.astype(jnp.float32), jnp.ones((b, t, h, 1), jnp.float32)], axis=-1)
-    o_lin, _ = linear_attention(pq, sh(pk), sh(va), scale=1.0, causal=True, segment_ids=segment_ids,
-                                form=form, chunk_size=c)
-    num_l, den_l = o_lin[..., :dv], o_lin[..., dv]
-  else:
-    num_l, den_l = 0.0, 0.0
+  num_l, den_l = _shifted_linear(pq, pk, v, window, seg, segment_ids, form, c)
   lfb = lf[None, None, :]
   return (num_w + lfb[..., None] * num_l) / (den_w + lfb * den_l)[..., None]
 
@@ -366,3 +386,320 @@ def nats_decode(q, k, v, beta, route, cache, *, q_lin=None, k_lin=None, log_deca
                           output_final_state=True)
   new = dict(cache, k=kc, v=vc, kept=kept, s=s, pos=pos + t)
   return (o_sm.astype(jnp.float32) + o_lin.astype(jnp.float32)).astype(q.dtype), new
+
+
+# ----------------------------------------------------------------------------------------------
+# STILL [3]: salient tokens keep softmax attention beyond the window.
+
+
+STILL_FORMS = ("parallel", "chunked")
+
+
+def _positions_in_segment(b: int, t: int, segment_ids=None):
+  """`[B, T]` position of each token from its segment's (run's) start."""
+  tpos = jnp.broadcast_to(jnp.arange(t)[None, :], (b, t))
+  if segment_ids is None:
+    return tpos
+  runs = run_ids(segment_ids)
+  first = jnp.concatenate([jnp.ones((b, 1), bool), runs[:, 1:] != runs[:, :-1]], axis=1)
+  return tpos - jax.lax.cummax(jnp.where(first, tpos, 0), axis=1)
+
+
+def still_saliency(q, k, *, window: int, scale=None, segment_ids=None, chunk_size: int = 64):
+  """STILL's Self-Saliency Score (our reading, see `still_attention`): `[B, T, H]` float32,
+  `score_j = s_jj - logsumexp_{j - window < l <= j} s_jl`, the log of the weight token j gives
+  itself in its own causal sliding-window softmax (`s = scale q.k`). Computed with the window's
+  banded scores, so it costs O(T (chunk + window)); causal (uses nothing after j)."""
+  if q.ndim != 4 or k.shape != q.shape:
+    raise ValueError(f"q, k must be [B, T, H, D] of one shape, got {q.shape}, {k.shape}")
+  if not isinstance(window, int) or window < 1:
+    raise ValueError(f"window must be an int >= 1, got {window!r}")
+  b, t, h, d = q.shape
+  scale = d ** -0.5 if scale is None else scale
+  qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
+  seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  s, _, _, tp = _banded_scores(qf, kf, kf[..., :1], seg, window, chunk_size, scale)
+  lse = jax.nn.logsumexp(s, axis=-1)                                   # [b, n, h, c]
+  lse = lse.transpose(0, 1, 3, 2).reshape(b, tp, h)[:, :t]
+  return jnp.sum(qf * kf, axis=-1) * scale - lse
+
+
+def still_select(score, *, top_k: int, chunk: int, segment_ids=None, positions=None):
+  """Top-`top_k` tokens per chunk of `chunk` positions (counted from each segment's start, or
+  given as `positions [B, T]`), per head: `score [B, T, H]` -> salient `[B, T, H]` bool. Ties go
+  to the earlier token. O(T chunk) (banded comparisons)."""
+  if score.ndim != 3:
+    raise ValueError(f"score must be [B, T, H], got {score.shape}")
+  if not isinstance(top_k, int) or top_k < 0 or not isinstance(chunk, int) or chunk < 1:
+    raise ValueError(f"need an int top_k >= 0 and chunk >= 1, got top_k={top_k!r}, chunk={chunk!r}")
+  b, t, h = score.shape
+  pos = _positions_in_segment(b, t, segment_ids) if positions is None else positions
+  runs = jnp.zeros((b, t), jnp.int32) if segment_ids is None else run_ids(segment_ids)
+  group = pos // chunk
+  sc = jnp.where(jnp.isnan(score), -jnp.inf, score.astype(jnp.float32))
+  rank = jnp.zeros((b, t, h), jnp.int32)
+  idx = jnp.arange(t)
+  for o in range(-(chunk - 1), chunk):
+    if o == 0:
+      continue
+    j = idx + o
+    ok = (j >= 0) & (j < t)
+    jc = jnp.clip(j, 0, t - 1)
+    same = ok[None] & (group[:, jc] == group) & (runs[:, jc] == runs)
+    other = sc[:, jc]
+    beats = (other > sc) | ((other == sc) & (o < 0))
+    rank = rank + (same[..., None] & beats).astype(jnp.int32)
+  return rank < top_k
+
+
+def _still_dense(q, k, v, pq, pk, salient, window, wf, lf, scale, qpos, kpos, qseg, kseg, kvalid=None):
+  """Dense masked STILL formula (the reference and the decode path). `q [B, Tq, H, D]` at
+  positions `qpos [Tq]`, keys `[B, Tk, ...]` at `kpos [Tk]`, `salient [B, Tk, H]`, segment ids
+  `qseg [B, Tq]`, `kseg [B, Tk]`, optional `kvalid [B, Tk]` (written cache slots)."""
+  i, j = qpos[:, None], kpos[None, :]
+  same = (qseg[:, :, None] == kseg[:, None, :])
+  if kvalid is not None:
+    same = same & kvalid[:, None, :]
+  same = same[:, None]                                                 # [B, 1, Tq, Tk]
+  sal = salient.transpose(0, 2, 1)[:, :, None, :]                      # [B, H, 1, Tk]
+  old = same & (j <= i - window)
+  soft = same & (j <= i) & ((j > i - window) | sal)
+  lin = old & ~sal
+  s = jnp.einsum("bihd,bjhd->bhij", q, k) * scale
+  s = jnp.where(soft, s, -jnp.inf)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  e = wf[None, :, None, None] * jnp.exp(s - m)
+  a = e + jnp.where(lin, lf[None, :, None, None] * jnp.einsum("bihf,bjhf->bhij", pq, pk), 0.0)
+  o = jnp.einsum("bhij,bjhe->bihe", a, v)
+  den = jnp.sum(a, axis=-1).transpose(0, 2, 1)[..., None]
+  return o / jnp.where(den > 0, den, 1.0)
+
+
+def still_attention(q, k, v, phi_q, phi_k, salient, *, window: int, window_factor=1.0,
+                    linear_factor=1.0, scale=None, segment_ids=None, form="chunked",
+                    chunk_size: int = 64, max_salient: int | None = None):
+  """STILL [3] hybrid: softmax over the sliding window and the salient older keys, linear
+  attention over the other older keys, one shared normaliser (causal).
+
+  With `W_i = {i - window < j <= i}`, `S_i = {j <= i - window : salient_j}`, `L_i` the other
+  keys `j <= i - window`, and `m_i` the max of `s_ij = scale q_i.k_j` over `W_i + S_i`:
+
+      o_i = (wf sum_{W_i + S_i} e^{s_ij - m_i} v_j + lf sum_{L_i} phi_q_i.phi_k_j v_j)
+            / (wf sum_{W_i + S_i} e^{s_ij - m_i}   + lf sum_{L_i} phi_q_i.phi_k_j)
+
+  the catalog formula (its softmax set = window + salient, the rest linear) with LoLCATs' max
+  subtraction and factors, so no salient key gives exactly `window_linear_attention` and every
+  key salient gives causal softmax attention (the oracles). `salient [B, T, H]` bool, per head;
+  the STILL layer makes it with `still_saliency` + `still_select` (our reading of the paper's
+  Self-Saliency Score and chunk-wise delayed top-k selection; only the abstract was available, see
+  `StillMixer`). Shapes as `window_linear_attention`; `segment_ids [B, T]` packed sequences.
+
+  `form`: "parallel" (dense [T, T] masked reference) or "chunked" (window by query blocks of
+  `chunk_size`, linear part by the chunked engine on the non-salient keys, salient part against
+  the salient keys gathered into `max_salient` slots per head: O(T (chunk + window + max_salient))
+  memory). `max_salient` (static; default T) must bound the salient count of every row and head:
+  salient keys beyond it are dropped. Selection carries no gradient (a hard top-k).
+  """
+  if form not in STILL_FORMS:
+    raise ValueError(f"form must be one of {STILL_FORMS}, got {form!r}")
+  if not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+  _check_window_inputs(q, k, v, phi_q, phi_k, window, segment_ids)
+  b, t, h, d = q.shape
+  if tuple(salient.shape) != (b, t, h):
+    raise ValueError(f"salient must be [B, T, H]={[b, t, h]} (per key and head), got {list(salient.shape)}")
+  scale = d ** -0.5 if scale is None else scale
+  wf, lf = _factor(window_factor, h), _factor(linear_factor, h)
+  f32 = lambda x: x.astype(jnp.float32)
+  q, k, v, pq, pk = f32(q), f32(k), f32(v), f32(phi_q), f32(phi_k)
+  sal = jax.lax.stop_gradient(salient).astype(bool)
+  seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  if form == "parallel":
+    pos = jnp.arange(t)
+    return _still_dense(q, k, v, pq, pk, sal, window, wf, lf, scale, pos, pos, seg, seg).astype(q.dtype)
+  dv = v.shape[-1]
+  c = chunk_size
+  # Window terms, unnormalised, with their own max.
+  s, vb, _, tp = _banded_scores(q, k, v, seg, window, c, scale)
+  m_w = jnp.max(s, axis=-1)                                          # [b, n, h, c], finite
+  m_w = jnp.where(jnp.isfinite(m_w), m_w, 0.0)
+  e = jnp.exp(s - m_w[..., None])
+  num_w = jnp.einsum("bnhij,bnjhe->bnihe", e, vb).reshape(b, tp, h, dv)[:, :t]
+  den_w = jnp.sum(e, axis=-1).transpose(0, 1, 3, 2).reshape(b, tp, h)[:, :t]
+  m_w = m_w.transpose(0, 1, 3, 2).reshape(b, tp, h)[:, :t]
+  # Salient older keys, gathered per head into `ns` slots (stable: salient first, in order).
+  ns = t if max_salient is None else max(1, min(int(max_salient), t))
+  order = jnp.argsort(~sal, axis=1, stable=True)[:, :ns]             # [b, ns, h]
+  take = lambda x: jnp.take_along_axis(x, order[..., None], axis=1)
+  ks, vs = take(k), take(v)
+  ok = jnp.take_along_axis(sal, order, axis=1)                       # [b, ns, h]
+  kseg = jnp.take_along_axis(seg[..., None], order, axis=1)
+  i = jnp.arange(t)
+  vis = ((order.transpose(0, 2, 1)[:, :, None, :] <= i[None, None, :, None] - window)
+         & ok.transpose(0, 2, 1)[:, :, None, :]
+         & (kseg.transpose(0, 2, 1)[:, :, None, :] == seg[:, None, :, None]))   # [b, h, t, ns]
+  ss = jnp.where(vis, jnp.einsum("bihd,bjhd->bhij", q, ks) * scale, -jnp.inf)
+  m_s = jnp.max(ss, axis=-1)                                          # [b, h, t]
+  m = jnp.maximum(m_w, m_s.transpose(0, 2, 1))                        # [b, t, h], finite
+  es = jnp.exp(ss - m.transpose(0, 2, 1)[..., None])
+  num_s = jnp.einsum("bhij,bjhe->bihe", es, vs)
+  den_s = jnp.sum(es, axis=-1).transpose(0, 2, 1)
+  rw = jnp.exp(m_w - m)
+  num_l, den_l = _shifted_linear(pq, pk * (~sal)[..., None], v, window, seg, segment_ids, "chunked", c)
+  wfb, lfb = wf[None, None, :], lf[None, None, :]
+  num = wfb[..., None] * (rw[..., None] * num_w + num_s) + lfb[..., None] * num_l
+  den = wfb * (rw * den_w + den_s) + lfb * den_l
+  return (num / den[..., None]).astype(q.dtype)
+
+
+def still_init_cache(batch_size: int, max_len: int, num_heads: int, head_dim: int, feature_dim: int,
+                     value_dim: int):
+  """Decode cache of `still_decode`: every written key, value, key feature and saliency score
+  (STILL keeps the salient keys for softmax, and which are salient is decided per chunk when the
+  chunk leaves the window, so the keys are kept), and the position."""
+  z = lambda *s: jnp.zeros(s, jnp.float32)
+  return dict(k=z(batch_size, max_len, num_heads, head_dim), v=z(batch_size, max_len, num_heads, value_dim),
+              pk=z(batch_size, max_len, num_heads, feature_dim),
+              score=jnp.full((batch_size, max_len, num_heads), -jnp.inf, jnp.float32),
+              pos=jnp.zeros((), jnp.int32))
+
+
+def still_decode(q, k, v, phi_q, phi_k, cache, *, window: int, top_k: int, chunk: int,
+                 window_factor=1.0, linear_factor=1.0, scale=None):
+  """Decode `T >= 1` tokens with the STILL layer's semantics (`still_saliency` + `still_select`
+  + `still_attention`) from `cache` (`still_init_cache`). Dense over the cache: O(max_len) per
+  token (a reference decode, not the paper's kernel). Returns `(o [B, T, H, Dv], cache)`."""
+  b, t, h, d = q.shape
+  scale = d ** -0.5 if scale is None else scale
+  wf, lf = _factor(window_factor, h), _factor(linear_factor, h)
+  f32 = lambda x: x.astype(jnp.float32)
+  max_len = cache["k"].shape[1]
+  pos = cache["pos"]
+  upd = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, f32(x), pos, axis=1)
+  kc, vc, pkc = upd(cache["k"], k), upd(cache["v"], v), upd(cache["pk"], phi_k)
+  kpos, qpos = jnp.arange(max_len), pos + jnp.arange(t)
+  written = jnp.broadcast_to(kpos < pos + t, (b, max_len))
+  # Scores of the new tokens: their own causal window over the cache.
+  sw = jnp.einsum("bihd,bjhd->bhij", f32(q), kc) * scale
+  inwin = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - window)
+  lse = jax.nn.logsumexp(jnp.where(inwin, sw, -jnp.inf), axis=-1).transpose(0, 2, 1)
+  new_score = jnp.sum(f32(q) * f32(k), axis=-1) * scale - lse
+  score = upd(cache["score"], new_score)
+  sal = still_select(score, top_k=top_k, chunk=chunk, positions=jnp.broadcast_to(kpos, (b, max_len)))
+  zeros = jnp.zeros((b, t), jnp.int32)
+  o = _still_dense(f32(q), kc, vc, f32(phi_q), pkc, sal, window, wf, lf, scale, qpos, kpos, zeros,
+                   jnp.zeros((b, max_len), jnp.int32), written)
+  new = dict(k=kc, v=vc, pk=pkc, score=score, pos=pos + t)
+  return o.astype(q.dtype), new
+
+
+# ----------------------------------------------------------------------------------------------
+# SeqBoat [140]: sparse modular activation of a local attention over the selected tokens.
+
+
+SEQBOAT_FORMS = ("parallel", "chunked")
+SEQBOAT_ACTIVATIONS = ("softmax", "relu2")
+
+
+def _activate(s, activation):
+  """softmax (rows with no visible key give 0) or squared ReLU (unnormalised) of masked scores."""
+  if activation == "relu2":
+    return jnp.where(jnp.isfinite(s), jnp.square(jax.nn.relu(s)), 0.0)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  e = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+  den = jnp.sum(e, axis=-1, keepdims=True)
+  return e / jnp.where(den > 0, den, 1.0)
+
+
+def seqboat_attention(q, k, v, route, *, window: int, scale=None, activation="softmax",
+                      segment_ids=None, form="chunked", chunk_size: int = 64):
+  """SeqBoat [140] sparse modular activation of causal local attention (the attention half of
+  the layer; the SSM backbone and the router live in `SeqBoatMixer`).
+
+  `route [B, T]` (0/1, hard; no gradient flows through it: SeqBoat trains the router through the
+  gate multiplying the module's output, see `SeqBoatMixer`). The routed tokens form the
+  compressed sequence (their order kept), `c_i` = token i's index in it; a routed query i attends
+  to the routed keys j with `j <= i` and `c_i - c_j < window` (the last `window` routed tokens,
+  itself included; the authors' "exact window" of W keys back is `window = W + 1`), same segment.
+  Unrouted tokens get 0. `activation`: "softmax" (the authors' LM setting, scale D^-1/2) or
+  "relu2" (GAU's squared ReLU, unnormalised, scale 1/window as the authors' code). `q, k [B, T,
+  H, D]`, `v [B, T, H, Dv]`; returns `[B, T, H, Dv]` in q's dtype.
+
+  `form`: "parallel" (dense [T, T] masked reference on the original positions) or "chunked" (the
+  authors' compress -> local attention -> scatter: routed tokens gathered to the front by a stable
+  sort, blocked local attention of `chunk_size` query blocks on the compressed sequence, the
+  outputs gathered back: O(T (chunk + window)) memory). All routed and one segment: causal
+  sliding-window attention; none routed: zeros (the catalog oracles).
+  """
+  if form not in SEQBOAT_FORMS:
+    raise ValueError(f"form must be one of {SEQBOAT_FORMS}, got {form!r}")
+  if activation not in SEQBOAT_ACTIVATIONS:
+    raise ValueError(f"activation must be one of {SEQBOAT_ACTIVATIONS}, got {activation!r}")
+  if not isinstance(window, int) or window < 1:
+    raise ValueError(f"window must be an int >= 1 (routed keys c_i - window < c_j <= c_i), got {window!r}")
+  if not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+  if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+    raise ValueError(f"q, k must be [B, T, H, D] and v [B, T, H, Dv], got {q.shape}, {k.shape}, {v.shape}")
+  b, t, h, d = q.shape
+  if tuple(route.shape) != (b, t):
+    raise ValueError(f"route must be [B, T]={[b, t]} (per token, shared by the heads), got {list(route.shape)}")
+  if segment_ids is not None and tuple(segment_ids.shape) != (b, t):
+    raise ValueError(f"segment_ids must be [B, T]={[b, t]}, got {list(segment_ids.shape)}")
+  if scale is None:
+    scale = d ** -0.5 if activation == "softmax" else 1.0 / window
+  r = jax.lax.stop_gradient(route) > 0.5
+  seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  f32 = lambda x: x.astype(jnp.float32)
+  if form == "parallel":
+    ci = jnp.cumsum(r.astype(jnp.int32), axis=1)
+    i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+    vis = ((j <= i) & (seg[:, :, None] == seg[:, None, :]) & r[:, :, None] & r[:, None, :]
+           & (ci[:, :, None] - ci[:, None, :] < window))[:, None]
+    s = jnp.where(vis, jnp.einsum("bihd,bjhd->bhij", f32(q), f32(k)) * scale, -jnp.inf)
+    o = jnp.einsum("bhij,bjhe->bihe", _activate(s, activation), f32(v))
+    return o.astype(q.dtype)
+  order = jnp.argsort(~r, axis=1, stable=True)                       # routed tokens first
+  take = lambda x: jnp.take_along_axis(x, order.reshape((b, t) + (1,) * (x.ndim - 2)), axis=1)
+  rc = take(r)
+  sc = take(seg)
+  # Unrouted slots: queries and keys get segment ids nobody else has, so they see nothing.
+  s, vb, _, tp = _banded_scores(f32(take(q)), f32(take(k)), f32(take(v)), sc, window, chunk_size,
+                                scale, q_seg=jnp.where(rc, sc, -3), k_seg=jnp.where(rc, sc, -4))
+  a = _activate(s, activation)
+  oc = jnp.einsum("bnhij,bnjhe->bnihe", a, vb).reshape(b, tp, h, v.shape[-1])[:, :t]
+  inv = jnp.argsort(order, axis=1)
+  o = jnp.take_along_axis(oc, inv[..., None, None], axis=1) * r[..., None, None]
+  return o.astype(q.dtype)
+
+
+def seqboat_init_cache(batch_size: int, max_len: int, num_heads: int, head_dim: int, value_dim: int):
+  """Decode cache of `seqboat_decode`: keys, values, routes and compressed indices of the written
+  tokens, the routed count and the position (the SSM state is the layer's)."""
+  z = lambda *s: jnp.zeros(s, jnp.float32)
+  return dict(k=z(batch_size, max_len, num_heads, head_dim), v=z(batch_size, max_len, num_heads, value_dim),
+              route=jnp.zeros((batch_size, max_len), bool), cidx=jnp.zeros((batch_size, max_len), jnp.int32),
+              count=jnp.zeros((batch_size,), jnp.int32), pos=jnp.zeros((), jnp.int32))
+
+
+def seqboat_decode(q, k, v, route, cache, *, window: int, scale=None, activation="softmax"):
+  """Decode `T >= 1` tokens with `seqboat_attention`'s semantics from `cache`
+  (`seqboat_init_cache`): masked over the cache, O(max_len) per token. Returns `(o, cache)`."""
+  b, t, h, d = q.shape
+  if scale is None:
+    scale = d ** -0.5 if activation == "softmax" else 1.0 / window
+  max_len = cache["k"].shape[1]
+  pos = cache["pos"]
+  r = jax.lax.stop_gradient(route) > 0.5
+  ci_new = cache["count"][:, None] + jnp.cumsum(r.astype(jnp.int32), axis=1)
+  upd = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), pos, axis=1)
+  kc, vc = upd(cache["k"], k), upd(cache["v"], v)
+  rcache, cidx = upd(cache["route"], r), upd(cache["cidx"], ci_new)
+  kpos, qpos = jnp.arange(max_len), pos + jnp.arange(t)
+  vis = ((kpos[None, :] <= qpos[:, None])[None] & rcache[:, None, :] & r[:, :, None]
+         & (ci_new[:, :, None] - cidx[:, None, :] < window))[:, None]
+  s = jnp.where(vis, jnp.einsum("bihd,bjhd->bhij", q.astype(jnp.float32), kc) * scale, -jnp.inf)
+  o = jnp.einsum("bhij,bjhe->bihe", _activate(s, activation), vc)
+  new = dict(k=kc, v=vc, route=rcache, cidx=cidx, count=ci_new[:, -1], pos=pos + t)
+  return o.astype(q.dtype), new

@@ -1,0 +1,177 @@
+"""SeqBoat [140] (routed local attention on the compressed sequence + EMA backbone) and STILL [3]
+(salient tokens keep softmax in the shared-normaliser window + linear hybrid)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from attnjax.nn.linear import SeqBoatMixer, StillMixer
+from attnjax.ops.linear import feature_maps as fm
+from attnjax.ops.linear import hybrid as hy
+from attnjax.ops.softmax import dot_product_attention
+
+B, T, H, D, DV = 2, 13, 2, 4, 3
+RNG = np.random.default_rng(1)
+SEG = jnp.asarray([[0] * 6 + [1] * 7, [0] * 13])
+
+
+def _arr(*shape, scale=1.0):
+  return jnp.asarray(RNG.normal(size=shape) * scale, jnp.float32)
+
+
+Q, K, V = _arr(B, T, H, D), _arr(B, T, H, D), _arr(B, T, H, DV)
+PQ, PK = fm.elu_plus_one(_arr(B, T, H, D)), fm.elu_plus_one(_arr(B, T, H, D))
+ROUTE = jnp.asarray(RNG.random((B, T)) < 0.6)
+SAL = jnp.asarray(RNG.random((B, T, H)) < 0.3)
+WF = jnp.asarray([0.3, 0.8])
+W = 3
+
+
+def _ref(q, k, v, causal_window=None, seg=None):
+  return dot_product_attention(q, k, v, causal=True, window=causal_window, q_segment_ids=seg,
+                               kv_segment_ids=seg, implementation="reference")
+
+
+# ---------------------------------------------------------------------------------------- SeqBoat
+
+_sb = jax.jit(lambda form, act, q, k, v, r, seg: hy.seqboat_attention(
+    q, k, v, r, window=W, activation=act, segment_ids=seg, form=form, chunk_size=4),
+    static_argnums=(0, 1))
+
+
+def _seqboat_loop(q, k, v, route, seg, window, act):
+  """Numpy oracle: per row and segment, compress the routed tokens, local attention over the last
+  `window` of them, scatter back."""
+  q, k, v, route, seg = (np.asarray(a, np.float64) for a in (q, k, v, route, seg))
+  out = np.zeros(v.shape)
+  scale = q.shape[-1] ** -0.5 if act == "softmax" else 1.0 / window
+  for b in range(q.shape[0]):
+    for s in np.unique(seg[b]):
+      idx = [i for i in range(q.shape[1]) if seg[b, i] == s and route[b, i]]
+      for ci, i in enumerate(idx):
+        keys = idx[max(0, ci - window + 1):ci + 1]
+        for h in range(q.shape[2]):
+          sc = np.array([q[b, i, h] @ k[b, j, h] * scale for j in keys])
+          a = np.exp(sc - sc.max()) / np.exp(sc - sc.max()).sum() if act == "softmax" else np.maximum(sc, 0) ** 2
+          out[b, i, h] = sum(aj * v[b, j, h] for aj, j in zip(a, keys))
+  return out
+
+
+@pytest.mark.parametrize("act", ["softmax", "relu2"])
+def test_seqboat_forms_match_loop_oracle_values_and_grads(act):
+  ref = _seqboat_loop(Q, K, V, ROUTE, SEG, W, act)
+  for form in ("parallel", "chunked"):
+    np.testing.assert_allclose(_sb(form, act, Q, K, V, ROUTE, SEG), ref, atol=1e-5, rtol=1e-5, err_msg=form)
+  loss = lambda form, q, k, v: jnp.sum(_sb(form, act, q, k, v, ROUTE, SEG) * jnp.cos(jnp.arange(DV)))
+  g_ref = jax.grad(lambda *a: loss("parallel", *a), argnums=(0, 1, 2))(Q, K, V)
+  g = jax.grad(lambda *a: loss("chunked", *a), argnums=(0, 1, 2))(Q, K, V)
+  for a, b in zip(g, g_ref):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+  assert np.abs(np.asarray(g[0])).sum() > 0
+
+
+def test_seqboat_oracles_all_routed_is_local_attention_none_routed_is_zero():
+  ones = jnp.ones((B, T), bool)
+  np.testing.assert_allclose(_sb("chunked", "softmax", Q, K, V, ones, SEG), _ref(Q, K, V, (W - 1, 0), SEG),
+                             atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(_sb("chunked", "softmax", Q, K, V, ~ones, SEG), 0.0)
+  with pytest.raises(ValueError, match="route"):
+    hy.seqboat_attention(Q, K, V, jnp.ones((B, T, H)), window=W)
+  with pytest.raises(ValueError, match="activation"):
+    hy.seqboat_attention(Q, K, V, ones, window=W, activation="gelu")
+
+
+def test_seqboat_decode_equals_full_forward():
+  full = _sb("parallel", "softmax", Q, K, V, ROUTE, None)
+  cache = hy.seqboat_init_cache(B, 16, H, D, DV)
+  o1, cache = hy.seqboat_decode(Q[:, :6], K[:, :6], V[:, :6], ROUTE[:, :6], cache, window=W)
+  outs = [o1]
+  for t in range(6, T):
+    ot, cache = hy.seqboat_decode(Q[:, t:t + 1], K[:, t:t + 1], V[:, t:t + 1], ROUTE[:, t:t + 1], cache, window=W)
+    outs.append(ot)
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_seqboat_layer_none_routed_is_the_backbone_and_the_router_learns():
+  m = SeqBoatMixer(16, 2, window=3, ndim=2, chunk_size=4, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (1, 9, 16))
+  _, hx, _ = m.backbone(x)
+  m.h_proj_in.bias[...] = m.h_proj_in.bias[...].at[0].set(1e4)     # every token "off"
+  np.testing.assert_allclose(m(x), hx, atol=1e-6)
+  m.h_proj_in.bias[...] = m.h_proj_in.bias[...].at[0].set(0.0)
+  graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+  g = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(x) ** 2))(params)
+  assert float(jnp.abs(g["log_tau"][...])) > 0                      # through the gate p_max
+
+
+# ------------------------------------------------------------------------------------------ STILL
+
+_st = jax.jit(lambda form, q, k, v, pq, pk, sal, seg, ns: hy.still_attention(
+    q, k, v, pq, pk, sal, window=W, window_factor=WF, segment_ids=seg, form=form, chunk_size=4,
+    max_salient=ns), static_argnums=(0, 8))
+
+
+def test_still_oracles_no_salient_is_window_linear_all_salient_is_softmax():
+  none, every = jnp.zeros((B, T, H), bool), jnp.ones((B, T, H), bool)
+  wl = hy.window_linear_attention(Q, K, V, PQ, PK, window=W, window_factor=WF, segment_ids=SEG,
+                                  form="parallel")
+  for form in ("parallel", "chunked"):
+    np.testing.assert_allclose(_st(form, Q, K, V, PQ, PK, none, SEG, None), wl, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(_st(form, Q, K, V, PQ, PK, every, SEG, None), _ref(Q, K, V, None, SEG),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_still_chunked_equals_dense_values_and_grads():
+  def loss(form, q, k, v, pq, pk):
+    return jnp.sum(_st(form, q, k, v, pq, pk, SAL, SEG, None) * jnp.sin(jnp.arange(DV) + 1.0))
+  vr, gr = jax.value_and_grad(lambda *a: loss("parallel", *a), argnums=(0, 1, 2, 3, 4))(Q, K, V, PQ, PK)
+  vc, gc = jax.value_and_grad(lambda *a: loss("chunked", *a), argnums=(0, 1, 2, 3, 4))(Q, K, V, PQ, PK)
+  np.testing.assert_allclose(vc, vr, rtol=1e-5)
+  for a, b in zip(gc, gr):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+  # The salient keys differ from the window+linear hybrid (the test can fail).
+  assert not np.allclose(_st("parallel", Q, K, V, PQ, PK, SAL, SEG, None),
+                         _st("parallel", Q, K, V, PQ, PK, SAL & False, SEG, None), atol=1e-3)
+  # A static bound on the salient count that holds changes nothing.
+  ns = int(jnp.max(jnp.sum(SAL, axis=1)))
+  np.testing.assert_allclose(_st("chunked", Q, K, V, PQ, PK, SAL, SEG, ns),
+                             _st("parallel", Q, K, V, PQ, PK, SAL, SEG, None), atol=1e-5, rtol=1e-5)
+
+
+def test_still_saliency_and_selection_against_brute_force():
+  score = hy.still_saliency(Q, K, window=W, segment_ids=SEG, chunk_size=4)
+  q, k, seg = np.asarray(Q, np.float64), np.asarray(K, np.float64), np.asarray(SEG)
+  for b in range(B):
+    for j in range(T):
+      win = [l for l in range(max(0, j - W + 1), j + 1) if seg[b, l] == seg[b, j]]
+      s = np.array([(q[b, j] * k[b, l]).sum(-1) for l in win]).T / np.sqrt(D)   # [H, |win|]
+      ref = (q[b, j] * k[b, j]).sum(-1) / np.sqrt(D) - np.log(np.exp(s).sum(-1))
+      np.testing.assert_allclose(score[b, j], ref, atol=1e-5)
+  sal = np.asarray(hy.still_select(score, top_k=1, chunk=2, segment_ids=SEG))
+  sc = np.asarray(score)
+  for b in range(B):
+    starts = [0] + [i for i in range(1, T) if seg[b, i] != seg[b, i - 1]] + [T]
+    for s0, s1 in zip(starts[:-1], starts[1:]):
+      for c0 in range(s0, s1, 2):
+        grp = list(range(c0, min(c0 + 2, s1)))
+        for h in range(H):
+          best = grp[int(np.argmax(sc[b, grp, h]))]
+          assert [bool(sal[b, i, h]) for i in grp] == [i == best for i in grp]
+
+
+@pytest.mark.slow
+def test_still_layer_is_causal_and_decodes_like_the_full_forward():
+  m = StillMixer(16, 2, window=3, top_k=1, select_chunk=2, chunk_size=4, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 10, 16))
+  full = m(x)
+  x2 = x.at[:, 7:].set(1.0)
+  np.testing.assert_allclose(m(x2)[:, :7], full[:, :7], atol=1e-5)
+  m.init_cache(2, 16)
+  outs = [m(x[:, :5], decode=True)] + [m(x[:, t:t + 1], decode=True) for t in range(5, 10)]
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-4, rtol=1e-4)
+  with pytest.raises(ValueError, match="select_chunk"):
+    StillMixer(16, 2, window=3, select_chunk=4, rngs=nnx.Rngs(0))
