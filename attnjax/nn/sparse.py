@@ -199,8 +199,9 @@ class RoutingAttnFn(nnx.Module):
 
   Non-causal: balanced clusters (`dynamic.routing_attention`, each centroid takes its `window`
   nearest keys). Causal, decoding and packed sequences: a key joins its nearest centroid (argmax),
-  because balanced top-w membership of a past key depends on future keys (it would leak the
-  future); computed as a dense mask (O(T^2) memory)."""
+  so that a token's cluster never depends on other tokens and a cached decode step sees exactly
+  what the full forward saw; computed as a dense mask (O(T^2) memory). (`dynamic.routing_attention
+  (causal=True)` offers the balanced causal reading: per-query top-w among visible keys.)"""
 
   def __init__(self, num_heads, head_dim, num_clusters, window, rngs):
     c = jax.random.normal(rngs.params(), (num_heads, num_clusters, head_dim))

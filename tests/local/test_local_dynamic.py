@@ -43,9 +43,10 @@ def _values_and_grads_match(fast, ref, args):
 def test_routing_transformer_equals_mask_definition_and_oracles():
   q, k, v = _qkv((2, 21))
   cent = jax.random.normal(jax.random.key(3), (4, 3, 8))
-  fast = lambda q, k, v: D.routing_attention(q, k, v, cent, window=7)
-  ref = lambda q, k, v: _dense(q, k, v, D.routing_mask(q, k, cent, window=7))
-  _values_and_grads_match(fast, ref, (q, k, v))
+  for causal in (True, False):
+    fast = lambda q, k, v: D.routing_attention(q, k, v, cent, window=7, causal=causal)
+    ref = lambda q, k, v: _dense(q, k, v, D.routing_mask(q, k, cent, window=7, causal=causal))
+    _values_and_grads_match(fast, ref, (q, k, v))
   qc, members = D.routing_clusters(q, k, cent, 7)
   assert members.shape == (2, 4, 3, 7)             # balanced: every cluster has w = T / C keys
   assert int(qc.max()) < 3
@@ -59,6 +60,25 @@ def test_routing_transformer_equals_mask_definition_and_oracles():
                              atol=1e-4)
   with pytest.raises(ValueError, match="window"):
     D.routing_attention(q, k, v, cent, window=0)
+
+
+def test_causal_routing_does_not_see_the_future():
+  """Changing tokens after position t leaves outputs at <= t unchanged (causal routing selects
+  each query's top-w among its visible keys); the literal reading (whole-sequence top-w, then a
+  causal mask) does change them, so the check can fail."""
+  q, k, v = _qkv((1, 24), h=2, hk=2)
+  cent = jax.random.normal(jax.random.key(3), (2, 3, 8))
+  t = 11
+  q2, k2, v2 = (x.at[:, t + 1:].set(jax.random.normal(jax.random.key(9), x[:, t + 1:].shape))
+                for x in (q, k, v))
+  out = lambda *a: D.routing_attention(*a, cent, window=4, causal=True)
+  np.testing.assert_allclose(out(q, k, v)[:, :t + 1], out(q2, k2, v2)[:, :t + 1], atol=1e-6)
+
+  def literal(q, k, v):
+    vis = (D.routing_mask(q, k, cent, window=4, causal=False)
+           & (jnp.arange(24)[None, :] <= jnp.arange(24)[:, None]))
+    return _dense(q, k, v, vis)
+  assert float(jnp.max(jnp.abs(literal(q, k, v)[:, :t + 1] - literal(q2, k2, v2)[:, :t + 1]))) > 1e-3
 
 
 def test_dma_block_path_and_mask_definition():

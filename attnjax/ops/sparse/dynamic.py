@@ -47,48 +47,81 @@ def _unit(x):
   return x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-6)
 
 
-def routing_clusters(q, k, centroids, window: int):
-  """k-means routing: `(query_cluster [B, H, Tq], members [B, H, C, w])`.
-
-  `centroids [H, C, D]`. A query joins its nearest centroid (`argmax_c q^_i . mu_c`, unit vectors);
-  centroid c's key members are its `w = window` nearest keys (balanced clusters: every cluster has
-  exactly w keys, the Routing Transformer's top-w assignment), sorted by position. Detached.
-  """
-  h, c, d = centroids.shape
-  if window < 1 or window > k.shape[1]:
-    raise ValueError(f"window must be in [1, Tk={k.shape[1]}], got {window}")
+def _routing_scores(q, k, centroids):
+  """Detached unit-vector similarities to the centroids: `(q [B, H, Tq, C], k [B, H, C, Tk])`."""
+  h = centroids.shape[0]
   if q.shape[2] != h:
     raise ValueError(f"centroids must be [H={q.shape[2]}, C, D], got {centroids.shape}")
   g = q.shape[2] // k.shape[2]
   mu = _unit(jax.lax.stop_gradient(centroids))
   qs = jnp.einsum("bthd,hcd->bhtc", _unit(jax.lax.stop_gradient(q)), mu)
   ks = jnp.einsum("bthd,hcd->bhct", _unit(jnp.repeat(jax.lax.stop_gradient(k), g, axis=2)), mu)
+  return qs, ks
+
+
+def _check_window(window, tk):
+  if window < 1 or window > tk:
+    raise ValueError(f"window must be in [1, Tk={tk}], got {window}")
+
+
+def routing_clusters(q, k, centroids, window: int):
+  """k-means routing: `(query_cluster [B, H, Tq], members [B, H, C, w])`.
+
+  `centroids [H, C, D]`. A query joins its nearest centroid (`argmax_c q^_i . mu_c`, unit vectors);
+  centroid c's key members are its `w = window` nearest keys over the whole sequence (balanced
+  clusters: every cluster has exactly w keys, the Routing Transformer's top-w assignment), sorted
+  by position. Detached. Non-causal membership: see `routing_attention` for the causal reading.
+  """
+  _check_window(window, k.shape[1])
+  qs, ks = _routing_scores(q, k, centroids)
   _, members = jax.lax.top_k(ks, window)
   return jnp.argmax(qs, -1).astype(jnp.int32), jnp.sort(members, -1).astype(jnp.int32)
 
 
+def _causal_members(q, k, centroids, window):
+  """Per query i: the `window` keys j <= i nearest to i's centroid, `(idx, ok)` `[B, H, Tq, w]`."""
+  qs, ks = _routing_scores(q, k, centroids)
+  qc = jnp.argmax(qs, -1)
+  s = jnp.take_along_axis(ks, qc[..., None], axis=2)                # [B, H, Tq, Tk]
+  tq = q.shape[1]
+  future = jnp.arange(k.shape[1])[None, :] > jnp.arange(tq)[:, None]
+  _, idx = jax.lax.top_k(jnp.where(future, -jnp.inf, s), window)
+  return idx.astype(jnp.int32), idx <= jnp.arange(tq)[None, None, :, None]
+
+
 def routing_attention(q, k, v, centroids, *, window: int, causal: bool = True, scale=None):
-  """Routing Transformer attention [29] on `[B, T, H, D]`: query i attends the `window` keys of its
-  cluster (`routing_clusters`), and only `j <= i` when causal (Tq == Tk). Memory O(T * w) per head
-  (the cluster's keys are gathered per query). Paper: C ~ sqrt(T) clusters, w = T / C, shared QK
-  (pass k = q's projection to share). Reading ("from memory"): hard argmax query assignment, so every
-  query has exactly one cluster; rows left without a visible key (causal) give zeros.
+  """Routing Transformer attention [29] on `[B, T, H, D]` -> `[B, Tq, H, Dv]`.
+
+  Query i attends the `window` keys of its cluster. Paper: C ~ sqrt(T) clusters, w = T / C, shared
+  QK (pass k = q's projection to share). Reading ("from memory"): hard argmax query assignment, so
+  every query has exactly one cluster.
+
+  * Non-causal: the cluster's members are its `window` nearest keys over the whole sequence
+    (`routing_clusters`); memory O(T * w) per head (the cluster's keys are gathered per query).
+  * Causal (Tq == Tk): the members are the `window` keys `j <= i` nearest to the centroid. Taking
+    the balanced top-w over the whole sequence and masking `j > i` afterwards, as a literal reading
+    would, lets future keys push past keys out of a cluster, so future tokens would change past
+    outputs. The per-query selection costs O(T^2) detached scalars per head (no D factor).
+    Rows with fewer than `window` visible keys attend to all of them.
   """
   _check_bthd(q, k, v)
   b, tq, h, d = q.shape
   if causal and tq != k.shape[1]:
     raise ValueError("causal routing attention needs Tq == Tk")
+  _check_window(window, k.shape[1])
   scale = d ** -0.5 if scale is None else scale
-  qc, members = routing_clusters(q, k, centroids, window)
   g = h // k.shape[2]
-  idx = jnp.take_along_axis(members, qc[..., None], axis=2)          # [B, H, Tq, w]
+  if causal:
+    idx, ok = _causal_members(q, k, centroids, window)
+  else:
+    qc, members = routing_clusters(q, k, centroids, window)
+    idx = jnp.take_along_axis(members, qc[..., None], axis=2)        # [B, H, Tq, w]
   bi = jnp.arange(b)[:, None, None, None]
   hi = (jnp.arange(h) // g)[None, :, None, None]
   kg, vg = k[bi, idx, hi], v[bi, idx, hi]                            # [B, H, Tq, w, D]
   s = jnp.einsum("bthd,bhtwd->bhtw", q, kg, preferred_element_type=jnp.float32) * scale
-  ok = jnp.ones(s.shape, bool)
-  if causal:
-    ok = idx <= jnp.arange(tq)[None, None, :, None]
+  if not causal:
+    ok = jnp.ones(s.shape, bool)
   o = _masked_softmax_attend(s, ok, vg)                              # [B, H, Tq, Dv]
   return o.transpose(0, 2, 1, 3).astype(q.dtype)
 
@@ -96,31 +129,28 @@ def routing_attention(q, k, v, centroids, *, window: int, causal: bool = True, s
 def routing_mask(q, k, centroids, *, window: int, causal: bool = True, balanced: bool = True):
   """`[B, H, Tq, Tk]` bool: the Routing Transformer's pattern as a dense mask (the oracle).
 
-  `balanced=False`: key j belongs to its nearest centroid (argmax, clusters of any size) instead of
-  the balanced top-`window` membership. Only this variant is causal-safe: whether a past key is
-  among a centroid's top-w depends on the future keys it competes with, so the balanced causal
-  pattern (`routing_attention(causal=True)`) lets future tokens change past outputs."""
-  tk = k.shape[1]
+  `balanced=True` is `routing_attention`'s pattern, computed by ranking (a stable sort) rather than
+  by top-k: non-causal, key j is visible to query i when j is among the `window` best-ranked keys
+  of i's centroid; causal, when `j <= i` and j is among the `window` best-ranked keys `<= i`.
+  `balanced=False`: key j belongs to its nearest centroid (argmax, clusters of any size), and query
+  i sees the keys of its own cluster (`j <= i + Tk - Tq` when causal)."""
+  tq, tk = q.shape[1], k.shape[1]
+  qs, ks = _routing_scores(q, k, centroids)
+  qc = jnp.argmax(qs, -1)
   if not balanced:
-    h, c, _ = centroids.shape
-    g = q.shape[2] // k.shape[2]
-    mu = _unit(jax.lax.stop_gradient(centroids))
-    qc = jnp.argmax(jnp.einsum("bthd,hcd->bhtc", _unit(jax.lax.stop_gradient(q)), mu), -1)
-    kc = jnp.argmax(jnp.einsum("bthd,hcd->bhtc", _unit(jnp.repeat(jax.lax.stop_gradient(k), g,
-                                                                   axis=2)), mu), -1)
+    kc = jnp.argmax(ks, -2)                                          # [B, H, Tk]
     mask = qc[..., :, None] == kc[..., None, :]
     if causal:
-      mask = mask & (jnp.arange(tk)[None, :] <= jnp.arange(q.shape[1])[:, None] + tk - q.shape[1])
+      mask = mask & (jnp.arange(tk)[None, :] <= jnp.arange(tq)[:, None] + tk - tq)
     return mask
-  qc, members = routing_clusters(q, k, centroids, window)
-  member = jnp.zeros(members.shape[:3] + (tk,), bool).at[
-      jnp.arange(members.shape[0])[:, None, None, None], jnp.arange(members.shape[1])[None, :, None,
-                                                                                      None],
-      jnp.arange(members.shape[2])[None, None, :, None], members].set(True)   # [B, H, C, Tk]
-  mask = jnp.take_along_axis(member, qc[..., None], axis=2)                    # [B, H, Tq, Tk]
+  _check_window(window, tk)
+  s = jnp.take_along_axis(ks, qc[..., None], axis=2)                # [B, H, Tq, Tk]
+  visible = jnp.ones((tq, tk), bool)
   if causal:
-    mask = mask & (jnp.arange(tk)[None, :] <= jnp.arange(q.shape[1])[:, None])
-  return mask
+    visible = jnp.arange(tk)[None, :] <= jnp.arange(tq)[:, None]
+  order = jnp.argsort(jnp.where(visible, -s, jnp.inf), axis=-1, stable=True)
+  rank = jnp.argsort(order, axis=-1, stable=True)
+  return (rank < window) & visible
 
 
 def update_centroids(centroids, x, decay: float = 0.999):
