@@ -1,12 +1,14 @@
 """Neighborhood / local attention layers (catalog N) and their registered sequence mixers.
 
-Registered: `na1d` (alias `neighborhood`): 1D neighborhood attention inside `MultiHeadAttention`.
+Registered: `na1d` (alias `neighborhood`): 1D neighborhood attention inside `MultiHeadAttention`;
+`swin`, `halo`, `bra`, `freeswim`: 2D vision patterns over tokens on an image grid (`grid_attn_fn`).
 2D layers for vision backbones: `NeighborhoodAttention2D` (NAT/DiNAT), `SwinAttention2D`.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -17,6 +19,8 @@ from attnjax.nn.attention import MultiHeadAttention
 from attnjax.nn.layers import dense
 from attnjax.ops import local as local_ops
 from attnjax.ops import neighborhood
+from attnjax.ops.operators._common import PatternUndefinedError
+from attnjax.ops.sparse import routing as routing_ops
 from attnjax.ops.softmax import dot_product_attention
 from attnjax.registry import register_mixer
 
@@ -125,3 +129,136 @@ class SwinAttention2D(nnx.Module):
     if self.gate is not None:
       o = o * jax.nn.sigmoid(self.gate(x))
     return self.proj(o)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2D vision patterns as sequence mixers (tokens on an image grid, row-major)
+# ---------------------------------------------------------------------------------------------
+
+
+def grid_layout(t: int, grid=None, num_prefix: int | None = None):
+  """`(num_prefix, (X, Y))` of a token sequence of length `t`: `num_prefix` leading tokens (a ViT
+  class token) followed by an `X x Y` row-major image grid.
+
+  Without `grid`: a square `t` is a square grid; `t - 1` square reads one class token; any other
+  `t` is read as one row `(1, t)`, so the mixer also runs on plain sequences."""
+  if grid is not None:
+    gx, gy = (int(a) for a in grid)
+    p = t - gx * gy if num_prefix is None else num_prefix
+    if gx < 1 or gy < 1 or p < 0 or p + gx * gy != t:
+      raise ValueError(f"grid={tuple(grid)} with num_prefix={num_prefix} does not fit T={t} tokens")
+    return p, (gx, gy)
+  for p in ((0, 1) if num_prefix is None else (num_prefix,)):
+    side = math.isqrt(max(t - p, 0))
+    if side > 0 and side * side == t - p:
+      return p, (side, side)
+  p = num_prefix or 0
+  if t - p < 1:
+    raise ValueError(f"num_prefix={p} leaves no image tokens in T={t}")
+  return p, (1, t - p)
+
+
+def _largest_divisor_at_most(n: int, cap: int) -> int:
+  return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+
+
+def _grid_swin(q, k, v, gx, gy, *, window: int = 7, shift: int = 0, force_dense: bool = False):
+  wx, wy = min(window, gx), min(window, gy)
+  # As Swin does when the map is no larger than the window: one window, no shift.
+  sx, sy = (shift % wx if wx < gx else 0), (shift % wy if wy < gy else 0)
+  if not force_dense and gx % wx == 0 and gy % wy == 0:
+    return local_ops.swin_window_attention(q, k, v, (wx, wy), (sx, sy))
+  # Partial windows at the far border: Swin pads the map, and padded tokens are hidden here.
+  return _dense_grid(q, k, v, local_ops.swin_mask(gx, gy, (wx, wy), (sx, sy)))
+
+
+def _grid_halo(q, k, v, gx, gy, *, block: int = 8, halo: int = 3, force_dense: bool = False):
+  if not force_dense and gx % block == 0 and gy % block == 0:
+    return local_ops.halo_attention(q, k, v, block, halo, pad_mode="mask")
+  return _dense_grid(q, k, v, local_ops.halo_mask(gx, gy, block, halo))
+
+
+def _grid_bra(q, k, v, gx, gy, *, regions: int = 7, top_k: int = 4, force_dense: bool = False):
+  r = _largest_divisor_at_most(math.gcd(gx, gy), regions)
+  return routing_ops.bra_attention(q, k, v, regions=r, top_k=min(top_k, r * r),
+                                   implementation="reference" if force_dense else "block_sparse")
+
+
+def _grid_freeswim(q, k, v, gx, gy, *, window: int = 7, force_dense: bool = False):
+  spatial = tuple(s for s in (gx, gy) if s > 1)
+  if not spatial:                         # a single image token sees only itself
+    return jnp.repeat(v, q.shape[3] // v.shape[3], axis=3)
+  b, h = q.shape[0], q.shape[3]
+  shape = lambda a: a.reshape((b,) + spatial + a.shape[3:])
+  o = local_ops.freeswim_attention(shape(q), shape(k), shape(v), window,
+                                   implementation="reference" if force_dense else "block_sparse")
+  return o.reshape(b, gx, gy, h, v.shape[-1])
+
+
+def _dense_grid(q, k, v, mask):
+  b, gx, gy = q.shape[:3]
+  flat = lambda a: a.reshape(b, gx * gy, *a.shape[3:])
+  o = dot_product_attention(flat(q), flat(k), flat(v), mask=jnp.asarray(mask),
+                            implementation="reference")
+  return o.reshape(b, gx, gy, *o.shape[2:])
+
+
+_GRID_PATTERNS = {"swin": _grid_swin, "halo": _grid_halo, "bra": _grid_bra,
+                  "freeswim": _grid_freeswim}
+
+
+def grid_attn_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=None,
+                 pattern: str, grid=None, num_prefix: int | None = None, force_dense: bool = False,
+                 pattern_options: dict | None = None, **unused):
+  """`attn_fn` for `MultiHeadAttention`: a 2D vision pattern over `[B, T, H, D]` tokens laid out
+  by `grid_layout` (prefix tokens, then a row-major `X x Y` grid).
+
+  Image tokens attend to image tokens through `pattern` (`swin`, `halo`, `bra`, `freeswim`); prefix
+  tokens (a class token) attend to every token, as global tokens do. Grids the fast op cannot tile
+  (a window or block that does not divide the map) use the pattern's dense mask (O(T^2)).
+  Self-attention only; causal, decoding and packed sequences are undefined for these patterns.
+  """
+  if causal or mask is not None:
+    raise PatternUndefinedError(f"{pattern}: causal attention and decoding are undefined for a 2D "
+                                "vision pattern; build it with causal=False")
+  if q_segment_ids is not None:
+    raise PatternUndefinedError(f"{pattern}: packed sequences (segment_ids) are undefined on a grid")
+  if q.shape[1] != k.shape[1]:
+    raise PatternUndefinedError(f"{pattern}: cross attention is undefined (keys live on the query grid)")
+  b, t = q.shape[:2]
+  p, (gx, gy) = grid_layout(t, grid, num_prefix)
+  img = lambda a: a[:, p:].reshape(b, gx, gy, *a.shape[2:])
+  o = _GRID_PATTERNS[pattern](img(q), img(k), img(v), gx, gy, force_dense=force_dense,
+                              **(pattern_options or {}))
+  o = o.reshape(b, gx * gy, *o.shape[3:]).astype(q.dtype)
+  if p:
+    o_prefix = dot_product_attention(q[:, :p], k, v, implementation="reference").astype(q.dtype)
+    o = jnp.concatenate([o_prefix, o], axis=1)
+  return o
+
+
+def _grid_builder(pattern: str, option_names: tuple[str, ...]):
+  def build(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, grid=None,
+            num_prefix: int | None = None, **options: Any):
+    if causal:
+      raise PatternUndefinedError(f"{pattern}: the causal pattern is undefined for this 2D vision "
+                                  "pattern; use causal=False (ViT builds its mixers that way)")
+    pattern_options = {n: options.pop(n) for n in option_names if n in options}
+    fn = functools.partial(grid_attn_fn, pattern=pattern, grid=grid, num_prefix=num_prefix,
+                           pattern_options=pattern_options)
+    # Positions come from the grid pattern (and the ViT's position embedding), not from RoPE.
+    options.setdefault("rope", False)
+    return MultiHeadAttention(d_model, num_heads, causal=False, attn_fn=fn, rngs=rngs, **options)
+  build.__doc__ = (f"`{pattern}` over tokens on an image grid (`grid=(X, Y)`, `num_prefix`; default: "
+                   f"inferred by `grid_layout`); pattern options: {', '.join(option_names)}.")
+  return build
+
+
+register_mixer("swin", "Swin W-MSA / SW-MSA [18] window attention on an image grid (window, shift; "
+               "non-causal).")(_grid_builder("swin", ("window", "shift")))
+register_mixer("halo", "HaloNet blocked local attention [20] on an image grid (block, halo; "
+               "non-causal).")(_grid_builder("halo", ("block", "halo")))
+register_mixer("bra", "BiFormer bi-level routing attention [112] on an image grid (regions, top_k; "
+               "non-causal).")(_grid_builder("bra", ("regions", "top_k")))
+register_mixer("freeswim", "FreeSwim inward sliding window [113] on an image grid (window; "
+               "non-causal).")(_grid_builder("freeswim", ("window",)))

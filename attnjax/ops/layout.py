@@ -265,7 +265,13 @@ def from_block_mask(block_mask, block_partial=None, *, block_q: int, block_k: in
     if query_block_select.ndim != 4 or query_block_select.shape[-2:] != (tq, nk):
       raise ValueError(f"query_block_select must be [B|1, H|1, Tq={tq}, nK={nk}], got "
                        f"{query_block_select.shape}")
-  conv = (lambda a: jnp.asarray(a)) if xp is np else (lambda a: a)
+  # Host layouts become concrete device arrays even when built inside a trace: they are cached
+  # (`functools.lru_cache` on the callers), and a cached tracer would leak into the next trace.
+  def conv(a):
+    if xp is not np:
+      return a
+    with jax.ensure_compile_time_eval():
+      return jnp.asarray(a)
   return BlockLayout(conv(kc), conv(ki), conv(kp), conv(qc), conv(qi), conv(qp),
                      query_block_select, block_q=int(block_q), block_k=int(block_k), tq=int(tq),
                      tk=int(tk), mask_rule=mask_rule)
