@@ -1012,8 +1012,9 @@ def _build_skip(*, d_model, num_heads, causal, rngs, **options):
 
 
 class StillMixer(WindowLinearMixer):
-  """STILL [3] layer: the LoLCATs window + linear hybrid (`WindowLinearMixer`: Hedgehog maps,
-  per-head window factor) whose softmax set also keeps the salient older tokens.
+  """STILL [3] layer: the LoLCATs window + linear hybrid (`WindowLinearMixer`: learned Hedgehog
+  maps, here inside the NP-Map below; per-head window factor) whose softmax set also keeps the
+  salient older tokens.
 
   Reading (only the abstract was available; the catalog marks the score "verify"): the
   Self-Saliency Score of token j is the log weight it gives itself in its own causal window
@@ -1021,14 +1022,25 @@ class StillMixer(WindowLinearMixer):
   `top_k` best tokens of each `select_chunk` positions (from the segment start) are salient
   (`still_select`). "Delayed selection": a chunk is decided once it is complete, which happens
   before its first token leaves the window because `select_chunk <= window` (enforced), so the
-  layer is causal. The NP-Map (norm re-injection) is not applied: the feature maps are Hedgehog's.
-  Decoding keeps every key (`still_decode`, dense over the cache).
+  layer is causal. Decoding keeps every key (`still_decode`, dense over the cache; it receives
+  the same feature maps as the full forward).
+
+  NP-Map (`np_map=True`, default): the linear branch's features are
+  `phi(x) = ||x|| psi(x / ||x||)` with `psi` the Hedgehog map (per head, learned `W`) applied to
+  the unit direction, so the learned map only shapes the direction and the pretrained norm of
+  q / k is re-injected (`phi(c x) = c phi(x)` for c > 0; `phi(0) = 0`). Only the abstract was
+  available ("decouples feature direction from magnitude and reinjects pretrained norms"): that
+  `psi` is Hedgehog's map and that the norm is the plain L2 norm of the head's q / k is our
+  reading. `np_map=False` uses Hedgehog's map on the raw q / k (the LoLCATs features).
   """
 
   def __init__(self, d_model, num_heads, *, causal=True, window=64, top_k=4, select_chunk=None,
-               rngs, **kw):
+               np_map: bool = True, rngs, **kw):
     if not causal:
       raise NotImplementedError("mixer 'still' is causal only (a window of past keys)")
+    if not isinstance(np_map, bool):
+      raise ValueError(f"np_map must be a bool, got {np_map!r}")
+    self.np_map = np_map
     super().__init__(d_model, num_heads, causal=causal, window=window, rngs=rngs, **kw)
     select_chunk = window if select_chunk is None else select_chunk
     if not isinstance(select_chunk, int) or not 1 <= select_chunk <= window:
@@ -1041,9 +1053,23 @@ class StillMixer(WindowLinearMixer):
   def init_cache(self, batch_size, max_len, dtype=jnp.float32):
     self.state = nnx.Cache(still_init_cache(batch_size, max_len, self.h, self.d, 2 * self.d, self.d))
 
+  def feature(self, x, weight):
+    """The linear branch's feature map: `x [..., H, D]`, `weight [H, D, D]` -> `[..., H, 2D]`
+    (NP-Map `||x|| hedgehog(x / ||x||)`, or plain Hedgehog with `np_map=False`)."""
+    if not self.np_map:
+      return fm.hedgehog(x, weight)
+    xf = x.astype(jnp.float32)
+    n2 = jnp.sum(xf * xf, axis=-1, keepdims=True)
+    # A zero vector has no direction: its feature is 0 (the norm factor), and the guarded sqrt
+    # keeps its gradient finite.
+    nz = n2 > 0
+    n = jnp.sqrt(jnp.where(nz, n2, 1.0))
+    psi = fm.hedgehog(xf / n, weight)
+    return (jnp.where(nz, n, 0.0) * psi).astype(x.dtype)
+
   def __call__(self, x, *, segment_ids=None, decode=False):
     q, k, v = self._qkv(x)
-    pq, pk = fm.hedgehog(q, self.fm_q[...]), fm.hedgehog(k, self.fm_k[...])
+    pq, pk = self.feature(q, self.fm_q[...]), self.feature(k, self.fm_k[...])
     wf = jax.nn.sigmoid(self.window_logit[...])
     if decode:
       o, st = still_decode(q, k, v, pq, pk, self._cache_get("state"), window=self.window,
@@ -1163,7 +1189,7 @@ class SeqBoatMixer(nnx.Module, _StateCache):
     return hx + h
 
 
-@register_mixer("still", "STILL: window softmax + salient tokens (self-saliency top-k per chunk) + linear rest, shared normaliser.")
+@register_mixer("still", "STILL: window softmax + salient tokens (self-saliency top-k per chunk) + NP-Map linear rest, shared normaliser.")
 def _build_still(*, d_model, num_heads, causal, rngs, **options):
   return StillMixer(d_model, num_heads, causal=causal, rngs=rngs, **options)
 

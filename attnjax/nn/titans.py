@@ -4,7 +4,7 @@ Miras [59] memory variants as options. Registered mixers:
 * `titans_memory`: the bare neural-memory layer (`attnjax.ops.linear.titans.neural_memory`);
 * `titans_mag`: memory as a gate, `o = W_o(RMSNorm(SWA(x)) (.) sigmoid(RMSNorm(M(x))))`;
 * `titans_mal`: memory as a layer, `o = SWA(M(x))`;
-* `titans_mac`: memory as context (segment-wise; no token-by-token decoding).
+* `titans_mac`: memory as context (segment-wise; decodes token by token with O(segment_len) state).
 
 Every option of `NeuralMemory` (`memory`, `loss`, `p`, `huber_delta`, `retention`, `q`,
 `chunk_size`, ...) passes through the registry options; Moneta / Yaad / Memora are e.g.
@@ -287,7 +287,7 @@ class TitansMAL(nnx.Module):
     return self.attn(h, segment_ids=segment_ids, decode=decode)
 
 
-class TitansMAC(nnx.Module):
+class TitansMAC(nnx.Module, _Cached):
   """Memory as context, segment by segment (segments of `segment_len` tokens).
 
   For segment s with memory state `M_{s-1}`: retrieve `h_i = M*_{s-1}(q_i)` (a read without
@@ -298,10 +298,22 @@ class TitansMAC(nnx.Module):
   memory over the segment from `M_{s-1}`, giving `M_s`) and read it per token; output
   `W_o(RMSNorm(y) (.) sigmoid(RMSNorm(M(y))))` (the MAG gate). `segment_len` must be a multiple
   of the memory's `chunk_size` (default: equal), so each segment starts at a chunk boundary.
+  RoPE positions restart at every segment (the attention never looks across one).
 
-  The segment loop is a Python loop (T / segment_len steps). Token-by-token decoding would need
-  the segment's retrieved tokens and attention cache rebuilt per step and is not defined here
-  (`init_cache` raises NotImplementedError); packed `segment_ids` are not supported either.
+  The full forward scans the whole segments (`lax.scan`) and runs the ragged tail after them;
+  packed `segment_ids` are not supported (the segment grid is absolute).
+
+  Decoding (`init_cache`, then `decode=True` with any number of tokens) is exact and needs
+  O(segment_len) state, independent of `max_len`: the read memory `M_{s-1}` (the accumulator at
+  the start of the current segment), the RoPE-rotated keys and the values of the segment's h
+  tokens and x tokens so far (`segment_len` slots each; slots past the current position are
+  masked, so they need no clearing), the memory state being advanced over the segment's `y`
+  (one `neural_memory_step` per token: token i's memory read-out only depends on `y_0..y_i`,
+  and the step refreshes the gradient point every `chunk_size` tokens exactly as the chunked
+  full forward does) and the position in the segment. When a segment completes, the advanced
+  memory becomes the read memory `M_s` and the position returns to 0. A multi-token call
+  (prefill) scans these steps over its tokens (`lax.scan`; the token-only projections are
+  batched outside it), so it may start and end anywhere in a segment.
   """
 
   def __init__(self, d_model, num_heads, *, segment_len: int = 16, num_persistent: int = 4,
@@ -319,10 +331,24 @@ class TitansMAC(nnx.Module):
     self.attn_norm = RMSNorm(self.d, axis_name="head_dim")
     self.mem_norm = RMSNorm(self.d, axis_name="head_dim")
     self.o_proj = dense(d_model, d_model, axes=("heads", "embed"), rngs=rngs)
+    self.state = nnx.data(None)
 
   def init_cache(self, batch_size, max_len, dtype=jnp.float32):
-    raise NotImplementedError("titans_mac: token-by-token decoding is not defined (memory as "
-                              "context works segment by segment); use titans_mag or titans_mal")
+    """Decode state for `batch_size` rows. `max_len` is not needed: the state is O(segment_len)."""
+    del max_len
+    mem = tops.init_memory_state(self.memory._memory0(), batch_size)
+    kv = jnp.zeros((batch_size, 2 * self.segment_len, self.h, self.d), dtype)
+    # read: M_{s-1}; k, v: [h-token slots | x-token slots] of the current segment; mem: the
+    # memory advanced over the segment's y so far; pos: tokens of the current segment so far.
+    self.state = nnx.Cache(dict(read=mem.memory, mem=mem, k=kv, v=kv,
+                                pos=jnp.zeros((), jnp.int32)))
+
+  def _gate_out(self, y, m):
+    """`W_o(RMSNorm(y) (.) sigmoid(RMSNorm(m)))`: `y [B, T, d_model]`, `m [B, T, H, d]`."""
+    b, t, _ = y.shape
+    out = (self.attn_norm(y.reshape(b, t, self.h, self.d))
+           * jax.nn.sigmoid(self.mem_norm(m).astype(jnp.float32)).astype(y.dtype))
+    return self.o_proj(out.reshape(b, t, -1))
 
   def _segment(self, xs, state):
     b, s, _ = xs.shape
@@ -340,22 +366,81 @@ class TitansMAC(nnx.Module):
     mask = jnp.concatenate([causal, causal], -1)[None, None]
     y = self.y_proj(a.attend(q, k, v, mask, q0).reshape(b, s, -1))
     m, state = self.memory.run(y, initial_state=state)
-    out = self.attn_norm(hd(y)) * jax.nn.sigmoid(self.mem_norm(m).astype(jnp.float32)).astype(y.dtype)
-    return self.o_proj(out.reshape(b, s, -1)), state
+    return self._gate_out(y, m), state
+
+  def _decode(self, x):
+    """`x [B, T, d_model]` continuing the cached state -> `[B, T, d_model]` (see the class docstring)."""
+    st = self._state()
+    b, t, _ = x.shape
+    n, a, mem = self.segment_len, self.attn, self.memory
+    if st["k"].shape[0] != b:
+      raise ValueError(f"titans_mac: x has batch {b} but the cache was made for {st['k'].shape[0]}")
+    hd = lambda y: y.reshape(y.shape[0], y.shape[1], self.h, self.d)
+    # Everything that depends on the token alone, for all T tokens at once (RoPE at the position
+    # within the segment, which wraps at segment boundaries).
+    pos = (st["pos"] + jnp.arange(t)) % n
+    mq, *_ = mem.project(x)
+    q0 = hd(a.q_proj(x))
+    q = apply_rope(q0, pos)
+    kx = apply_rope(hd(a.k_proj(x)), pos)
+    vx = hd(a.v_proj(x))
+    slots = jnp.arange(n)
+    cdt = st["k"].dtype
+
+    def step(carry, xs):
+      read, mstate, kc, vc, p = carry
+      mq_t, q0_t, q_t, kx_t, vx_t = (y[:, None] for y in xs)          # [B, 1, H, d]
+      h = tops.memory_read(mem.spec, read, mq_t)                        # M*_{s-1}(q_t)
+      h_tok = self.h_proj(h.reshape(b, 1, -1))
+      kh_t = apply_rope(hd(a.k_proj(h_tok)), p[None])
+      vh_t = hd(a.v_proj(h_tok))
+      put = lambda buf, y, at: jax.lax.dynamic_update_slice_in_dim(buf, y.astype(cdt), at, 1)
+      kc = put(put(kc, kh_t, p), kx_t, n + p)
+      vc = put(put(vc, vh_t, p), vx_t, n + p)
+      vis = slots <= p                                                  # this segment's tokens <= t
+      mask = jnp.concatenate([vis, vis])[None, None, None]
+      y = self.y_proj(a.attend(q_t, kc.astype(q_t.dtype), vc.astype(q_t.dtype), mask, q0_t)
+                      .reshape(b, 1, -1))
+      yq, yk, yv, th, lg, lm = mem.project(y)
+      m, mstate = tops.neural_memory_step(yq[:, 0], yk[:, 0], yv[:, 0], th[:, 0], mstate,
+                                          log_retain_t=lg[:, 0],
+                                          log_momentum_t=None if lm is None else lm[:, 0],
+                                          spec=mem.spec, chunk_size=mem.chunk_size)
+      o = self._gate_out(y, m[:, None])[:, 0]
+      # Segment complete: M_s (the memory after the segment's last y) becomes the read memory.
+      p = p + 1
+      done = p == n
+      read = tuple(jnp.where(done, w, r) for w, r in zip(mstate.memory, read))
+      return (read, mstate, kc, vc, jnp.where(done, 0, p)), o
+
+    carry = (st["read"], st["mem"], st["k"], st["v"], st["pos"])
+    tok = lambda y: jnp.moveaxis(y, 1, 0)
+    carry, o = jax.lax.scan(step, carry, (tok(mq), tok(q0), tok(q), tok(kx), tok(vx)))
+    read, mstate, kc, vc, p = carry
+    self.state.set_value(dict(read=read, mem=mstate, k=kc, v=vc, pos=p))
+    return jnp.moveaxis(o, 0, 1).astype(x.dtype)
 
   def __call__(self, x, *, segment_ids=None, decode=False):
-    if decode:
-      raise NotImplementedError("titans_mac: decode=True is not defined (see init_cache)")
+    if x.ndim != 3:
+      raise ValueError(f"x must be [B, T, d_model], got shape {x.shape}")
     if segment_ids is not None:
       raise NotImplementedError("titans_mac: packed segment_ids are not supported (segments of "
                                 "the memory-as-context loop are absolute)")
-    b, t, _ = x.shape
+    if decode:
+      return self._decode(x)
+    b, t, d = x.shape
+    n = self.segment_len
     state = tops.init_memory_state(self.memory._memory0(), b)
+    full = t // n
     outs = []
-    for start in range(0, t, self.segment_len):
-      o, state = self._segment(x[:, start:start + self.segment_len], state)
-      outs.append(o)
-    return jnp.concatenate(outs, 1)
+    if full:
+      # The whole segments in a scan (one trace however long the sequence), the ragged tail after.
+      xs = jnp.moveaxis(x[:, :full * n].reshape(b, full, n, d), 1, 0)
+      state, o = jax.lax.scan(lambda st, xs_: self._segment(xs_, st)[::-1], state, xs)
+      outs.append(jnp.moveaxis(o, 0, 1).reshape(b, full * n, -1))
+    if t % n:
+      outs.append(self._segment(x[:, full * n:], state)[0])
+    return jnp.concatenate(outs, 1) if len(outs) > 1 else outs[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,7 +473,7 @@ def _build_mal(*, d_model, num_heads, causal, rngs, **options):
   return TitansMAL(d_model, num_heads, rngs=rngs, **other, **mem)
 
 
-@register_mixer("titans_mac", "Titans MAC: segment attention over [persistent, retrieved memory, segment]; no decoding.")
+@register_mixer("titans_mac", "Titans MAC: segment attention over [persistent, retrieved memory, segment], memory updated with the output.")
 def _build_mac(*, d_model, num_heads, causal, rngs, **options):
   _causal_only("titans_mac", causal)
   mem, other = _split_options("titans_mac", options, ("segment_len", "num_persistent"))

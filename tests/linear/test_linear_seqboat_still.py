@@ -175,3 +175,49 @@ def test_still_layer_is_causal_and_decodes_like_the_full_forward():
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-4, rtol=1e-4)
   with pytest.raises(ValueError, match="select_chunk"):
     StillMixer(16, 2, window=3, select_chunk=4, rngs=nnx.Rngs(0))
+
+
+
+def _still_np(seed=1, **kw):
+  m = StillMixer(16, 2, window=3, top_k=1, select_chunk=2, chunk_size=4, rngs=nnx.Rngs(seed), **kw)
+  # Move the learned direction maps off the identity so psi is a generic Hedgehog map.
+  m.fm_q[...] = m.fm_q[...] + 0.5 * jax.random.normal(jax.random.key(3), m.fm_q.shape)
+  m.fm_k[...] = m.fm_k[...] + 0.5 * jax.random.normal(jax.random.key(5), m.fm_k.shape)
+  return m
+
+
+def test_still_np_map_reinjects_the_norm():
+  m = _still_np()
+  assert m.np_map
+  w = m.fm_q[...]
+  x = _arr(B, T, H, 8)
+  feat = jax.jit(m.feature)
+  phi = feat(x, w)
+  # phi(c x) = c phi(x) for c > 0; phi(x) = ||x|| hedgehog(x / ||x||); phi(0) = 0.
+  for c in (0.25, 3.0):
+    np.testing.assert_allclose(feat(c * x, w), c * phi, rtol=1e-5, atol=1e-6)
+  n = jnp.linalg.norm(x, axis=-1, keepdims=True)
+  np.testing.assert_allclose(phi, n * fm.hedgehog(x / n, w), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(jnp.sum(phi, -1, keepdims=True), 2 * n, rtol=1e-5)   # two softmaxes
+  np.testing.assert_array_equal(feat(jnp.zeros_like(x), w), 0.0)
+  g = jax.jit(jax.grad(lambda x: jnp.sum(m.feature(x, w) ** 2)))(x.at[0, 0].set(0.0))
+  assert np.isfinite(np.asarray(g)).all()
+  # The plain Hedgehog map has no such homogeneity; np_map=False is exactly it.
+  assert not np.allclose(feat(3.0 * x, w), 3.0 * fm.hedgehog(x, w), atol=1e-3)
+  plain = StillMixer(16, 2, window=3, top_k=1, select_chunk=2, np_map=False, rngs=nnx.Rngs(1))
+  np.testing.assert_array_equal(plain.feature(x, w), fm.hedgehog(x, w))
+  with pytest.raises(ValueError, match="np_map"):
+    StillMixer(16, 2, window=3, np_map="yes", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.slow
+def test_still_np_map_layer_is_causal_and_decodes_like_the_full_forward():
+  m = _still_np()
+  fwd = nnx.jit(lambda m, x: m(x))
+  step = nnx.jit(lambda m, x: m(x, decode=True))
+  x = jax.random.normal(jax.random.key(4), (2, 9, 16))
+  full = fwd(m, x)
+  np.testing.assert_allclose(fwd(m, x.at[:, 6:].set(1.0))[:, :6], full[:, :6], atol=1e-5)
+  m.init_cache(2, 12)
+  outs = [step(m, x[:, :5])] + [step(m, x[:, t:t + 1]) for t in range(5, 9)]
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-4, rtol=1e-4)

@@ -268,15 +268,16 @@ def test_layer_decoding_across_chunk_boundaries_equals_forward(name, options):
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=2e-4, rtol=2e-3)
 
 
-def test_mac_runs_by_segments_and_refuses_decoding():
+def test_mac_runs_by_segments_and_rejects_bad_options():
   m = build_mixer("titans_mac", d_model=16, num_heads=2, causal=True, rngs=nnx.Rngs(0), segment_len=4)
   x = jax.random.normal(jax.random.key(13), (1, 10, 16))
-  y = m(x)
+  fwd = nnx.jit(lambda m, x: m(x))
+  y = fwd(m, x)
   assert y.shape == x.shape and np.isfinite(np.asarray(y)).all()
   # Causal across and within segments: changing token 6 leaves 0..5 alone.
-  np.testing.assert_allclose(m(x.at[:, 6:].set(0.0))[:, :6], y[:, :6], atol=1e-5)
-  with pytest.raises(NotImplementedError, match="titans_mac"):
-    m.init_cache(1, 16)
+  np.testing.assert_allclose(fwd(m, x.at[:, 6:].set(0.0))[:, :6], y[:, :6], atol=1e-5)
+  with pytest.raises(ValueError, match="init_cache"):
+    m(x[:, :1], decode=True)
   with pytest.raises(ValueError, match="segment_len"):
     build_mixer("titans_mac", d_model=16, num_heads=2, causal=True, rngs=nnx.Rngs(0), segment_len=6,
                 chunk_size=4)
@@ -284,3 +285,24 @@ def test_mac_runs_by_segments_and_refuses_decoding():
     build_mixer("titans_mag", d_model=16, num_heads=2, causal=False, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="unknown options"):
     build_mixer("titans_mal", d_model=16, num_heads=2, causal=True, rngs=nnx.Rngs(0), segment_len=4)
+
+
+@pytest.mark.parametrize("options", [dict(segment_len=4),
+                                     pytest.param(dict(segment_len=4, chunk_size=2, memory="mlp"),
+                                                  marks=pytest.mark.slow)])
+def test_mac_decoding_across_segment_boundaries_equals_forward(options):
+  """Segments of 4: a prefill ending mid-segment (3), calls that cross a segment boundary and
+  end mid-segment (3..5, 6..8), then single steps: every piece equals the full forward."""
+  m = build_mixer("titans_mac", d_model=16, num_heads=2, causal=True, rngs=nnx.Rngs(0), **options)
+  x = jax.random.normal(jax.random.key(14), (2, 11, 16))
+  full = nnx.jit(lambda m, x: m(x))(m, x)
+  step = nnx.jit(lambda m, x: m(x, decode=True))
+  m.init_cache(2, 1024)
+  # O(segment_len) state: [h-token | x-token] slots of one segment, whatever max_len.
+  assert m.state.get_value()["k"].shape == (2, 8, 2, 8)
+  outs, start = [], 0
+  for n in (3, 3, 3, 1, 1):
+    outs.append(step(m, x[:, start:start + n]))
+    start += n
+    assert int(m.state.get_value()["pos"]) == start % 4
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=2e-5, rtol=2e-4)
