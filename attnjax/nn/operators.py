@@ -27,6 +27,87 @@ from attnjax.registry import register_mixer
 
 
 # --------------------------------------------------------------------------------------------
+# MODA [70]: modality ids from the token layout, learned duplex basis and pair bias.
+
+
+def modality_of_positions(positions, modality_lengths):
+  """Modality id in `[0, len(modality_lengths)]` of each token position, for a prompt laid out as
+  consecutive blocks of `modality_lengths` tokens followed by one more modality (the rest)."""
+  if not modality_lengths:
+    return jnp.zeros(jnp.shape(positions), jnp.int32)
+  ends = jnp.cumsum(jnp.asarray(modality_lengths, jnp.int32))
+  return jnp.searchsorted(ends, positions, side="right").astype(jnp.int32)
+
+
+class ModaAttnFn(nnx.Module):
+  """`attn_fn` for `MultiHeadAttention`: MODA's duplex attention (`ops.moda_attention`) with a
+  learned per-modality basis `[M, D, D]` (identity init) and an adaptive pair bias `[M, M]` (zero
+  init), so an untrained layer is softmax attention.
+
+  Tokens are laid out as consecutive modality blocks of `modality_lengths` tokens and then one more
+  modality for the rest (`M = len(modality_lengths) + 1`; e.g. `(256,)`: 256 image tokens, then
+  text); positions count from each packed segment's start. `()` (the default) is one modality.
+  RoPE is applied here, at those positions (the mixer's `MultiHeadAttention` has `rope=False`):
+  the basis acts on rotated queries, so absolute positions would make a packed segment differ from
+  the same tokens alone. Decoding reads the query positions off the cache mask.
+  Cross attention is undefined (the modality layout lives on one prompt) and raises."""
+
+  def __init__(self, num_heads: int, head_dim: int, modality_lengths, rngs: nnx.Rngs):
+    del num_heads, rngs
+    lengths = tuple(int(n) for n in modality_lengths)
+    if any(n < 1 for n in lengths):
+      raise ValueError(f"moda: modality_lengths must be a tuple of ints >= 1, got "
+                       f"{modality_lengths!r}")
+    self.modality_lengths = lengths
+    m = len(lengths) + 1
+    self.basis = nnx.Param(jnp.tile(jnp.eye(head_dim)[None], (m, 1, 1)),
+                           logical_axes=(None, None, None))
+    self.pair_bias = nnx.Param(jnp.zeros((m, m)), logical_axes=(None, None))
+
+  def __call__(self, q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=None,
+               **unused):
+    tq, tk = q.shape[1], k.shape[1]
+    k_pos = jnp.arange(tk)
+    if mask is None:
+      if tq != tk:
+        raise PatternUndefinedError("moda: cross attention is undefined (modality ids live on one "
+                                    "prompt)")
+      q_pos = k_pos[None]
+      if q_segment_ids is not None:
+        # Position within the token's packed segment: earlier tokens of the same segment.
+        same = q_segment_ids[:, :, None] == q_segment_ids[:, None, :]
+        q_pos = jnp.sum(same & (k_pos[None, None, :] < k_pos[None, :, None]), axis=-1)
+      k_pos_b = q_pos
+      vis = None
+    else:
+      # Decode: `MultiHeadAttention` passes `k <= q` over the cache, so row i counts q_i + 1 keys.
+      q_pos = (jnp.sum(jnp.broadcast_to(mask, (1, 1, tq, tk))[0, 0], axis=-1) - 1)[None]
+      k_pos_b = k_pos[None]
+      vis = mask
+    q = apply_rope(q, jnp.broadcast_to(q_pos, (q.shape[0], tq)))
+    k = apply_rope(k, jnp.broadcast_to(k_pos_b, (k.shape[0], tk)))
+    mq = modality_of_positions(q_pos, self.modality_lengths)
+    mk = modality_of_positions(k_pos_b, self.modality_lengths)
+    b = q.shape[0]
+    mq, mk = jnp.broadcast_to(mq, (b, tq)), jnp.broadcast_to(mk, (b, tk))
+    if q_segment_ids is not None:
+      seg = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
+      vis = seg if vis is None else vis & seg
+    return ops.moda_attention(q, k, v, mq, kv_modality_ids=mk, pair_bias=self.pair_bias[...],
+                              basis=self.basis[...], causal=causal, mask=vis)
+
+
+@register_mixer("moda", "MODA duplex attention [70]: per-modality basis and pair bias over a "
+                "modality_lengths token layout.")
+def _build_moda(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs,
+                modality_lengths=(), **options: Any):
+  fn = ModaAttnFn(num_heads, d_model // num_heads, modality_lengths, rngs)
+  if options.pop("rope", False):
+    raise ValueError("moda: RoPE is applied inside the MODA attention function; leave rope unset")
+  return MultiHeadAttention(d_model, num_heads, causal=causal, attn_fn=fn, rngs=rngs, rope=False,
+                            **options)
+
+
 # Shared decode bookkeeping for the layers that own their projections.
 
 

@@ -14,7 +14,7 @@ from attnjax.registry import build_mixer
 
 D_MODEL, HEADS, B, T = 24, 4, 2, 7
 MIXERS = ["sigmoid", "lssa", "lssar", "gated_attention", "affine_scaled", "differential",
-          "grouped_differential", "moh", "aaren", "dha", "rcmha", "flashbias_alibi"]
+          "grouped_differential", "moh", "aaren", "dha", "rcmha", "flashbias_alibi", "moda"]
 CROSS = {"sigmoid", "lssa", "lssar", "gated_attention", "affine_scaled", "differential",
          "grouped_differential", "moh", "dha", "rcmha", "reversed"}
 NO_DECODE = {"gaam": {}, "gpsa": {"grid": (7, 1)}}
@@ -22,8 +22,15 @@ NO_DECODE = {"gaam": {}, "gpsa": {"grid": (7, 1)}}
 
 def _build(name, causal=True, seed=0, **options):
   options = {**NO_DECODE.get(name, {}), **options}
-  return build_mixer(name, d_model=D_MODEL, num_heads=HEADS, causal=causal,
-                     rngs=nnx.Rngs(seed), **options)
+  if name == "moda":
+    options.setdefault("modality_lengths", (2,))
+  m = build_mixer(name, d_model=D_MODEL, num_heads=HEADS, causal=causal,
+                  rngs=nnx.Rngs(seed), **options)
+  if name == "moda":  # away from its softmax init: a random duplex basis and pair bias
+    fn = m.attn_fn
+    fn.basis[...] = jax.random.normal(jax.random.key(seed + 1), fn.basis[...].shape) * 0.5
+    fn.pair_bias[...] = jax.random.normal(jax.random.key(seed + 2), fn.pair_bias[...].shape)
+  return m
 
 
 def _x(seed, t=T):
@@ -203,3 +210,27 @@ def test_flashbias_alibi_mixer_equals_the_engines_alibi():
                              atol=1e-4, rtol=1e-4)
   with pytest.raises(NotImplementedError, match="non-causal pattern is undefined"):
     _build("flashbias_alibi", causal=False)
+
+
+def test_moda_mixer_layout_oracles():
+  """Untrained (identity basis, zero pair bias) MODA is the softmax mixer; a `-inf` inter-modal
+  bias makes the modalities blind to each other; the token layout maps positions to modalities."""
+  from attnjax.nn.operators import modality_of_positions
+  np.testing.assert_array_equal(modality_of_positions(jnp.arange(8), (3, 2)),
+                                [0, 0, 0, 1, 1, 2, 2, 2])
+  x = jax.random.normal(jax.random.key(0), (2, 9, 16))
+  moda = build_mixer("moda", d_model=16, num_heads=2, causal=True, rngs=nnx.Rngs(0),
+                     modality_lengths=(4,))
+  soft = build_mixer("softmax", d_model=16, num_heads=2, causal=True, rngs=nnx.Rngs(0))
+  fwd = nnx.jit(lambda m, x: m(x))
+  np.testing.assert_allclose(fwd(moda, x), fwd(soft, x), atol=1e-5)
+  fn = moda.attn_fn
+  fn.basis[...] = jax.random.normal(jax.random.key(1), fn.basis[...].shape)
+  fn.pair_bias[...] = jnp.array([[0.0, -jnp.inf], [-jnp.inf, 0.0]])
+  x2 = x.at[:, :4].set(jax.random.normal(jax.random.key(2), (2, 4, 16)))
+  y, y2 = fwd(moda, x), fwd(moda, x2)
+  np.testing.assert_allclose(y[:, 4:], y2[:, 4:], atol=1e-5)     # text never reads the image
+  assert float(jnp.max(jnp.abs(y[:, :4] - y2[:, :4]))) > 1e-3
+  with pytest.raises(ValueError, match="modality_lengths"):
+    build_mixer("moda", d_model=16, num_heads=2, causal=True, rngs=nnx.Rngs(0),
+                modality_lengths=(3, 0))
