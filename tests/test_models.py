@@ -109,15 +109,20 @@ def test_decoder_lm_trains():
   assert losses[-1] < 0.8 * losses[0]
 
 
-@pytest.mark.parametrize("pool", ["cls", "mean"])
+@pytest.mark.parametrize("pool", ["cls", "mean", "ep", "lama"])
 def test_vit_shapes_and_training(pool):
+  """`ep` / `lama`: the EP attentive probe [85] and LAMA pooling [60] as the ViT's pooling."""
   vit = ViT(image_size=8, patch_size=4, num_classes=3, d_model=16, num_layers=1, num_heads=2,
-            pool=pool, rngs=nnx.Rngs(0))
+            pool=pool, rngs=nnx.Rngs(0),
+            pool_options={"ep": {"num_queries": 2}, "lama": {"rank": 4}}.get(pool))
   imgs = jax.random.normal(jax.random.key(0), (6, 8, 8, 3))
   labels = jnp.arange(6) % 3
   assert vit(imgs).shape == (6, 3)
   with pytest.raises(ValueError, match="images must be"):
     vit(jnp.ones((6, 8, 8, 1)))
+  with pytest.raises(ValueError, match="pool must be"):
+    ViT(image_size=8, patch_size=4, num_classes=3, d_model=16, num_layers=1, num_heads=2,
+        pool="max", rngs=nnx.Rngs(0))
 
   def loss_fn(m, _):
     return optax.softmax_cross_entropy_with_integer_labels(m(imgs), labels).mean()

@@ -11,13 +11,17 @@ from flax import nnx
 from attnjax.models.decoder import (DecoderBlock, _per_layer, build_depth_attention, check_attn_res,
                                      run_blocks)
 from attnjax.nn.layers import RMSNorm, dense
+from attnjax.nn.operators import EfficientProbe, LowRankAttentionPooling
 
 
 class ViT(nnx.Module):
   """Patch embedding, learned positions, `num_layers` pre-norm blocks, then a classifier.
 
   `__call__(images [B, H, W, C]) -> logits [B, num_classes]`. `pool="cls"` prepends a class token
-  and classifies from it; `pool="mean"` averages the patch tokens. Mixers are built with
+  and classifies from it; `pool="mean"` averages the patch tokens; `pool="ep"` (EP attentive
+  probe [85]: learned queries, `pool_options` `num_queries` (default 4) and `d_out` (1)) and
+  `pool="lama"` (LAMA low-rank attention pooling [60]: `rank`, `num_heads`) pool the patch tokens
+  with attention, and the classifier reads their output. Mixers are built with
   `causal=False`; `mixer` / `mixer_options` may be per layer, as in `DecoderLM`. `attn_res` /
   `attn_res_block_size`: Attention Residuals [2, 78] instead of the residual sum, as in `DecoderLM`.
   """
@@ -27,13 +31,16 @@ class ViT(nnx.Module):
                mixer: str | Sequence[str] = "softmax",
                mixer_options: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
                mlp_ratio: float = 4.0, pool: str = "cls", attn_res: str | None = None,
-               attn_res_block_size: int = 1, rngs: nnx.Rngs):
+               attn_res_block_size: int = 1, pool_options: dict[str, Any] | None = None,
+               rngs: nnx.Rngs):
     check_attn_res(attn_res, attn_res_block_size)
     hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if hw[0] % patch_size or hw[1] % patch_size:
       raise ValueError(f"image_size {hw} must be divisible by patch_size={patch_size}")
-    if pool not in ("cls", "mean"):
-      raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+    if pool not in ("cls", "mean", "ep", "lama"):
+      raise ValueError(f"pool must be 'cls', 'mean', 'ep' or 'lama', got {pool!r}")
+    if pool_options and pool not in ("ep", "lama"):
+      raise ValueError(f"pool_options are for pool='ep' or 'lama', got pool={pool!r}")
     self.image_size, self.patch_size, self.in_channels, self.pool = hw, patch_size, in_channels, pool
     self.grid = (hw[0] // patch_size, hw[1] // patch_size)
     n_tokens = self.grid[0] * self.grid[1] + (pool == "cls")
@@ -50,7 +57,17 @@ class ViT(nnx.Module):
                      rngs=rngs) for m, o in zip(mixers, options)])
     self.depth = build_depth_attention(attn_res, attn_res_block_size, d_model, self.blocks)
     self.norm = RMSNorm(d_model)
-    self.classifier = dense(d_model, num_classes, axes=("embed", None), rngs=rngs, use_bias=True)
+    pool_options = dict(pool_options or {})
+    pooler, pooled = None, d_model
+    if pool == "ep":
+      pool_options.setdefault("num_queries", 4)
+      pooler = EfficientProbe(d_model, rngs=rngs, **pool_options)
+      pooled = d_model // pool_options.get("d_out", 1)
+    elif pool == "lama":
+      pooler = LowRankAttentionPooling(d_model, rngs=rngs, **pool_options)
+      pooled = d_model * pool_options.get("num_heads", 4)
+    self.pooler = nnx.data(pooler)
+    self.classifier = dense(pooled, num_classes, axes=("embed", None), rngs=rngs, use_bias=True)
 
   def patchify(self, images: jax.Array) -> jax.Array:
     """`[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C]`, patches in row-major order."""
@@ -69,4 +86,6 @@ class ViT(nnx.Module):
     x = x + self.pos[...][None]
     x = run_blocks(self.blocks, self.depth, x)
     x = self.norm(x)
+    if self.pooler is not None:
+      return self.classifier(self.pooler(x))
     return self.classifier(x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1))
