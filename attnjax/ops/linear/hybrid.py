@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from attnjax.ops.linear.delta import delta_rule, delta_rule_step
 from attnjax.ops.linear.engine import linear_attention, run_ids
@@ -437,18 +438,17 @@ def still_select(score, *, top_k: int, chunk: int, segment_ids=None, positions=N
   runs = jnp.zeros((b, t), jnp.int32) if segment_ids is None else run_ids(segment_ids)
   group = pos // chunk
   sc = jnp.where(jnp.isnan(score), -jnp.inf, score.astype(jnp.float32))
-  rank = jnp.zeros((b, t, h), jnp.int32)
-  idx = jnp.arange(t)
-  for o in range(-(chunk - 1), chunk):
-    if o == 0:
-      continue
-    j = idx + o
-    ok = (j >= 0) & (j < t)
-    jc = jnp.clip(j, 0, t - 1)
-    same = ok[None] & (group[:, jc] == group) & (runs[:, jc] == runs)
-    other = sc[:, jc]
-    beats = (other > sc) | ((other == sc) & (o < 0))
-    rank = rank + (same[..., None] & beats).astype(jnp.int32)
+  # All 2 chunk - 1 offsets at once (a Python loop over them unrolls into a program that takes
+  # seconds to compile at the default chunk of 64).
+  offsets = np.array([o for o in range(-(chunk - 1), chunk) if o != 0], np.int32)   # [n_off]
+  j = jnp.arange(t)[:, None] + offsets[None, :]                                      # [T, n_off]
+  ok = (j >= 0) & (j < t)
+  jc = jnp.clip(j, 0, t - 1)
+  same = ok[None] & (group[:, jc] == group[:, :, None]) & (runs[:, jc] == runs[:, :, None])
+  other = sc[:, jc]                                                     # [B, T, n_off, H]
+  mine = sc[:, :, None]
+  beats = (other > mine) | ((other == mine) & (offsets < 0)[None, None, :, None])
+  rank = jnp.sum(same[..., None] & beats, axis=2, dtype=jnp.int32)
   return rank < top_k
 
 
