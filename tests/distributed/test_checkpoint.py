@@ -234,7 +234,8 @@ def test_restore_onto_other_meshes_and_for_inference(tmp_path):
   inf = res["inference"]
   assert inf["params_equal"] and inf["devices"] == [2]
   # Same function on 2 devices vs 1 (random N(0, 1) weights make activations large: relative).
-  assert inf["rel_diff"] < 1e-5
+  # Sharded matmuls sum in another order: ~1e-5 relative in float32, a wrong restore gives O(1).
+  assert inf["rel_diff"] < 5e-5
 
 
 # ----------------------------------------------------------------------------------------------
