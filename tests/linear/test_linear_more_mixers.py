@@ -76,12 +76,14 @@ def test_causal_only_mixers_refuse_noncausal_and_bad_options():
 @pytest.mark.slow
 def test_rala_and_flowformer_segments_equal_separate_runs():
   pq, pk = fm.elu_plus_one(Q), fm.elu_plus_one(K)
-  o = mech.rala_attention(pq, pk, V, segment_ids=SEG)
-  np.testing.assert_allclose(o[:, :4], mech.rala_attention(pq[:, :4], pk[:, :4], V[:, :4]), atol=1e-5, rtol=1e-5)
-  np.testing.assert_allclose(o[:, 4:], mech.rala_attention(pq[:, 4:], pk[:, 4:], V[:, 4:]), atol=1e-5, rtol=1e-5)
+  rala = jax.jit(mech.rala_attention)
+  flow = jax.jit(mech.flow_attention, static_argnames="causal")
+  o = rala(pq, pk, V, segment_ids=SEG)
+  np.testing.assert_allclose(o[:, :4], rala(pq[:, :4], pk[:, :4], V[:, :4]), atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(o[:, 4:], rala(pq[:, 4:], pk[:, 4:], V[:, 4:]), atol=1e-5, rtol=1e-5)
   for causal in (False, True):
-    o = mech.flow_attention(Q, K, V, causal=causal, segment_ids=SEG)
-    np.testing.assert_allclose(o[:, 4:], mech.flow_attention(Q[:, 4:], K[:, 4:], V[:, 4:], causal=causal),
+    o = flow(Q, K, V, causal=causal, segment_ids=SEG)
+    np.testing.assert_allclose(o[:, 4:], flow(Q[:, 4:], K[:, 4:], V[:, 4:], causal=causal),
                                atol=1e-5, rtol=1e-5, err_msg=f"causal={causal}")
 
 
@@ -114,7 +116,7 @@ def test_mixer_forms_agree_in_values_and_grads():
       m = build_mixer(name, d_model=8, num_heads=2, causal=causal, rngs=nnx.Rngs(0), form=form,
                       chunk_size=4, **extra)
       g, p, rest = nnx.split(m, nnx.Param, ...)
-      vals.append(jax.value_and_grad(lambda p: jnp.sum(nnx.merge(g, p, rest)(x) ** 2))(p))
+      vals.append(jax.jit(jax.value_and_grad(lambda p: jnp.sum(nnx.merge(g, p, rest)(x) ** 2)))(p))
     np.testing.assert_allclose(vals[0][0], vals[1][0], rtol=1e-5, err_msg=name)
     for a, b in zip(jax.tree.leaves(vals[0][1]), jax.tree.leaves(vals[1][1])):
       np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4, err_msg=name)

@@ -41,22 +41,24 @@ def _x(seed, t=T):
 def test_mixer_causal_decode_and_segments(name):
   m = _build(name)
   x = _x(1)
-  y = m(x)
+  fwd = nnx.jit(lambda m, x: m(x))
+  y = fwd(m, x)
   assert y.shape == x.shape and np.all(np.isfinite(y))
   # Causal: perturbing token 4 leaves outputs 0..3 unchanged.
-  y2 = m(x.at[:, 4].add(3.0))
+  y2 = fwd(m, x.at[:, 4].add(3.0))
   np.testing.assert_allclose(y2[:, :4], y[:, :4], atol=1e-5)
   assert not np.allclose(y2[:, 4:], y[:, 4:], atol=1e-4)
+  # Packed segments: the second segment's output equals running it alone.
+  seg = jnp.array([[0] * 3 + [1] * 4] * B)
+  ys = nnx.jit(lambda m, x, seg: m(x, segment_ids=seg))(m, x, seg)
+  alone = fwd(m, x[:, 3:])
+  np.testing.assert_allclose(ys[:, 3:], alone, atol=2e-5, rtol=2e-5)
   # Prefill 4 tokens, then single-token steps == full causal forward; max_len > T so cache
   # padding is exercised (sigmoid's default bias counts visible keys, not the cache length).
   m.init_cache(B, T + 3)
-  outs = [m(x[:, :4], decode=True)] + [m(x[:, i:i + 1], decode=True) for i in range(4, T)]
+  step = nnx.jit(lambda m, x: m(x, decode=True))
+  outs = [step(m, x[:, :4])] + [step(m, x[:, i:i + 1]) for i in range(4, T)]
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), y, atol=2e-5, rtol=2e-5)
-  # Packed segments: the second segment's output equals running it alone.
-  seg = jnp.array([[0] * 3 + [1] * 4] * B)
-  ys = m(x, segment_ids=seg)
-  alone = m(x[:, 3:])
-  np.testing.assert_allclose(ys[:, 3:], alone, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("name", sorted(CROSS))
