@@ -2,6 +2,7 @@
 their dense definitions and catalog oracles (values, and gradients where differentiable).
 float32; T = 21 or 23 (not a multiple of any block / chunk size)."""
 
+import functools
 import itertools
 
 import jax
@@ -21,8 +22,20 @@ def _qkv(t=21, h=4, hk=2, d=8, seed=0, b=1):
           jax.random.normal(ks[2], (b, t, hk, d)))
 
 
+@functools.partial(jax.jit, static_argnames="causal")
 def _full(q, k, v, causal=False):
   return dot_product_attention(q, k, v, causal=causal, implementation="reference")
+
+
+# Jitted entry points (Python options static): eager op-by-op dispatch dominates on this CPU.
+_HYPER_STATIC = ("block_size", "sample_size", "causal", "min_seq_len", "return_lse")
+_hyper = jax.jit(E.hyper_attention, static_argnames=_HYPER_STATIC)
+_hyper_counts = jax.jit(E.hyper_attention_counts, static_argnames=_HYPER_STATIC[:-1])
+_sea = jax.jit(E.sea_attention, static_argnames=("chunk_size", "top_k", "causal"))
+_rectified = jax.jit(C.rectified_spaattn, static_argnames=(
+    "block", "top_k", "ipar", "gapr", "implementation", "return_row_mass"))
+_masked = jax.jit(lambda q, k, v, mask: dot_product_attention(q, k, v, mask=mask,
+                                                              implementation="reference"))
 
 
 def _values_and_grads_match(fast, ref, args, atol=2e-5):
@@ -30,8 +43,10 @@ def _values_and_grads_match(fast, ref, args, atol=2e-5):
   w = jax.random.normal(jax.random.key(7), jax.eval_shape(fast, *args).shape)
 
   def vg(fn):
-    return jax.jit(jax.value_and_grad(lambda *a: (jnp.sum(w * fn(*a)), fn(*a)), argnums=(0, 1, 2),
-                                      has_aux=True))
+    def loss(*a):
+      o = fn(*a)
+      return jnp.sum(w * o), o
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
   ((_, o), g), ((_, o_ref), g_ref) = vg(fast)(*args), vg(ref)(*args)
   np.testing.assert_allclose(o, o_ref, atol=atol)
@@ -49,23 +64,23 @@ def test_hyper_attention_equals_dense_definition(causal):
   fast = lambda q, k, v: E.hyper_attention(q, k, v, PROJ, **kw)
   ref = lambda q, k, v: E.hyper_attention_reference(q, k, v, PROJ, **kw)
   _values_and_grads_match(fast, ref, (q, k, v))
-  c = np.asarray(E.hyper_attention_counts(q, k, PROJ, **kw))
+  c = np.asarray(_hyper_counts(q, k, PROJ, **kw))
   if causal:
     assert not np.triu(c[0, 0], 1).any()            # recursion never reads the future
   # The block-diagonal part: every query sees its whole sorted block (block_size keys, non-causal).
-  c0 = np.asarray(E.hyper_attention_counts(q, k, PROJ, block_size=4, sample_size=0,
-                                           min_seq_len=5))
+  c0 = np.asarray(_hyper_counts(q, k, PROJ, block_size=4, sample_size=0, min_seq_len=5))
   assert set(np.unique((c0 > 0).sum(-1))) <= {4, 1}  # 13 = 3 * 4 + 1: the last block has 1 key
 
 
 def test_hyper_attention_oracles():
   q, k, v = _qkv(13)
   for causal in (False, True):   # one block covering the sequence: exact attention
-    o = E.hyper_attention(q, k, v, PROJ, block_size=32, sample_size=5, key=jax.random.key(0),
-                          causal=causal, min_seq_len=2)
+    o = _hyper(q, k, v, PROJ, block_size=32, sample_size=5, key=jax.random.key(0),
+               causal=causal, min_seq_len=2)
     np.testing.assert_allclose(o, _full(q, k, v, causal), atol=2e-5)
   # The sampled residual is unbiased: E[exp(lse)] equals the full normaliser.
-  _, lse_full = dot_product_attention(q, k, v, return_lse=True, implementation="reference")
+  _, lse_full = jax.jit(lambda q, k, v: dot_product_attention(
+      q, k, v, return_lse=True, implementation="reference"))(q, k, v)
   est = jax.jit(jax.vmap(lambda key: jnp.exp(E.hyper_attention(
       q, k, v, PROJ, block_size=4, sample_size=6, key=key, min_seq_len=2, return_lse=True)[1])))(
           jax.random.split(jax.random.key(5), 400))
@@ -83,7 +98,8 @@ def test_sea_equals_dense_definition_and_oracles(causal):
   kw = dict(chunk_size=4, top_k=2, causal=causal)
   fast = lambda q, k, v: E.sea_attention(q, k, v, proj, **kw)
   # Definition, built independently: estimate -> top-k chunks -> token mask (-> causal).
-  est = np.asarray(E.sea_estimate(q, k, proj, chunk_size=4))            # [B, H, T, 6]
+  est = np.asarray(jax.jit(E.sea_estimate, static_argnames="chunk_size")(
+      q, k, proj, chunk_size=4))                                         # [B, H, T, 6]
   mask = np.zeros((1, 4, 23, 23), bool)
   for h in range(4):
     for i in range(23):
@@ -99,9 +115,10 @@ def test_sea_equals_dense_definition_and_oracles(causal):
   ref = lambda q, k, v: dot_product_attention(q, k, v, mask=jnp.asarray(mask),
                                               implementation="reference")
   _values_and_grads_match(fast, ref, (q, k, v))
-  sel = E.sea_selection(jnp.asarray(est), chunk_size=4, top_k=2, tk=23, causal=False)
+  sel = jax.jit(E.sea_selection, static_argnames=("chunk_size", "top_k", "tk", "causal"))(
+      jnp.asarray(est), chunk_size=4, top_k=2, tk=23, causal=False)
   assert (np.asarray(sel).sum(-1) == 2).all()                            # exactly k per row
-  np.testing.assert_allclose(E.sea_attention(q, k, v, proj, chunk_size=4, top_k=6, causal=causal),
+  np.testing.assert_allclose(_sea(q, k, v, proj, chunk_size=4, top_k=6, causal=causal),
                              _full(q, k, v, causal), atol=2e-5)          # k = all chunks: exact
 
 
@@ -126,22 +143,22 @@ def test_rectified_spaattn_oracles_and_definition():
   ref = lambda q, k, v: C.rectified_spaattn(q, k, v, **kw, implementation="reference")
   _values_and_grads_match(fast, ref, (q, k, v))
   # Every block critical: exact attention.
-  np.testing.assert_allclose(C.rectified_spaattn(q, k, v, block=4, top_k=6), _full(q, k, v),
+  np.testing.assert_allclose(_rectified(q, k, v, block=4, top_k=6), _full(q, k, v),
                              atol=2e-5)
   # Block-constant keys and values: pooled estimates are exact, so any selection is exact.
   rep = lambda a: jnp.repeat(a[:, ::4], 4, axis=1)[:, :23]
   kc, vc = rep(k), rep(v)
-  o, mass = C.rectified_spaattn(q, kc, vc, block=4, top_k=1, return_row_mass=True)
+  o, mass = _rectified(q, kc, vc, block=4, top_k=1, return_row_mass=True)
   np.testing.assert_allclose(o, _full(q, kc, vc), atol=2e-5)
   np.testing.assert_allclose(mass, 1.0, atol=1e-5)
   # Random values: the row mass is in (0, 1]; plain sparse attention is recovered with no correction.
-  _, mass = C.rectified_spaattn(q, k, v, block=4, top_k=2, return_row_mass=True)
+  _, mass = _rectified(q, k, v, block=4, top_k=2, return_row_mass=True)
   assert bool(jnp.all((mass > 0) & (mass <= 1 + 1e-6)))
-  plain = C.rectified_spaattn(q, k, v, block=4, top_k=2, ipar=False, gapr=False)
-  crit = C.pooled_block_selection(q, k, block=4, top_k=2)
+  plain = _rectified(q, k, v, block=4, top_k=2, ipar=False, gapr=False)
+  crit = jax.jit(C.pooled_block_selection, static_argnames=("block", "top_k"))(q, k, block=4,
+                                                                               top_k=2)
   tok = np.repeat(np.repeat(np.asarray(crit), 4, 2), 4, 3)[:, :, :23, :23]
-  np.testing.assert_allclose(plain, dot_product_attention(q, k, v, mask=jnp.asarray(tok),
-                                                          implementation="reference"), atol=2e-5)
+  np.testing.assert_allclose(plain, _masked(q, k, v, jnp.asarray(tok)), atol=2e-5)
   with pytest.raises(ValueError, match="implementation"):
     C.rectified_spaattn(q, k, v, block=4, top_k=2, implementation="pallas")
 
@@ -150,21 +167,24 @@ def test_recycled_decode_definition_and_oracles():
   q, k, v = _qkv(21)
   qd = q[:, 13:]                                    # 8 decode steps after a 13-token prompt
   full = _full(qd, k, v, causal=True)
-  o1, _ = C.recycled_decode(qd, k, v, prompt_len=13, stride=1, top_k=3)
+  recycled = jax.jit(C.recycled_decode, static_argnames=("prompt_len", "stride", "top_k"))
+  o1, _ = recycled(qd, k, v, prompt_len=13, stride=1, top_k=3)
   np.testing.assert_allclose(o1, full, atol=2e-5)   # S = 1: every step full
-  oall, _ = C.recycled_decode(qd, k, v, prompt_len=13, stride=3, top_k=21)
+  oall, _ = recycled(qd, k, v, prompt_len=13, stride=3, top_k=21)
   np.testing.assert_allclose(oall, full, atol=2e-5)  # K = context: full
-  o, is_full = C.recycled_decode(qd, k, v, prompt_len=13, stride=3, top_k=4)
-  assert list(is_full) == [True, False, False, True, False, False, True, False]
-  for n in range(8):                                # step by step, through the gather path
-    pos = 13 + n
-    last = 13 + 3 * (n // 3)
+  o, is_full = recycled(qd, k, v, prompt_len=13, stride=3, top_k=4)
+  assert list(np.asarray(is_full)) == [True, False, False, True, False, False, True, False]
+  @functools.partial(jax.jit, static_argnames=("pos", "last"))
+  def step_ref(q, k, v, pos, last):
     if pos == last:                                 # full step
-      ref = _full(q[:, pos:pos + 1], k[:, :pos + 1], v[:, :pos + 1])
-    else:                                           # recycled: recorded top-4 + keys after `last`
-      idx = D.topk_key_indices(q[:, last:last + 1], k[:, :last + 1], 4)
-      ref = D.attend_to_indices(q[:, pos:pos + 1], k[:, :pos + 1], v[:, :pos + 1], idx,
-                                recent_from=last + 1)
+      return _full(q[:, pos:pos + 1], k[:, :pos + 1], v[:, :pos + 1])
+    # recycled: recorded top-4 + keys after `last`
+    idx = D.topk_key_indices(q[:, last:last + 1], k[:, :last + 1], 4)
+    return D.attend_to_indices(q[:, pos:pos + 1], k[:, :pos + 1], v[:, :pos + 1], idx,
+                               recent_from=last + 1)
+
+  for n in range(8):                                # step by step, through the gather path
+    ref = step_ref(q, k, v, pos=13 + n, last=13 + 3 * (n // 3))
     np.testing.assert_allclose(o[:, n:n + 1], ref, atol=2e-5, err_msg=f"step {n}")
   with pytest.raises(ValueError, match="prompt_len"):
     C.recycled_decode(qd, k, v, prompt_len=12, stride=2, top_k=2)
@@ -180,15 +200,17 @@ def test_hylra_policy_dp_and_layers():
                itertools.product((0, 1), repeat=5) if sum(rest) == nf - 1)
     assert np.isclose(C.hylra_policy_score(score, pol), best)
   q, k, v = _qkv(21)
-  o, idx = C.hylra_layer(q, k, v, full=True, top_k=5)
+  hylra = jax.jit(C.hylra_layer, static_argnames=("full", "top_k"))
+  o, idx = hylra(q, k, v, full=True, top_k=5)
   np.testing.assert_allclose(o, _full(q, k, v, True), atol=2e-5)
-  o2, idx2 = C.hylra_layer(q, k, v, full=False, top_k=5, indices=idx)
-  mask = D.indices_mask(idx, 21, 21, 4, causal=True)
-  np.testing.assert_allclose(o2, dot_product_attention(q, k, v, mask=mask,
-                                                       implementation="reference"), atol=2e-5)
-  assert idx2 is idx
-  _, every = C.hylra_layer(q, k, v, full=True, top_k=21)
-  np.testing.assert_allclose(C.hylra_layer(q, k, v, full=False, top_k=21, indices=every)[0],
+  o2, _ = hylra(q, k, v, full=False, top_k=5, indices=idx)
+  mask = jax.jit(D.indices_mask, static_argnums=(1, 2, 3), static_argnames="causal")(
+      idx, 21, 21, 4, causal=True)
+  np.testing.assert_allclose(o2, _masked(q, k, v, mask), atol=2e-5)
+  # A reuse layer hands back the very indices it was given (object identity needs the eager call).
+  assert C.hylra_layer(q, k, v, full=False, top_k=5, indices=idx)[1] is idx
+  _, every = hylra(q, k, v, full=True, top_k=21)
+  np.testing.assert_allclose(hylra(q, k, v, full=False, top_k=21, indices=every)[0],
                              _full(q, k, v, True), atol=2e-5)
   with pytest.raises(ValueError, match="indices"):
     C.hylra_layer(q, k, v, full=False, top_k=5)

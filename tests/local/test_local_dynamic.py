@@ -22,20 +22,26 @@ def _qkv(shape, h=4, hk=2, d=8, seed=0):
           jax.random.normal(ks[2], shape + (hk, d)))
 
 
+@jax.jit
 def _dense(q, k, v, mask, bias=None):
   return dot_product_attention(q, k, v, mask=mask, bias=bias, implementation="reference")
 
 
+_full = jax.jit(dot_product_attention, static_argnames=("causal", "implementation"))
+
+
 def _values_and_grads_match(fast, ref, args):
-  """One jitted value-and-grad per path (few compiles: this CPU is slow and shared)."""
+  """One jitted value-and-grad per path (two compiles: this CPU is slow and shared)."""
   w = jax.random.normal(jax.random.key(7), jax.eval_shape(fast, *args).shape)
 
   def vg(fn):
-    return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(w * fn(*a)), argnums=(0, 1, 2)))
+    def loss(*a):
+      o = fn(*a)
+      return jnp.sum(w * o), o
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
-  fast_fn = jax.jit(fast)
-  np.testing.assert_allclose(fast_fn(*args), jax.jit(ref)(*args), atol=2e-5)
-  (_, g), (_, gr) = vg(fast)(*args), vg(ref)(*args)
+  ((_, o), g), ((_, o_ref), gr) = vg(fast)(*args), vg(ref)(*args)
+  np.testing.assert_allclose(o, o_ref, atol=2e-5)
   for a, b in zip(g, gr):
     np.testing.assert_allclose(a, b, atol=1e-4)
 
@@ -47,14 +53,14 @@ def test_routing_transformer_equals_mask_definition_and_oracles():
     fast = lambda q, k, v: D.routing_attention(q, k, v, cent, window=7, causal=causal)
     ref = lambda q, k, v: _dense(q, k, v, D.routing_mask(q, k, cent, window=7, causal=causal))
     _values_and_grads_match(fast, ref, (q, k, v))
-  qc, members = D.routing_clusters(q, k, cent, 7)
+  qc, members = jax.jit(D.routing_clusters, static_argnums=3)(q, k, cent, 7)
   assert members.shape == (2, 4, 3, 7)             # balanced: every cluster has w = T / C keys
   assert int(qc.max()) < 3
   # One cluster with w = T: full causal attention.
-  np.testing.assert_allclose(D.routing_attention(q, k, v, cent[:, :1], window=21),
-                             dot_product_attention(q, k, v, causal=True,
-                                                   implementation="reference"), atol=2e-5)
-  new = D.update_centroids(cent, q, decay=0.5)
+  np.testing.assert_allclose(
+      jax.jit(D.routing_attention, static_argnames="window")(q, k, v, cent[:, :1], window=21),
+      _full(q, k, v, causal=True, implementation="reference"), atol=2e-5)
+  new = jax.jit(D.update_centroids)(cent, q, decay=0.5)
   assert new.shape == cent.shape
   np.testing.assert_allclose(jnp.linalg.norm(new, axis=-1)[new.sum(-1) != cent.sum(-1)], 1.0,
                              atol=1e-4)
@@ -71,9 +77,10 @@ def test_causal_routing_does_not_see_the_future():
   t = 11
   q2, k2, v2 = (x.at[:, t + 1:].set(jax.random.normal(jax.random.key(9), x[:, t + 1:].shape))
                 for x in (q, k, v))
-  out = lambda *a: D.routing_attention(*a, cent, window=4, causal=True)
+  out = jax.jit(lambda *a: D.routing_attention(*a, cent, window=4, causal=True))
   np.testing.assert_allclose(out(q, k, v)[:, :t + 1], out(q2, k2, v2)[:, :t + 1], atol=1e-6)
 
+  @jax.jit
   def literal(q, k, v):
     vis = (D.routing_mask(q, k, cent, window=4, causal=False)
            & (jnp.arange(24)[None, :] <= jnp.arange(24)[:, None]))
@@ -83,23 +90,25 @@ def test_causal_routing_does_not_see_the_future():
 
 def test_dma_block_path_and_mask_definition():
   q, k, v = _qkv((1, 21))
-  bias = D.dma_key_bias(v, jax.random.normal(jax.random.key(4), (16, 4)), -jnp.ones(4))
+  bias = jax.jit(D.dma_key_bias)(v, jax.random.normal(jax.random.key(4), (16, 4)), -jnp.ones(4))
   assert bias.shape == (1, 4, 21) and bool(jnp.all((bias > 0) & (bias <= 1)))
   fast = lambda q, k, v: D.dma_attention(q, k, v, bias, keep_window=5, causal=False, block=4)
   ref = lambda q, k, v: D.dma_attention(q, k, v, bias, keep_window=5, causal=False,
                                         implementation="reference")
   _values_and_grads_match(fast, ref, (q, k, v))
   # Causal: each query keeps min(i + 1, w) keys, the largest-bias ones of its prefix.
-  m = np.asarray(D.dma_mask(bias, 21, keep_window=5, causal=True))
+  dma_mask = jax.jit(D.dma_mask, static_argnums=1, static_argnames=("keep_window", "causal"))
+  m = np.asarray(dma_mask(bias, 21, keep_window=5, causal=True))
   np.testing.assert_array_equal(m.sum(-1)[0, 0], np.minimum(np.arange(21) + 1, 5))
   b = np.asarray(bias)[0, 0]
   for i in (4, 12, 20):
     np.testing.assert_array_equal(np.nonzero(m[0, 0, i])[0], np.sort(np.argsort(-b[:i + 1])[:5]))
   # Non-causal selection is query-agnostic; keep_window >= T is dense attention with the key bias.
-  mn = np.asarray(D.dma_mask(bias, 21, keep_window=5, causal=False))
+  mn = np.asarray(dma_mask(bias, 21, keep_window=5, causal=False))
   assert (mn == mn[:, :, :1]).all()
   np.testing.assert_allclose(
-      D.dma_attention(q, k, v, bias, keep_window=64, causal=False, block=4),
+      jax.jit(lambda q, k, v, bias: D.dma_attention(q, k, v, bias, keep_window=64, causal=False,
+                                                    block=4))(q, k, v, bias),
       _dense(q, k, v, None, bias[:, :, None, :]), atol=2e-5)
   with pytest.raises(ValueError, match="bias"):
     D.dma_attention(q, k, v, bias[:, :2], keep_window=5)
@@ -107,20 +116,29 @@ def test_dma_block_path_and_mask_definition():
 
 def test_vmoba_threshold_monotone_and_full_selection():
   q, k, v = _qkv((1, 21))
-  counts = [int(R.moba_selection(q, k, chunk_size=4, top_k=6, threshold=t).sum())
-            for t in (0.0, 0.6, 1.0)]
+  # One compile for the four selections (thresholds 0, 0.6, 1 and none).
+  sel_counts = jax.jit(lambda q, k: [R.moba_selection(q, k, chunk_size=4, top_k=6,
+                                                      threshold=t).sum()
+                                     for t in (0.0, 0.6, 1.0, None)])
+  *counts, count_topk = [int(c) for c in sel_counts(q, k)]
   assert counts == sorted(counts) and counts[0] == 4 * 21       # threshold 0: own chunk only
-  assert counts[-1] == int(R.moba_selection(q, k, chunk_size=4, top_k=6).sum())
-  lay = R.moba_layout(q, k, chunk_size=4, top_k=3, threshold=0.5)
+  assert counts[-1] == count_topk
+
+  @jax.jit
+  def layout_and_out(q, k, v):
+    return (R.moba_layout(q, k, chunk_size=4, top_k=3, threshold=0.5),
+            R.moba_attention(q, k, v, chunk_size=4, top_k=3, threshold=0.5))
+
+  lay, o = layout_and_out(q, k, v)
   L.check_layout(lay)
-  o = R.moba_attention(q, k, v, chunk_size=4, top_k=3, threshold=0.5)
   np.testing.assert_allclose(o, _dense(q, k, v, L.dense_mask(lay)), atol=2e-5)
   # 3D blocks (2 frames x 1 x 3) of a 4 x 2 x 6 video; all 8 blocks selected = full attention.
   qv, kv, vv = _qkv((1, 4, 2, 6), h=2, hk=2)
   flat = lambda a: a.reshape(1, 48, 2, 8)
   full = _dense(flat(qv), flat(kv), flat(vv), None).reshape(qv.shape)
-  np.testing.assert_allclose(R.vmoba_attention(qv, kv, vv, (2, 1, 3), top_k=8), full, atol=2e-5)
-  part = R.vmoba_attention(qv, kv, vv, (4, 1, 6), top_k=1)
+  vmoba = jax.jit(R.vmoba_attention, static_argnums=3, static_argnames="top_k")
+  np.testing.assert_allclose(vmoba(qv, kv, vv, (2, 1, 3), top_k=8), full, atol=2e-5)
+  part = vmoba(qv, kv, vv, (4, 1, 6), top_k=1)
   assert part.shape == qv.shape and not np.allclose(part, full, atol=1e-3)
   with pytest.raises(ValueError, match="block_shape"):
     R.vmoba_attention(qv, kv, vv, (3, 3, 3), top_k=2)
@@ -130,25 +148,27 @@ def test_vmoba_threshold_monotone_and_full_selection():
 
 def test_rettention_reconstructs_full_step_and_full_layout_is_identity():
   q, k, v = _qkv((1, 21))
-  full = dot_product_attention(q, k, v, implementation="reference")
+  full = _full(q, k, v, implementation="reference")
+  stats, attend = jax.jit(D.rettention_statistics), jax.jit(D.rettention_attention)
   lay = L.from_rule(L.WindowRule(2, 2), block_q=4, block_k=4, tq=21, tk=21)
-  rho, res = D.rettention_statistics(q, k, v, lay)
+  rho, res = stats(q, k, v, lay)
   assert bool(jnp.all((rho > 0) & (rho < 1)))
-  np.testing.assert_allclose(D.rettention_attention(q, k, v, lay, rho, res), full, atol=2e-5)
+  np.testing.assert_allclose(attend(q, k, v, lay, rho, res), full, atol=2e-5)
   every = L.from_rule(L.WindowRule(None, None), block_q=4, block_k=4, tq=21, tk=21)
-  rho, res = D.rettention_statistics(q, k, v, every)
+  rho, res = stats(q, k, v, every)
   np.testing.assert_allclose(rho, 1.0, atol=1e-5)
   np.testing.assert_allclose(res, 0.0, atol=2e-5)
 
 
 def test_topk_reuse_equals_mask_definition_and_all_keys_is_full():
   q, k, v = _qkv((1, 21))
-  idx = D.topk_key_indices(q, k, 6, causal=True)
+  topk = jax.jit(D.topk_key_indices, static_argnums=2, static_argnames="causal")
+  idx = topk(q, k, 6, causal=True)
   assert idx.shape == (1, 2, 6)
   fast = lambda q, k, v: D.attend_to_indices(q, k, v, idx, recent_from=17, causal=True)
   ref = lambda q, k, v: _dense(q, k, v, D.indices_mask(idx, 21, 21, 4, recent_from=17,
                                                        causal=True))
   _values_and_grads_match(fast, ref, (q, k, v))
-  everything = D.topk_key_indices(q, k, 64)
-  np.testing.assert_allclose(D.attend_to_indices(q, k, v, everything),
-                             dot_product_attention(q, k, v, implementation="reference"), atol=2e-5)
+  everything = topk(q, k, 64)
+  np.testing.assert_allclose(jax.jit(D.attend_to_indices)(q, k, v, everything),
+                             _full(q, k, v, implementation="reference"), atol=2e-5)

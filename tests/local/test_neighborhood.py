@@ -1,5 +1,6 @@
 """Neighborhood attention: NATTEN's exact neighbour sets, the tile-permuted fast path vs the oracle."""
 
+import functools
 import itertools
 import math
 
@@ -62,6 +63,24 @@ def _qkv(key, shape, h, hk, d, dtype=jnp.float32, dv=None):
   return q, k, v
 
 
+# Jitted entry points (Python options static): eager op-by-op dispatch dominates on this CPU.
+_NA_STATIC = ("kernel_size", "stride", "dilation", "is_causal", "return_lse", "implementation",
+              "tile_shape")
+_na = jax.jit(N.neighborhood_attention, static_argnames=_NA_STATIC)
+_na1d = jax.jit(N.na1d, static_argnums=(3, 4, 5, 6), static_argnames=_NA_STATIC)
+_na2d = jax.jit(N.na2d, static_argnums=(3, 4, 5, 6), static_argnames=_NA_STATIC)
+
+
+@functools.partial(jax.jit, static_argnames=_NA_STATIC)
+def _na_out_lse_and_grads(q, k, v, dout, **kw):
+  """`(o, lse)` and the gradient of `sum(o * dout)` w.r.t. (q, k, v), in one compiled call."""
+  def loss(q, k, v):
+    o, lse = N.neighborhood_attention(q, k, v, return_lse=True, **kw)
+    return jnp.sum(o * dout), (o, lse)
+  (_, (o, lse)), g = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
+  return o, lse, g
+
+
 CASES = [
     # spatial, kernel, stride, dilation, causal, tile, check gradients (compiles are slow on CPU:
     # gradients on the 1D and 3D cases, which between them cover stride, dilation and causal)
@@ -76,23 +95,19 @@ CASES = [
 def test_block_sparse_path_matches_reference_values_and_grads(spatial, kernel, stride, dilation,
                                                              causal, tile, grads):
   q, k, v = _qkv(jax.random.PRNGKey(len(spatial)), (2,) + spatial, 4, 2, 8, dv=6)
-  kw = dict(kernel_size=kernel, stride=stride, dilation=dilation, is_causal=causal)
-  o, lse = N.neighborhood_attention(q, k, v, **kw, tile_shape=tile, return_lse=True)
-  o_ref, lse_ref = N.neighborhood_attention(q, k, v, **kw, implementation="reference",
-                                            return_lse=True)
+  kw = dict(kernel_size=kernel, stride=stride, dilation=dilation, is_causal=causal, tile_shape=tile)
+  if grads:  # values, lse and gradients from one compile per path
+    dout = jax.random.normal(jax.random.PRNGKey(9), (2,) + spatial + (4, 6))
+    o, lse, g = _na_out_lse_and_grads(q, k, v, dout, **kw)
+    o_ref, lse_ref, g_ref = _na_out_lse_and_grads(q, k, v, dout, **kw, implementation="reference")
+  else:
+    o, lse = _na(q, k, v, **kw, return_lse=True)
+    o_ref, lse_ref = _na(q, k, v, **kw, implementation="reference", return_lse=True)
   assert o.shape == (2,) + spatial + (4, 6)
   np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), atol=2e-5)
   np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_ref), atol=2e-5)
   if not grads:
     return
-  dout = jax.random.normal(jax.random.PRNGKey(9), o.shape)
-
-  def loss(impl):
-    return lambda q, k, v: jnp.sum(N.neighborhood_attention(
-        q, k, v, **kw, tile_shape=tile, implementation=impl) * dout)
-
-  g = jax.grad(loss("block_sparse"), (0, 1, 2))(q, k, v)
-  g_ref = jax.grad(loss("reference"), (0, 1, 2))(q, k, v)
   for a, r in zip(g, g_ref):
     np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=1e-4, rtol=1e-4)
 
@@ -101,8 +116,8 @@ def test_every_causal_combination_2d_and_full_blocks_exist():
   spatial, kernel = (9, 10), (4, 5)
   q, k, v = _qkv(jax.random.PRNGKey(3), (1,) + spatial, 2, 1, 8)
   for causal in itertools.product([False, True], repeat=2):
-    o = N.na2d(q, k, v, kernel, 1, 1, causal, tile_shape=(3, 3))
-    o_ref = N.na2d(q, k, v, kernel, 1, 1, causal, implementation="reference")
+    o = _na2d(q, k, v, kernel, 1, 1, causal, tile_shape=(3, 3))
+    o_ref = _na2d(q, k, v, kernel, 1, 1, causal, implementation="reference")
     np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), atol=2e-5, err_msg=str(causal))
   lay, _, _ = N.na_layout((16, 16), (8, 8), (1, 1), (1, 1), (False, False), (4, 4))
   L.check_layout(lay)
@@ -113,9 +128,9 @@ def test_every_causal_combination_2d_and_full_blocks_exist():
 
 def test_bf16_matches_reference():
   q, k, v = _qkv(jax.random.PRNGKey(5), (1, 10, 6), 2, 2, 16, jnp.bfloat16)
-  o = N.na2d(q, k, v, 3, tile_shape=(4, 4))
-  o_ref = N.na2d(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), 3,
-                 implementation="reference")
+  o = _na2d(q, k, v, 3, tile_shape=(4, 4))
+  o_ref = _na2d(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), 3,
+                implementation="reference")
   np.testing.assert_allclose(np.asarray(o, np.float32), np.asarray(o_ref), atol=3e-2)
 
 
@@ -124,14 +139,14 @@ def test_additional_kv_merge_equals_concat_attention():
   ek = jax.random.normal(jax.random.PRNGKey(7), (1, 3, 1, 8))
   ev = jax.random.normal(jax.random.PRNGKey(8), (1, 3, 1, 8))
   kw = dict(additional_keys=ek, additional_values=ev, return_lse=True)
-  o, lse = N.na1d(q, k, v, 3, **kw)
-  o_ref, lse_ref = N.na1d(q, k, v, 3, implementation="reference", **kw)
+  o, lse = _na1d(q, k, v, 3, **kw)
+  o_ref, lse_ref = _na1d(q, k, v, 3, implementation="reference", **kw)
   np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), atol=2e-5)
   np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_ref), atol=2e-5)
   # Kernel = length and extra keys: plain attention over the concatenation.
-  o_full = N.na1d(q, k, v, 11, additional_keys=ek, additional_values=ev)
-  o_cat = dot_product_attention(q, jnp.concatenate([k, ek], 1), jnp.concatenate([v, ev], 1),
-                                implementation="reference")
+  o_full = _na1d(q, k, v, 11, additional_keys=ek, additional_values=ev)
+  o_cat = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, implementation="reference"))(
+      q, jnp.concatenate([k, ek], 1), jnp.concatenate([v, ev], 1))
   np.testing.assert_allclose(np.asarray(o_full), np.asarray(o_cat), atol=2e-5)
 
 

@@ -1,5 +1,7 @@
 """Dynamic routers (MoBA, BiFormer BRA), the registered mixers and the two vision backbones."""
 
+import functools
+
 import numpy as np
 import pytest
 import jax
@@ -41,51 +43,62 @@ def _moba_dense_definition(q, k, chunk, top_k):
   return mask
 
 
+@functools.partial(jax.jit, static_argnames=("impl", "block_q"))
+def _moba_out_and_grads(q, k, v, impl, block_q):
+  """MoBA output and the gradient of `sum(sin(o))` w.r.t. (q, k, v), in one compiled call."""
+  def f(q, k, v):
+    o = R.moba_attention(q, k, v, chunk_size=5, top_k=2, block_q=block_q, implementation=impl)
+    return jnp.sum(jnp.sin(o)), o
+  (_, o), g = jax.value_and_grad(f, (0, 1, 2), has_aux=True)(q, k, v)
+  return o, g
+
+
 @pytest.mark.parametrize("block_q", [1, 4])
 def test_moba_matches_numpy_definition_values_and_grads(block_q):
   q, k, v = _qkv(jax.random.PRNGKey(0), (1, 23), 4, 2, 8)
-  lay = R.moba_layout(q, k, chunk_size=5, top_k=2, block_q=block_q)
+  lay = jax.jit(lambda q, k: R.moba_layout(q, k, chunk_size=5, top_k=2, block_q=block_q))(q, k)
   L.check_layout(lay)
   np.testing.assert_array_equal(np.asarray(L.dense_mask(lay)),
                                 _moba_dense_definition(q, k, 5, 2))
-  kw = dict(chunk_size=5, top_k=2, block_q=block_q)
-  o = R.moba_attention(q, k, v, **kw)
-  o_ref = R.moba_attention(q, k, v, **kw, implementation="reference")
+  o, g = _moba_out_and_grads(q, k, v, "block_sparse", block_q)
+  o_ref, g_ref = _moba_out_and_grads(q, k, v, "reference", block_q)
   np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), atol=2e-5)
-  f = lambda impl: (lambda q, k, v: jnp.sum(jnp.sin(R.moba_attention(q, k, v, **kw,
-                                                                     implementation=impl))))
-  g = jax.grad(f("block_sparse"), (0, 1, 2))(q, k, v)
-  g_ref = jax.grad(f("reference"), (0, 1, 2))(q, k, v)
   for a, r in zip(g, g_ref):
     np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=1e-4)
 
 
 def test_moba_all_chunks_is_full_attention_and_under_jit():
   q, k, v = _qkv(jax.random.PRNGKey(1), (1, 17), 2, 2, 8)
-  o = jax.jit(lambda q, k, v: R.moba_attention(q, k, v, chunk_size=4, top_k=5))(q, k, v)
-  o_full = dot_product_attention(q, k, v, causal=True, implementation="reference")
-  np.testing.assert_allclose(np.asarray(o), np.asarray(o_full), atol=2e-5)
-  o_nc = R.moba_attention(q, k, v, chunk_size=4, top_k=5, causal=False)
-  np.testing.assert_allclose(np.asarray(o_nc), np.asarray(
-      dot_product_attention(q, k, v, implementation="reference")), atol=2e-5)
+
+  @functools.partial(jax.jit, static_argnames="causal")
+  def moba_and_full(q, k, v, causal):
+    return (R.moba_attention(q, k, v, chunk_size=4, top_k=5, causal=causal),
+            dot_product_attention(q, k, v, causal=causal, implementation="reference"))
+
+  for causal in (True, False):
+    o, o_full = moba_and_full(q, k, v, causal)
+    np.testing.assert_allclose(np.asarray(o), np.asarray(o_full), atol=2e-5)
   with pytest.raises(ValueError, match="chunk_size"):
     R.moba_layout(q, k, chunk_size=0, top_k=1)
 
 
 def test_bra_routing_shared_by_region_and_full_topk():
   q, k, v = _qkv(jax.random.PRNGKey(2), (2, 8, 8), 2, 2, 8)
-  o = R.bra_attention(q, k, v, regions=4, top_k=3)
-  o_ref = R.bra_attention(q, k, v, regions=4, top_k=3, implementation="reference")
+  bra = jax.jit(R.bra_attention, static_argnames=("regions", "top_k", "implementation"))
+  o = bra(q, k, v, regions=4, top_k=3)
+  o_ref = bra(q, k, v, regions=4, top_k=3, implementation="reference")
   np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), atol=2e-5)
   # Definition check: region-mean affinity top-k, computed independently in numpy.
   qn, kn = np.asarray(q), np.asarray(k)
   qr = qn.reshape(2, 4, 2, 4, 2, -1).mean((2, 4)).reshape(2, 16, -1)
   kr = kn.reshape(2, 4, 2, 4, 2, -1).mean((2, 4)).reshape(2, 16, -1)
   top = np.sort(np.argsort(-np.einsum("brc,bsc->brs", qr, kr), -1)[..., :3], -1)
-  np.testing.assert_array_equal(np.asarray(R.bra_routing(q, k, regions=4, top_k=3)), top)
-  o_all = R.bra_attention(q, k, v, regions=4, top_k=16)
-  o_full = dot_product_attention(q.reshape(2, 64, 2, 8), k.reshape(2, 64, 2, 8),
-                                 v.reshape(2, 64, 2, 8), implementation="reference")
+  routing = jax.jit(R.bra_routing, static_argnames=("regions", "top_k"))
+  np.testing.assert_array_equal(np.asarray(routing(q, k, regions=4, top_k=3)), top)
+  o_all = bra(q, k, v, regions=4, top_k=16)
+  o_full = jax.jit(dot_product_attention, static_argnames="implementation")(
+      q.reshape(2, 64, 2, 8), k.reshape(2, 64, 2, 8), v.reshape(2, 64, 2, 8),
+      implementation="reference")
   np.testing.assert_allclose(np.asarray(o_all).reshape(2, 64, 2, 8), np.asarray(o_full), atol=2e-5)
   with pytest.raises(ValueError, match="regions"):
     R.bra_attention(q, k, v, regions=3, top_k=1)
@@ -100,18 +113,20 @@ def test_registered_mixers_run_and_respect_causality(name):
   m = build_mixer(name, d_model=16, num_heads=2, causal=True, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (2, 13, 16))
   x2 = x.at[:, 9:].set(1.0)
-  y = m(x)
+  fwd = nnx.jit(lambda m, x: m(x))  # x and x2 share one compile
+  y = fwd(m, x)
   assert y.shape == x.shape and np.isfinite(np.asarray(y)).all()
-  np.testing.assert_allclose(np.asarray(m(x2)[:, :9]), np.asarray(y[:, :9]), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(fwd(m, x2)[:, :9]), np.asarray(y[:, :9]), atol=1e-5)
 
 
 def test_na1d_mixer_decodes_like_full_forward_with_dilation():
   m = build_mixer("na1d", d_model=16, num_heads=2, causal=True, rngs=nnx.Rngs(0), kernel_size=3,
                   dilation=2)
   x = jax.random.normal(jax.random.key(1), (1, 11, 16))
-  full = m(x)
+  full = nnx.jit(lambda m, x: m(x))(m, x)
   m.init_cache(1, 16)
-  outs = [m(x[:, :6], decode=True)] + [m(x[:, t:t + 1], decode=True) for t in range(6, 11)]
+  decode = nnx.jit(lambda m, x: m(x, decode=True))  # the one-token steps share one compile
+  outs = [decode(m, x[:, :6])] + [decode(m, x[:, t:t + 1]) for t in range(6, 11)]
   np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(full), atol=1e-4)
 
 

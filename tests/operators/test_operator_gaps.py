@@ -25,12 +25,20 @@ def _rnd(seed, *shape):
 
 
 def _grads_close(f, g, args, out_shape, atol=1e-5):
-  """Values and gradients of `f` against the reference `g` (both jitted: one compile each is far
-  cheaper than op-by-op dispatch of a Python-loop reference)."""
+  """Outputs (atol), losses and gradients of `f` against the reference `g` (both jitted: one
+  compile each is far cheaper than op-by-op dispatch of a Python-loop reference)."""
   ct = _rnd(99, *out_shape)
   n = tuple(range(len(args)))
-  v1, g1 = jax.jit(jax.value_and_grad(lambda *a: jnp.sum(f(*a) * ct), n))(*args)
-  v2, g2 = jax.jit(jax.value_and_grad(lambda *a: jnp.sum(g(*a) * ct), n))(*args)
+
+  def vg(fn):
+    def loss(*a):
+      o = fn(*a)
+      return jnp.sum(o * ct), o
+    return jax.jit(jax.value_and_grad(loss, n, has_aux=True))
+
+  (v1, o1), g1 = vg(f)(*args)
+  (v2, o2), g2 = vg(g)(*args)
+  np.testing.assert_allclose(o1, o2, atol=atol)
   np.testing.assert_allclose(v1, v2, atol=atol, rtol=1e-4)
   for a, b in zip(g1, g2):
     np.testing.assert_allclose(a, b, atol=atol, rtol=1e-4)
@@ -42,21 +50,28 @@ def _grads_close(f, g, args, out_shape, atol=1e-5):
 
 def test_probe_weights_equal_each_ops_explicit_weights():
   q, k = _rnd(1, B, TQ, H, D), _rnd(2, B, TK, HK, D)
+  # Each probe and its explicit weights in one compiled call (eager dispatch dominates here).
+  both = lambda probe, explicit: jax.jit(lambda q, k: (probe(q, k), explicit(q, k)))
   for impl in ("reference", "xla"):
-    got = ops.probe_attention_weights(dot_product_attention, q, k, causal=True, implementation=impl)
-    np.testing.assert_allclose(got, ops.softmax_attention_weights(q, k, causal=True), atol=1e-6)
-  np.testing.assert_allclose(ops.probe_attention_weights(ops.sigmoid_attention, q, k, causal=True),
-                             ops.sigmoid_attention_weights(q, k, causal=True), atol=1e-6)
-  np.testing.assert_allclose(
-      ops.probe_attention_weights(ops.lssa_attention, q, k, reweight_power=2.0),
-      ops.lssa_weights(q, k, reweight_power=2.0), atol=1e-6)
-  np.testing.assert_allclose(ops.probe_attention_weights(ops.reversed_attention, q, k),
-                             ops.reversed_attention_weights(q, k), atol=1e-6)
+    got, want = both(lambda q, k: ops.probe_attention_weights(
+        dot_product_attention, q, k, causal=True, implementation=impl),
+        lambda q, k: ops.softmax_attention_weights(q, k, causal=True))(q, k)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+  np.testing.assert_allclose(*both(
+      lambda q, k: ops.probe_attention_weights(ops.sigmoid_attention, q, k, causal=True),
+      lambda q, k: ops.sigmoid_attention_weights(q, k, causal=True))(q, k), atol=1e-6)
+  np.testing.assert_allclose(*both(
+      lambda q, k: ops.probe_attention_weights(ops.lssa_attention, q, k, reweight_power=2.0),
+      lambda q, k: ops.lssa_weights(q, k, reweight_power=2.0))(q, k), atol=1e-6)
+  np.testing.assert_allclose(*both(
+      lambda q, k: ops.probe_attention_weights(ops.reversed_attention, q, k),
+      ops.reversed_attention_weights)(q, k), atol=1e-6)
   qs, ks = _rnd(1, B, TK, H, D), _rnd(2, B, TK, H, D)
   groups = jnp.broadcast_to(jnp.arange(TK) // 3, (B, TK))
-  np.testing.assert_allclose(
-      ops.probe_attention_weights(functools.partial(ops.hierarchical_attention, group_ids=groups), qs, ks),
-      ops.hierarchical_attention_weights(qs, ks, groups), atol=1e-6)
+  np.testing.assert_allclose(*both(
+      lambda q, k: ops.probe_attention_weights(
+          functools.partial(ops.hierarchical_attention, group_ids=groups), q, k),
+      lambda q, k: ops.hierarchical_attention_weights(q, k, groups))(qs, ks), atol=1e-6)
   with pytest.raises(ValueError, match="linear in v"):
     ops.probe_attention_weights(lambda q, k, v, **kw: q, q, k)
 
@@ -153,7 +168,8 @@ def test_dha_fusion_from_mha_with_shared_heads_is_exact():
                     num_k_groups=2, num_v_groups=2, k_assign=(0, 0, 1, 1), v_assign=(0, 1, 0, 1))
   dha.fuse_from(mha, [[0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5]], [[0.5, 0, 0.5, 0], [0, 0.5, 0, 0.5]])
   x = _rnd(2, B, 9, d_model)
-  np.testing.assert_allclose(dha(x), mha(x), atol=1e-5)
+  fwd = nnx.jit(lambda m, x: m(x))
+  np.testing.assert_allclose(fwd(dha, x), fwd(mha, x), atol=1e-5)
   assert dha.k_proj.kernel.shape == (d_model, 2 * hd)
   # One-hot fusion selects heads.
   dha.fuse_from(mha, [[0, 0, 1, 0], [1, 0, 0, 0]], [[0, 1, 0, 0], [1, 0, 0, 0]])
@@ -189,8 +205,7 @@ def test_moda_hierarchical_values_and_grads_match_explicit_references():
   basis = jnp.eye(D) + 0.3 * _rnd(4, 2, D, D)
   moda = lambda q, k, v, basis: ops.moda_attention(q, k, v, mq, kv_modality_ids=mk, pair_bias=bias,
                                                    basis=basis, causal=True)
-  np.testing.assert_allclose(moda(q, k, v, basis), jax.jit(moda_ref)(q, k, v, basis), atol=1e-5)
-  _grads_close(moda, moda_ref, (q, k, v, basis), (B, TQ, H, DV))
+  _grads_close(moda, moda_ref, (q, k, v, basis), (B, TQ, H, DV))   # outputs, losses, grads
   # Hierarchical: block-constant weights from the definition, via a one-hot group matrix G:
   # block mass M = G^T exp(S) G / (|g| |G|), entry (i, j) = exp(S_ij) in the own group, M[g(i), g(j)]
   # elsewhere, then row normalisation.
@@ -209,8 +224,7 @@ def test_moda_hierarchical_values_and_grads_match_explicit_references():
     return jnp.einsum("bhqk,bkhd->bqhd", w / w.sum(-1, keepdims=True), v)
 
   hier = lambda q, k, v: ops.hierarchical_attention(q, k, v, gid)
-  np.testing.assert_allclose(hier(qs, ks, vs), jax.jit(hier_ref)(qs, ks, vs), atol=1e-5)
-  _grads_close(hier, hier_ref, (qs, ks, vs), (1, t, hh, DV))
+  _grads_close(hier, hier_ref, (qs, ks, vs), (1, t, hh, DV))   # outputs, losses, grads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,26 +263,31 @@ def test_cca_mixer_equals_softmax_with_cca_positions_and_mask_and_decodes():
   m = build_mixer("cca", d_model=d_model, num_heads=heads, causal=True, rngs=nnx.Rngs(0),
                   grid=(gh, gw), num_prefix=p)
   x = _rnd(1, B, t, d_model)
-  y = m(x)
+  fwd = nnx.jit(lambda m, x: m(x))
+  y = fwd(m, x)
   hd = (heads, d_model // heads)
   pos = ops.cca_positions(gh, gw, num_text=nt, num_prefix=p)
   from attnjax.ops.rope import apply_rope
-  qh = apply_rope(m.q_proj(x).reshape(B, t, *hd), pos)
-  kh = apply_rope(m.k_proj(x).reshape(B, t, *hd), pos)
-  vh = m.v_proj(x).reshape(B, t, *hd)
   mask = ops.cca_mask(gh, gw, num_text=nt, num_prefix=p)[None, None]
-  want = m.o_proj(dot_product_attention(qh, kh, vh, mask=mask).reshape(B, t, -1))
-  np.testing.assert_allclose(y, want, atol=1e-5)
+
+  @nnx.jit
+  def explicit(m, x, mask):   # the mixer written out: projections, CCA rope, masked softmax
+    qh = apply_rope(m.q_proj(x).reshape(B, t, *hd), pos)
+    kh = apply_rope(m.k_proj(x).reshape(B, t, *hd), pos)
+    vh = m.v_proj(x).reshape(B, t, *hd)
+    return m.o_proj(dot_product_attention(qh, kh, vh, mask=mask).reshape(B, t, -1))
+
+  np.testing.assert_allclose(y, explicit(m, x, mask), atol=1e-5)
   # Prefill with the whole image, then text token by token == the full forward.
   m.init_cache(B, t + 2)
   n0 = p + gh * gw + 1
-  outs = [m(x[:, :n0], decode=True)] + [m(x[:, i:i + 1], decode=True) for i in range(n0, t)]
+  decode = nnx.jit(lambda m, x: m(x, decode=True))  # the one-token steps share one compile
+  outs = [decode(m, x[:, :n0])] + [decode(m, x[:, i:i + 1]) for i in range(n0, t)]
   np.testing.assert_allclose(jnp.concatenate(outs, 1), y, atol=2e-5, rtol=2e-5)
-  # Non-causal: positions only (every token sees every token).
+  # Non-causal: positions only (every token sees every token): the explicit form without mask.
   mb = build_mixer("cca", d_model=d_model, num_heads=heads, causal=False, rngs=nnx.Rngs(0),
                    grid=(gh, gw), num_prefix=p)
-  want_b = mb.o_proj(dot_product_attention(qh, kh, vh).reshape(B, t, -1))
-  np.testing.assert_allclose(mb(x), want_b, atol=1e-5)
+  np.testing.assert_allclose(fwd(mb, x), explicit(mb, x, None), atol=1e-5)
   with pytest.raises(PatternUndefinedError, match="cross attention is undefined"):
     m(x, context=_rnd(2, B, t + 1, d_model))
   with pytest.raises(ValueError, match="rope"):
@@ -292,15 +311,15 @@ def test_efficient_probe_matches_per_query_reference_masks_and_grads():
       outs.append(jnp.einsum("bn,bnc->bc", a, x @ wv[:, m * chunk:(m + 1) * chunk]))
     return jnp.concatenate(outs, -1)
 
-  np.testing.assert_allclose(ops.efficient_probe(x, qs, wv), jax.jit(ref)(x, qs, wv), atol=1e-5)
-  _grads_close(ops.efficient_probe, ref, (x, qs, wv), (b, c))
+  _grads_close(ops.efficient_probe, ref, (x, qs, wv), (b, c))   # outputs, losses, grads
   mask = jnp.array([[True] * 5 + [False] * 2, [True] * 7])
-  np.testing.assert_allclose(ops.efficient_probe(x, qs, wv, mask=mask)[0],
-                             ops.efficient_probe(x[:1, :5], qs, wv)[0], atol=1e-5)
+  probe_fn = jax.jit(ops.efficient_probe)
+  np.testing.assert_allclose(probe_fn(x, qs, wv, mask=mask)[0],
+                             probe_fn(x[:1, :5], qs, wv)[0], atol=1e-5)
   with pytest.raises(ValueError, match="mask"):
     ops.efficient_probe(x, qs, wv, mask=mask[:, :3])
   probe = EfficientProbe(c, num_queries=m_q, d_out=2, rngs=nnx.Rngs(0))
-  assert probe(x).shape == (b, c // 2)
+  assert nnx.jit(lambda m, x: m(x))(probe, x).shape == (b, c // 2)
   with pytest.raises(ValueError, match="divisible"):
     EfficientProbe(c, num_queries=3, rngs=nnx.Rngs(0))
 
@@ -317,14 +336,15 @@ def test_lama_matches_per_head_reference_masks_and_grads():
       outs.append(jnp.einsum("bn,bnd->bd", jax.nn.softmax(s, -1), h))
     return jnp.concatenate(outs, -1)
 
-  np.testing.assert_allclose(ops.lama_pool(h, u, v, p)[0], jax.jit(ref)(h, u, v, p), atol=1e-5)
-  _grads_close(lambda *a: ops.lama_pool(*a)[0], ref, (h, u, v, p), (b, heads * d))
+  _grads_close(lambda *a: ops.lama_pool(*a)[0], ref, (h, u, v, p), (b, heads * d))  # outputs too
   mask = jnp.array([[True] * 4 + [False] * 2, [True] * 6])
-  np.testing.assert_allclose(ops.lama_pool(h, u, v, p, mask=mask)[0][0],
-                             ops.lama_pool(h[:1, :4], u, v, p)[0][0], atol=1e-5)
+  lama = jax.jit(ops.lama_pool)
+  np.testing.assert_allclose(lama(h, u, v, p, mask=mask)[0][0],
+                             lama(h[:1, :4], u, v, p)[0][0], atol=1e-5)
   with pytest.raises(ValueError, match="u, v"):
     ops.lama_pool(h, u[:3], v, p)
-  assert LowRankAttentionPooling(d, rank=r, num_heads=heads, rngs=nnx.Rngs(0))(h).shape == (b, heads * d)
+  pool = LowRankAttentionPooling(d, rank=r, num_heads=heads, rngs=nnx.Rngs(0))
+  assert nnx.jit(lambda m, h: m(h))(pool, h).shape == (b, heads * d)
 
 
 # ---------------------------------------------------------------------------------------------

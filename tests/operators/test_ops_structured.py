@@ -21,8 +21,9 @@ def _qkv(rand, tq=T, tk=T, h=H, hk=H):
 def _grads_close(f, g, args, rand, out_shape):
   ct = rand(99, *out_shape)
   n = tuple(range(len(args)))
-  g1 = jax.grad(lambda *a: jnp.sum(f(*a) * ct), n)(*args)
-  g2 = jax.grad(lambda *a: jnp.sum(g(*a) * ct), n)(*args)
+  # Jitted: one compile per side is far cheaper than op-by-op dispatch on this CPU.
+  g1 = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * ct), n))(*args)
+  g2 = jax.jit(jax.grad(lambda *a: jnp.sum(g(*a) * ct), n))(*args)
   for a, b in zip(g1, g2):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
 
@@ -39,7 +40,8 @@ def test_reversed_attention_oracles(rand):
   msg = jax.nn.sigmoid(rand(4, B, T, H))
   ref = lambda q, k, v, m: jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(
       jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D), axis=-2) * jnp.swapaxes(m, 1, 2)[:, :, None], v)
-  np.testing.assert_allclose(ops.reversed_attention(q, k, v, message=msg), ref(q, k, v, msg), atol=1e-5)
+  np.testing.assert_allclose(jax.jit(ops.reversed_attention)(q, k, v, message=msg),
+                             jax.jit(ref)(q, k, v, msg), atol=1e-5)
   _grads_close(lambda *a: ops.reversed_attention(*a[:3], message=a[3]), ref, (q, k, v, msg), rand,
                (B, 5, H, DV))
   with pytest.raises(ValueError, match="causal pattern is undefined"):
@@ -50,10 +52,12 @@ def test_gpsa_oracles(rand):
   gh, gw = 3, 4
   q, k, v = _qkv(rand, tq=gh * gw, tk=gh * gw)
   pos = ops.gpsa_local_init(H, 1.0)
-  plain = ops.gpsa_attention(q, k, v, pos, jnp.full((H,), -60.0), grid=(gh, gw))
-  np.testing.assert_allclose(plain, dot_product_attention(q, k, v), atol=1e-6)   # sigma(l) = 0
+  gpsa = jax.jit(ops.gpsa_attention, static_argnames="grid")
+  plain = gpsa(q, k, v, pos, jnp.full((H,), -60.0), grid=(gh, gw))
+  np.testing.assert_allclose(plain, jax.jit(dot_product_attention)(q, k, v),
+                             atol=1e-6)   # sigma(l) = 0
   # Strong locality, gate 1: each query copies the value at offset Delta_h (a convolution).
-  conv = ops.gpsa_attention(q, k, v, ops.gpsa_local_init(H, 50.0), jnp.full((H,), 60.0), grid=(gh, gw))
+  conv = gpsa(q, k, v, ops.gpsa_local_init(H, 50.0), jnp.full((H,), 60.0), grid=(gh, gw))
   centres = [(h % 2 - 0, h // 2 - 0) for h in range(H)]      # side=2 grid: offsets in {0, 1}
   for h, (dx, dy) in enumerate(centres):
     i = 0                                                     # query (x=0, y=0)
@@ -90,8 +94,10 @@ def test_dha_groupings(rand):
 def test_relative_attention(rand):
   q, k, v = _qkv(rand, tq=5, tk=T)
   zeros_r, zeros_h = jnp.zeros((2 * T - 1, H, D)), jnp.zeros((H, D))
-  np.testing.assert_allclose(ops.relative_attention(q, k, v, zeros_r, zeros_h, zeros_h, causal=True),
-                             dot_product_attention(q, k, v, causal=True), atol=1e-6)
+  relative = jax.jit(ops.relative_attention, static_argnames="causal")
+  np.testing.assert_allclose(relative(q, k, v, zeros_r, zeros_h, zeros_h, causal=True),
+                             jax.jit(dot_product_attention, static_argnames="causal")(
+                                 q, k, v, causal=True), atol=1e-6)
   rel, u, w = rand(4, 2 * T - 1, H, D), rand(5, H, D), rand(6, H, D)
 
   def ref(q, k, v, rel, u, w):
@@ -102,8 +108,8 @@ def test_relative_attention(rand):
     s = jnp.where(j <= i, s, -jnp.inf)
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v)
 
-  np.testing.assert_allclose(ops.relative_attention(q, k, v, rel, u, w, causal=True),
-                             ref(q, k, v, rel, u, w), atol=1e-5)
+  np.testing.assert_allclose(relative(q, k, v, rel, u, w, causal=True),
+                             jax.jit(ref)(q, k, v, rel, u, w), atol=1e-5)
   _grads_close(lambda *a: ops.relative_attention(*a, causal=True), ref, (q, k, v, rel, u, w), rand,
                (B, 5, H, DV))
 
@@ -172,7 +178,8 @@ def test_cca_positions_and_mask():
 def test_gaam_oracles(rand):
   x = rand(1, B, T, 6)
   off, sc = jnp.array([0.0, 0.3]), jnp.array([2.0, 1.0])
-  w = ops.gaam_weights(x, off, sc)
+  gaam = jax.jit(ops.gaam_weights, static_argnames="causal")
+  w = gaam(x, off, sc)
   np.testing.assert_allclose(w.sum(1), 1.0, rtol=1e-5)
 
   def naive(x):   # the authors' form: a product of G Gaussian densities, normalised along T
@@ -182,27 +189,28 @@ def test_gaam_oracles(rand):
       dens = dens * jnp.exp(-((x - mu - d) ** 2) / (2 * var * c ** 2)) / jnp.sqrt(2 * jnp.pi * c ** 2)
     return dens / jnp.sum(dens, 1, keepdims=True)
 
-  np.testing.assert_allclose(w, naive(x), rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(ops.gaam_weights(x, off, sc) * x))(x),
-                             jax.grad(lambda x: jnp.sum(naive(x) * x))(x), rtol=1e-3, atol=1e-5)
+  np.testing.assert_allclose(w, jax.jit(naive)(x), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(jax.jit(jax.grad(lambda x: jnp.sum(ops.gaam_weights(x, off, sc) * x)))(x),
+                             jax.jit(jax.grad(lambda x: jnp.sum(naive(x) * x)))(x), rtol=1e-3,
+                             atol=1e-5)
   const = jnp.ones((B, T, 6))
-  np.testing.assert_allclose(ops.gaam_weights(const, jnp.zeros(2), sc), 1.0 / T, rtol=1e-5)
-  wc = ops.gaam_weights(x, off, sc, causal=True)
+  np.testing.assert_allclose(gaam(const, jnp.zeros(2), sc), 1.0 / T, rtol=1e-5)
+  wc = gaam(x, off, sc, causal=True)
   # Causal: w_t depends only on x_{<=t}; the last position equals the non-causal weight.
   np.testing.assert_allclose(wc[:, -1], w[:, -1], rtol=1e-4)
-  wc2 = ops.gaam_weights(x.at[:, 5].add(2.0), off, sc, causal=True)
+  wc2 = gaam(x.at[:, 5].add(2.0), off, sc, causal=True)
   np.testing.assert_allclose(wc2[:, :5], wc[:, :5], rtol=1e-6)
-  g = jax.grad(lambda x: jnp.sum(ops.gaussian_adaptive_attention(x, off, sc) ** 2))(x)
+  g = jax.jit(jax.grad(lambda x: jnp.sum(ops.gaussian_adaptive_attention(x, off, sc) ** 2)))(x)
   assert np.all(np.isfinite(g))
   # Packed segments: each segment's weights equal running it alone (causal and not).
   seg = jnp.array([[0] * 4 + [1] * (T - 4)] * B)
   for causal in (False, True):
-    ws = ops.gaam_weights(x, off, sc, causal=causal, segment_ids=seg)
-    np.testing.assert_allclose(ws[:, :4], ops.gaam_weights(x[:, :4], off, sc, causal=causal),
+    ws = gaam(x, off, sc, causal=causal, segment_ids=seg)
+    np.testing.assert_allclose(ws[:, :4], gaam(x[:, :4], off, sc, causal=causal),
                                rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(ws[:, 4:], ops.gaam_weights(x[:, 4:], off, sc, causal=causal),
+    np.testing.assert_allclose(ws[:, 4:], gaam(x[:, 4:], off, sc, causal=causal),
                                rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(ops.gaam_weights(x, off, sc, causal=True, segment_ids=jnp.zeros((B, T))),
+  np.testing.assert_allclose(gaam(x, off, sc, causal=True, segment_ids=jnp.zeros((B, T))),
                              wc, rtol=1e-4, atol=1e-6)   # one segment == the prefix-stats path
   with pytest.raises(ValueError, match="offsets"):
     ops.gaam_weights(x, off, sc[:1])
