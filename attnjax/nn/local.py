@@ -1,7 +1,8 @@
 """Neighborhood / local attention layers (catalog N) and their registered sequence mixers.
 
 Registered: `na1d` (alias `neighborhood`): 1D neighborhood attention inside `MultiHeadAttention`;
-`swin`, `halo`, `bra`, `freeswim`: 2D vision patterns over tokens on an image grid (`grid_attn_fn`).
+`swin`, `halo`, `bra`, `freeswim`, `na2d`: 2D vision patterns over tokens on an image grid
+(`grid_attn_fn`).
 2D layers for vision backbones: `NeighborhoodAttention2D` (NAT/DiNAT), `SwinAttention2D`.
 """
 
@@ -195,6 +196,23 @@ def _grid_freeswim(q, k, v, gx, gy, *, window: int = 7, force_dense: bool = Fals
   return o.reshape(b, gx, gy, h, v.shape[-1])
 
 
+def _grid_na2d(q, k, v, gx, gy, *, kernel_size: int = 7, dilation: int = 1,
+               force_dense: bool = False):
+  # Sides of one token drop out (NA needs kernel >= 2 per dimension): a (1, T) grid is NA1D.
+  spatial = tuple(s for s in (gx, gy) if s > 1)
+  if not spatial:
+    return jnp.repeat(v, q.shape[3] // v.shape[3], axis=3)
+  b, h = q.shape[0], q.shape[3]
+  kern = tuple(max(2, min(kernel_size, s)) for s in spatial)
+  # As NAT/DiNAT do at small resolutions: no dilation where kernel * dilation exceeds the map.
+  dil = tuple(dilation if kk * dilation <= s else 1 for kk, s in zip(kern, spatial))
+  shape = lambda a: a.reshape((b,) + spatial + a.shape[3:])
+  o = neighborhood.neighborhood_attention(
+      shape(q), shape(k), shape(v), kern, 1, dil,
+      implementation="reference" if force_dense else "block_sparse")
+  return o.reshape(b, gx, gy, h, v.shape[-1])
+
+
 def _dense_grid(q, k, v, mask):
   b, gx, gy = q.shape[:3]
   flat = lambda a: a.reshape(b, gx * gy, *a.shape[3:])
@@ -204,7 +222,7 @@ def _dense_grid(q, k, v, mask):
 
 
 _GRID_PATTERNS = {"swin": _grid_swin, "halo": _grid_halo, "bra": _grid_bra,
-                  "freeswim": _grid_freeswim}
+                  "freeswim": _grid_freeswim, "na2d": _grid_na2d}
 
 
 def grid_attn_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=None,
@@ -213,8 +231,9 @@ def grid_attn_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_i
   """`attn_fn` for `MultiHeadAttention`: a 2D vision pattern over `[B, T, H, D]` tokens laid out
   by `grid_layout` (prefix tokens, then a row-major `X x Y` grid).
 
-  Image tokens attend to image tokens through `pattern` (`swin`, `halo`, `bra`, `freeswim`); prefix
-  tokens (a class token) attend to every token, as global tokens do. Grids the fast op cannot tile
+  Image tokens attend to image tokens through `pattern` (`swin`, `halo`, `bra`, `freeswim`,
+  `na2d`); prefix tokens (a class token) attend to every token, as global tokens do. Sides of one
+  token drop out for `freeswim` / `na2d` (a `(1, T)` grid is their 1D form). Grids the fast op cannot tile
   (a window or block that does not divide the map) use the pattern's dense mask (O(T^2)).
   Self-attention only; causal, decoding and packed sequences are undefined for these patterns.
   """
@@ -260,5 +279,7 @@ register_mixer("halo", "HaloNet blocked local attention [20] on an image grid (b
                "non-causal).")(_grid_builder("halo", ("block", "halo")))
 register_mixer("bra", "BiFormer bi-level routing attention [112] on an image grid (regions, top_k; "
                "non-causal).")(_grid_builder("bra", ("regions", "top_k")))
+register_mixer("na2d", "2D neighborhood attention (NATTEN semantics; kernel_size, dilation) on an "
+               "image grid (non-causal).")(_grid_builder("na2d", ("kernel_size", "dilation")))
 register_mixer("freeswim", "FreeSwim inward sliding window [113] on an image grid (window; "
                "non-causal).")(_grid_builder("freeswim", ("window",)))

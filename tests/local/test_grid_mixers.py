@@ -18,7 +18,8 @@ from attnjax.ops.softmax import dot_product_attention
 CASES = {"swin": ({"window": 4, "shift": 2}, {"window": 3, "shift": 1}),
          "halo": ({"block": 4, "halo": 1}, {"block": 3, "halo": 1}),
          "bra": ({"regions": 4, "top_k": 3}, {"regions": 3, "top_k": 2}),
-         "freeswim": ({"window": 5}, {"window": 3})}
+         "freeswim": ({"window": 5}, {"window": 3}),
+         "na2d": ({"kernel_size": 3, "dilation": 2}, {"kernel_size": 5})}
 
 
 def _qkv(t, h=2, d=8, seed=0):
