@@ -23,6 +23,7 @@ from flax import nnx
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments import tasks as tasks_lib
 from experiments import trainer as train_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/mqar.py", "Path to an ml_collections config file.",
@@ -30,6 +31,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/mqar.py", "Path to 
 _MIXERS = flags.DEFINE_list("mixers", ["softmax", "sliding_window"], "Registered mixer names to compare.")
 _WIDTHS = flags.DEFINE_list("widths", [], "Optional d_model values to sweep (default: the config's).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
+_COLLECT = flags.DEFINE_boolean(
+    "collect", False, "Train nothing: rebuild the table and plots from the runs already in "
+    "--workdir (each <mixer>_d<width>/summary.json), e.g. after an interrupted sweep.")
 
 
 def recurrent_state_floats(model, seq_len: int) -> float:
@@ -106,6 +110,31 @@ def markdown_table(results: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def collect(config, mixers, widths, workdir) -> list[dict]:
+  """The results of finished runs in `workdir` (missing ones are reported and left out)."""
+  task = tasks_lib.make_task(config)
+  results = []
+  for width in widths or [config.model.d_model]:
+    for mixer in mixers:
+      path = os.path.join(workdir, f"{mixer}_d{width}", "summary.json")
+      if not os.path.exists(path):
+        print(f"  {mixer:>20s} d={width}: no finished run ({path})", flush=True)
+        continue
+      with open(path) as f:
+        s = json.load(f)
+      cfg = copy.deepcopy(config)
+      with cfg.unlocked():
+        cfg.model.mixer = mixer
+        cfg.model.d_model = int(width)
+      model = task.build_model(cfg, nnx.Rngs(cfg.seed))
+      results.append({"mixer": mixer, "d_model": int(width), "label": f"{mixer} d={width}",
+                      "params": s["params"],
+                      "state_floats": recurrent_state_floats(model, cfg.data.seq_len),
+                      "accuracy": s["final_eval"]["accuracy"], "steps_per_s": s["steps_per_s"],
+                      "history": s["history"]})
+  return results
+
+
 def run(config, mixers, widths, workdir) -> list[dict]:
   os.makedirs(workdir, exist_ok=True)
   results = []
@@ -128,7 +157,7 @@ def main(argv):
   del argv
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join("workdirs", f"compare_{config.task}")
-  results = run(config, _MIXERS.value, _WIDTHS.value, workdir)
+  results = (collect if _COLLECT.value else run)(config, _MIXERS.value, _WIDTHS.value, workdir)
   table = markdown_table(results)
   print("\n" + table)
   d = config.data
