@@ -98,12 +98,12 @@ def test_seqboat_decode_equals_full_forward():
 def test_seqboat_layer_none_routed_is_the_backbone_and_the_router_learns():
   m = SeqBoatMixer(16, 2, window=3, ndim=2, chunk_size=4, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (1, 9, 16))
-  _, hx, _ = m.backbone(x)
+  _, hx, _ = nnx.jit(lambda m, x: m.backbone(x))(m, x)
   m.h_proj_in.bias[...] = m.h_proj_in.bias[...].at[0].set(1e4)     # every token "off"
-  np.testing.assert_allclose(m(x), hx, atol=1e-6)
+  np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(m, x), hx, atol=1e-6)
   m.h_proj_in.bias[...] = m.h_proj_in.bias[...].at[0].set(0.0)
   graphdef, params, rest = nnx.split(m, nnx.Param, ...)
-  g = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(x) ** 2))(params)
+  g = jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(x) ** 2)))(params)
   assert float(jnp.abs(g["log_tau"][...])) > 0                      # through the gate p_max
 
 
@@ -167,11 +167,13 @@ def test_still_saliency_and_selection_against_brute_force():
 def test_still_layer_is_causal_and_decodes_like_the_full_forward():
   m = StillMixer(16, 2, window=3, top_k=1, select_chunk=2, chunk_size=4, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (2, 10, 16))
-  full = m(x)
+  fwd = nnx.jit(lambda m, x: m(x))
+  full = fwd(m, x)
   x2 = x.at[:, 7:].set(1.0)
-  np.testing.assert_allclose(m(x2)[:, :7], full[:, :7], atol=1e-5)
+  np.testing.assert_allclose(fwd(m, x2)[:, :7], full[:, :7], atol=1e-5)
   m.init_cache(2, 16)
-  outs = [m(x[:, :5], decode=True)] + [m(x[:, t:t + 1], decode=True) for t in range(5, 10)]
+  step = nnx.jit(lambda m, x: m(x, decode=True))
+  outs = [step(m, x[:, :5])] + [step(m, x[:, t:t + 1]) for t in range(5, 10)]
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-4, rtol=1e-4)
   with pytest.raises(ValueError, match="select_chunk"):
     StillMixer(16, 2, window=3, select_chunk=4, rngs=nnx.Rngs(0))
