@@ -69,11 +69,11 @@ def test_transfer_then_lora_train_only_their_parameters():
 
   # The converted model runs and decodes like its full forward.
   tokens = next(batches)
-  full = student(tokens)
+  full = nnx.jit(lambda m, t: m(t))(student, tokens)
   assert np.isfinite(np.asarray(full)).all()
   student.init_cache(2, T)
-  outs = [student(tokens[:, :5], decode=True)] + [student(tokens[:, t:t + 1], decode=True)
-                                                   for t in range(5, T)]
+  step = nnx.jit(lambda m, t: m(t, decode=True))
+  outs = [step(student, tokens[:, :5])] + [step(student, tokens[:, t:t + 1]) for t in range(5, T)]
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=2e-4, rtol=2e-3)
 
 
@@ -106,10 +106,11 @@ def test_window_hybrid_student_with_a_window_over_the_sequence_is_the_teacher():
   teacher = _teacher()
   student = lz.convert_decoder(teacher, attention="window", window=T)
   tokens = next(_batches(3))
-  np.testing.assert_allclose(student(tokens), teacher(tokens), atol=2e-5, rtol=2e-5)
+  fwd = nnx.jit(lambda m, t: m(t))
+  np.testing.assert_allclose(fwd(student, tokens), fwd(teacher, tokens), atol=2e-5, rtol=2e-5)
   small = lz.convert_decoder(teacher, attention="window", window=4)
-  full = small(tokens)
+  full = fwd(small, tokens)
   small.init_cache(2, T)
-  outs = [small(tokens[:, :5], decode=True)] + [small(tokens[:, t:t + 1], decode=True)
-                                                 for t in range(5, T)]
+  step = nnx.jit(lambda m, t: m(t, decode=True))
+  outs = [step(small, tokens[:, :5])] + [step(small, tokens[:, t:t + 1]) for t in range(5, T)]
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=2e-4, rtol=2e-3)

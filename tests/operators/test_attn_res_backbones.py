@@ -78,9 +78,10 @@ def test_decoding_equals_full_forward(attn_res):
   lm = _lm(attn_res, 2, short_conv=3)
   _set_queries(lm)
   tok = _tokens(11)
-  full = lm(tok)
+  full = nnx.jit(lambda m, t: m(t))(lm, tok)
   lm.init_cache(2, 16)
-  outs = [lm(tok[:, :6], decode=True)] + [lm(tok[:, t:t + 1], decode=True) for t in range(6, 11)]
+  step = nnx.jit(lambda m, t: m(t, decode=True))
+  outs = [step(lm, tok[:, :6])] + [step(lm, tok[:, t:t + 1]) for t in range(6, 11)]
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-4)
 
 
@@ -88,7 +89,7 @@ def test_default_has_no_depth_module_and_gradients_reach_the_queries():
   assert _lm().depth is None
   lm = _lm("block", 3)
   tok = _tokens()
-  g = nnx.grad(lambda m: jnp.mean(m(tok) ** 2))(lm)
+  g = nnx.jit(nnx.grad(lambda m: jnp.mean(m(tok) ** 2)))(lm)
   gq = np.asarray(g["depth"]["queries"][...])
   assert np.all(np.isfinite(gq)) and np.abs(gq).max() > 0
 
