@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from attnjax.nn.attention import MultiHeadAttention
@@ -163,14 +164,27 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
   return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
 
 
-def _grid_swin(q, k, v, gx, gy, *, window: int = 7, shift: int = 0, force_dense: bool = False):
+def _grid_swin(q, k, v, gx, gy, *, window: int = 7, shift: int = 0, gamma: float | None = None,
+               force_dense: bool = False):
   wx, wy = min(window, gx), min(window, gy)
   # As Swin does when the map is no larger than the window: one window, no shift.
   sx, sy = (shift % wx if wx < gx else 0), (shift % wy if wy < gy else 0)
+  log_gamma = None
+  if gamma is not None:
+    # Gated-SwinRMT's retention branch [88]: Manhattan decay gamma^(|dx| + |dy|) inside windows.
+    if not 0.0 < gamma <= 1.0:
+      raise ValueError(f"swin: gamma must be in (0, 1], got {gamma}")
+    log_gamma = jnp.full((q.shape[3], 2), math.log(gamma), jnp.float32)
   if not force_dense and gx % wx == 0 and gy % wy == 0:
-    return local_ops.swin_window_attention(q, k, v, (wx, wy), (sx, sy))
+    return local_ops.swin_window_attention(q, k, v, (wx, wy), (sx, sy), log_gamma=log_gamma)
   # Partial windows at the far border: Swin pads the map, and padded tokens are hidden here.
-  return _dense_grid(q, k, v, local_ops.swin_mask(gx, gy, (wx, wy), (sx, sy)))
+  bias = None
+  if gamma is not None:
+    cx, cy = np.meshgrid(np.arange(gx), np.arange(gy), indexing="ij")
+    cx, cy = cx.ravel(), cy.ravel()
+    dist = np.abs(cx[:, None] - cx[None]) + np.abs(cy[:, None] - cy[None])
+    bias = jnp.asarray(dist * math.log(gamma), jnp.float32)
+  return _dense_grid(q, k, v, local_ops.swin_mask(gx, gy, (wx, wy), (sx, sy)), bias)
 
 
 def _grid_halo(q, k, v, gx, gy, *, block: int = 8, halo: int = 3, force_dense: bool = False):
@@ -213,10 +227,10 @@ def _grid_na2d(q, k, v, gx, gy, *, kernel_size: int = 7, dilation: int = 1,
   return o.reshape(b, gx, gy, h, v.shape[-1])
 
 
-def _dense_grid(q, k, v, mask):
+def _dense_grid(q, k, v, mask, bias=None):
   b, gx, gy = q.shape[:3]
   flat = lambda a: a.reshape(b, gx * gy, *a.shape[3:])
-  o = dot_product_attention(flat(q), flat(k), flat(v), mask=jnp.asarray(mask),
+  o = dot_product_attention(flat(q), flat(k), flat(v), mask=jnp.asarray(mask), bias=bias,
                             implementation="reference")
   return o.reshape(b, gx, gy, *o.shape[2:])
 
@@ -274,7 +288,8 @@ def _grid_builder(pattern: str, option_names: tuple[str, ...]):
 
 
 register_mixer("swin", "Swin W-MSA / SW-MSA [18] window attention on an image grid (window, shift; "
-               "non-causal).")(_grid_builder("swin", ("window", "shift")))
+               "gamma: Gated-SwinRMT's Manhattan decay [88]; non-causal).")(
+                   _grid_builder("swin", ("window", "shift", "gamma")))
 register_mixer("halo", "HaloNet blocked local attention [20] on an image grid (block, halo; "
                "non-causal).")(_grid_builder("halo", ("block", "halo")))
 register_mixer("bra", "BiFormer bi-level routing attention [112] on an image grid (regions, top_k; "

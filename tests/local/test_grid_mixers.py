@@ -15,7 +15,8 @@ from attnjax.ops import local as local_ops
 from attnjax.ops.softmax import dot_product_attention
 
 # pattern -> options that tile an 8 x 8 grid (fast path) and ones that do not (dense fallback).
-CASES = {"swin": ({"window": 4, "shift": 2}, {"window": 3, "shift": 1}),
+CASES = {"swin": ({"window": 4, "shift": 2}, {"window": 3, "shift": 1},
+                 {"window": 4, "shift": 2, "gamma": 0.7}, {"window": 3, "gamma": 0.8}),
          "halo": ({"block": 4, "halo": 1}, {"block": 3, "halo": 1}),
          "bra": ({"regions": 4, "top_k": 3}, {"regions": 3, "top_k": 2}),
          "freeswim": ({"window": 5}, {"window": 3}),
