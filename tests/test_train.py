@@ -30,6 +30,12 @@ def test_compare_writes_table_and_plot(tmp_path):
   compare.plot_state(results, str(tmp_path / "s.png"), "t")
   compare.plot(results, str(tmp_path / "p.png"), "t")
   assert (tmp_path / "p.png").stat().st_size > 1000
+  # --collect rebuilds the same rows from the finished runs and skips the missing ones.
+  again = compare.collect(cfg, ["softmax", "gla", "sliding_window"], [], str(tmp_path))
+  assert [r["mixer"] for r in again] == ["softmax", "sliding_window"]
+  for r, s in zip(again, results):
+    assert (r["params"], r["state_floats"], r["accuracy"]) == (s["params"], s["state_floats"],
+                                                               s["accuracy"])
 
 
 def test_lm_task_on_packaged_text_learns(tmp_path):
