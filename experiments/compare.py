@@ -110,6 +110,14 @@ def markdown_table(results: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def _result_row(mixer: str, width, summary: dict, model, seq_len: int) -> dict:
+  """One table row from a run's summary (as `train_and_evaluate` returns it or summary.json)."""
+  return {"mixer": mixer, "d_model": int(width), "label": f"{mixer} d={width}",
+          "params": summary["params"], "state_floats": recurrent_state_floats(model, seq_len),
+          "accuracy": summary["final_eval"]["accuracy"], "steps_per_s": summary["steps_per_s"],
+          "history": summary["history"]}
+
+
 def collect(config, mixers, widths, workdir) -> list[dict]:
   """The results of finished runs in `workdir` (missing ones are reported and left out)."""
   task = tasks_lib.make_task(config)
@@ -127,11 +135,7 @@ def collect(config, mixers, widths, workdir) -> list[dict]:
         cfg.model.mixer = mixer
         cfg.model.d_model = int(width)
       model = task.build_model(cfg, nnx.Rngs(cfg.seed))
-      results.append({"mixer": mixer, "d_model": int(width), "label": f"{mixer} d={width}",
-                      "params": s["params"],
-                      "state_floats": recurrent_state_floats(model, cfg.data.seq_len),
-                      "accuracy": s["final_eval"]["accuracy"], "steps_per_s": s["steps_per_s"],
-                      "history": s["history"]})
+      results.append(_result_row(mixer, width, s, model, cfg.data.seq_len))
   return results
 
 
@@ -145,9 +149,7 @@ def run(config, mixers, widths, workdir) -> list[dict]:
         cfg.model.mixer = mixer
         cfg.model.d_model = int(width)
       s = train_lib.train_and_evaluate(cfg, os.path.join(workdir, f"{mixer}_d{width}"))
-      results.append({"mixer": mixer, "d_model": int(width), "label": f"{mixer} d={width}",
-                      "params": s["params"], "state_floats": recurrent_state_floats(s["model"], cfg.data.seq_len), "accuracy": s["final_eval"]["accuracy"],
-                      "steps_per_s": s["steps_per_s"], "history": s["history"]})
+      results.append(_result_row(mixer, width, s, s["model"], cfg.data.seq_len))
       print(f"  {mixer:>20s} d={width}: accuracy {results[-1]['accuracy']:.4f}  "
             f"({s['steps_per_s']:.1f} steps/s)", flush=True)
   return results

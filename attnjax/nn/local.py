@@ -199,32 +199,36 @@ def _grid_bra(q, k, v, gx, gy, *, regions: int = 7, top_k: int = 4, force_dense:
                                    implementation="reference" if force_dense else "block_sparse")
 
 
-def _grid_freeswim(q, k, v, gx, gy, *, window: int = 7, force_dense: bool = False):
-  spatial = tuple(s for s in (gx, gy) if s > 1)
-  if not spatial:                         # a single image token sees only itself
-    return jnp.repeat(v, q.shape[3] // v.shape[3], axis=3)
-  b, h = q.shape[0], q.shape[3]
-  shape = lambda a: a.reshape((b,) + spatial + a.shape[3:])
-  o = local_ops.freeswim_attention(shape(q), shape(k), shape(v), window,
-                                   implementation="reference" if force_dense else "block_sparse")
-  return o.reshape(b, gx, gy, h, v.shape[-1])
-
-
-def _grid_na2d(q, k, v, gx, gy, *, kernel_size: int = 7, dilation: int = 1,
-               force_dense: bool = False):
-  # Sides of one token drop out (NA needs kernel >= 2 per dimension): a (1, T) grid is NA1D.
+def _on_sides_above_one(q, k, v, gx, gy, attend):
+  """`attend(q, k, v)` on `[B, *sides, H, D]` with the grid's sides of one token dropped (these
+  patterns need >= 2 tokens per dimension, so a `(1, T)` grid is their 1D form) -> `[B, X, Y, H, Dv]`.
+  A single image token sees only itself."""
   spatial = tuple(s for s in (gx, gy) if s > 1)
   if not spatial:
     return jnp.repeat(v, q.shape[3] // v.shape[3], axis=3)
   b, h = q.shape[0], q.shape[3]
-  kern = tuple(max(2, min(kernel_size, s)) for s in spatial)
-  # As NAT/DiNAT do at small resolutions: no dilation where kernel * dilation exceeds the map.
-  dil = tuple(dilation if kk * dilation <= s else 1 for kk, s in zip(kern, spatial))
   shape = lambda a: a.reshape((b,) + spatial + a.shape[3:])
-  o = neighborhood.neighborhood_attention(
-      shape(q), shape(k), shape(v), kern, 1, dil,
-      implementation="reference" if force_dense else "block_sparse")
-  return o.reshape(b, gx, gy, h, v.shape[-1])
+  return attend(shape(q), shape(k), shape(v)).reshape(b, gx, gy, h, v.shape[-1])
+
+
+def _grid_freeswim(q, k, v, gx, gy, *, window: int = 7, force_dense: bool = False):
+  impl = "reference" if force_dense else "block_sparse"
+  return _on_sides_above_one(q, k, v, gx, gy, lambda q, k, v: local_ops.freeswim_attention(
+      q, k, v, window, implementation=impl))
+
+
+def _grid_na2d(q, k, v, gx, gy, *, kernel_size: int = 7, dilation: int = 1,
+               force_dense: bool = False):
+  impl = "reference" if force_dense else "block_sparse"
+
+  def attend(q, k, v):
+    spatial = q.shape[1:-2]
+    kern = tuple(max(2, min(kernel_size, s)) for s in spatial)
+    # As NAT/DiNAT do at small resolutions: no dilation where kernel * dilation exceeds the map.
+    dil = tuple(dilation if kk * dilation <= s else 1 for kk, s in zip(kern, spatial))
+    return neighborhood.neighborhood_attention(q, k, v, kern, 1, dil, implementation=impl)
+
+  return _on_sides_above_one(q, k, v, gx, gy, attend)
 
 
 def _dense_grid(q, k, v, mask, bias=None):

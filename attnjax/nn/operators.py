@@ -26,6 +26,12 @@ from attnjax.ops.rope import apply_rope as _apply_rope
 from attnjax.registry import register_mixer
 
 
+def _decode_query_positions(mask, tq: int, tk: int):
+  """`[Tq]` token index of each query in a decode step: `MultiHeadAttention` passes the cache mask
+  `k_pos <= q_pos`, so row i counts `q_pos_i + 1` keys."""
+  return jnp.sum(jnp.broadcast_to(mask, (1, 1, tq, tk))[0, 0], axis=-1) - 1
+
+
 # --------------------------------------------------------------------------------------------
 # MODA [70]: modality ids from the token layout, learned duplex basis and pair bias.
 
@@ -80,8 +86,7 @@ class ModaAttnFn(nnx.Module):
       k_pos_b = q_pos
       vis = None
     else:
-      # Decode: `MultiHeadAttention` passes `k <= q` over the cache, so row i counts q_i + 1 keys.
-      q_pos = (jnp.sum(jnp.broadcast_to(mask, (1, 1, tq, tk))[0, 0], axis=-1) - 1)[None]
+      q_pos = _decode_query_positions(mask, tq, tk)[None]
       k_pos_b = k_pos[None]
       vis = mask
     q = apply_rope(q, jnp.broadcast_to(q_pos, (q.shape[0], tq)))
@@ -267,9 +272,8 @@ def cca_attn_fn(grid, num_prefix: int = 0):
       q_idx = k_idx
       vis = ops.cca_visibility(q_idx, k_idx, gh, gw, num_prefix) if causal else None
     else:
-      # Decode: the mask is `k_pos <= q_pos` over the cache, so each row counts q_pos + 1 keys;
-      # every slot below the last query's position + 1 has been written.
-      q_idx = jnp.sum(jnp.broadcast_to(mask, (1, 1, tq, tk))[0, 0], axis=-1) - 1
+      # Decode: every slot below the last query's position + 1 has been written.
+      q_idx = _decode_query_positions(mask, tq, tk)
       vis = ops.cca_visibility(q_idx, k_idx, gh, gw, num_prefix) & (k_idx[None, :] <= q_idx[-1])
     q = apply_rope(q, ops.cca_token_positions(q_idx, gh, gw, num_prefix))
     k = apply_rope(k, ops.cca_token_positions(k_idx, gh, gw, num_prefix))
