@@ -290,17 +290,22 @@ def main(argv):
     raise ValueError(f"--impls: unknown {sorted(unknown)}; choose from {ALL_IMPLS}")
   env = _environment()
   records = []
+  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
+
+  def write():
+    with open(_OUT.value + ".json", "w") as f:
+      json.dump({"environment": env, "results": records}, f, indent=1)
+    md = _markdown(env, records)
+    with open(_OUT.value + ".md", "w") as f:
+      f.write(md)
+    return md
+
   for t in (int(x) for x in _SEQ_LENS.value):
     data = _inputs(t)
     for impl in _IMPLS.value:
       records.extend(_bench(impl, t, data))
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value + ".json", "w") as f:
-    json.dump({"environment": env, "results": records}, f, indent=1)
-  md = _markdown(env, records)
-  with open(_OUT.value + ".md", "w") as f:
-    f.write(md)
-  print(md)
+      write()  # after every case, so a run cut short by a time limit keeps what it measured
+  print(write())
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ GPU run (jax >= 0.11 needs an `AbstractDevice` for this; see
 
 from __future__ import annotations
 
+import os
+
 import jax
 from jax.sharding import AbstractDevice, AbstractMesh
 
@@ -25,6 +27,17 @@ def resolve_interpret(interpret: bool | None) -> bool:
   if interpret is None:
     return not on_gpu()
   return bool(interpret)
+
+
+def interpret_in_tests() -> bool:
+  """Whether the kernel tests run the kernels in interpret mode: yes, unless told otherwise.
+
+  CI has no GPU, so the tests interpret. On a GPU machine,
+  `ATTNJAX_KERNEL_TESTS_ON_GPU=1 JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest pytest tests/kernels`
+  runs the same tests on the compiled kernels; the precision flag keeps float32 dots in IEEE float32
+  (Triton's default for them is TF32), so the float32 tolerances stay meaningful.
+  """
+  return os.environ.get("ATTNJAX_KERNEL_TESTS_ON_GPU", "0") != "1"
 
 
 def h100_abstract_mesh() -> AbstractMesh:

@@ -12,10 +12,13 @@ from pallas_kernels.flash import api, layouts
 from pallas_kernels.flash import forward as fwd_lib
 from pallas_kernels.flash.reference import flash_reference
 from pallas_kernels.flash.testing import assert_close, check_values_and_grads, random_qkv
+from pallas_kernels.common import interpret_in_tests
+
+INTERPRET = interpret_in_tests()  # False on a GPU with ATTNJAX_KERNEL_TESTS_ON_GPU=1
 
 # Odd sizes on purpose: neither T nor D is a multiple of the 16-wide tiles, Tq != Tk, and GQA.
 B, TQ, TK, H, HK, D = 2, 37, 45, 4, 2, 24
-BLK = dict(block_q=16, block_k=16, interpret=True)
+BLK = dict(block_q=16, block_k=16, interpret=INTERPRET)
 
 
 def band_mask(tq, tk, causal, window):
@@ -61,7 +64,7 @@ def test_random_block_layout_fp32():
   q, k, v, do = random_qkv(2, B, TQ, TK, H, HK, D)
   layout = random_layout(0, B, H, TQ, TK, 16, 16)
   mask = layouts.dense_mask_from_layout(layout, B, H)
-  fast = functools.partial(api.block_sparse_flash_attention, layout=layout, interpret=True)
+  fast = functools.partial(api.block_sparse_flash_attention, layout=layout, interpret=INTERPRET)
   ref = functools.partial(flash_reference, mask=mask)
   check_values_and_grads(fast, ref, (q, k, v), do, jnp.float32)
   o = fast(q, k, v)
@@ -154,7 +157,7 @@ def test_padded_outputs_fully_written():
 
   q, k, v, do = random_qkv(10, 1, 37, 45, 2, 1, 24)
   layout = random_layout(3, 1, 2, 37, 45, 16, 16)
-  fast = functools.partial(api.block_sparse_flash_attention, layout=layout, interpret=True,
+  fast = functools.partial(api.block_sparse_flash_attention, layout=layout, interpret=INTERPRET,
                            return_lse=True)
   calls = []
   orig = fwd_lib.flash_forward
@@ -181,9 +184,9 @@ def test_bad_inputs_raise():
   with pytest.raises(ValueError, match="kv heads"):
     api.flash_attention(q, k[:, :, :1].repeat(3, 2), v[:, :, :1].repeat(3, 2))
   with pytest.raises(ValueError, match="block_q"):
-    api.flash_attention(q, k, v, block_q=24, interpret=True)
+    api.flash_attention(q, k, v, block_q=24, interpret=INTERPRET)
   with pytest.raises(ValueError, match="sinks"):
-    api.flash_attention(q, k, v, sinks=jnp.zeros(3), interpret=True)
+    api.flash_attention(q, k, v, sinks=jnp.zeros(3), interpret=INTERPRET)
   with pytest.raises(ValueError, match="head dim"):
     api.flash_attention(jnp.zeros((1, 8, 1, 300)), jnp.zeros((1, 8, 1, 300)),
                         jnp.zeros((1, 8, 1, 300)))

@@ -11,6 +11,9 @@ from pallas_kernels.flash import layouts
 from pallas_kernels.flash import neighborhood as na
 from pallas_kernels.flash.reference import flash_reference
 from pallas_kernels.flash.testing import check_values_and_grads, random_qkv
+from pallas_kernels.common import interpret_in_tests
+
+INTERPRET = interpret_in_tests()  # False on a GPU with ATTNJAX_KERNEL_TESTS_ON_GPU=1
 
 
 def natten_windows_1d(length, kernel, stride=1, dilation=1, causal=False):
@@ -99,7 +102,7 @@ def test_kernel_matches_reference(spatial, kernel, stride, dilation, causal, til
                         tile=tile)
   fast = functools.partial(na.neighborhood_flash_attention, kernel_size=kernel, stride=stride,
                            dilation=dilation, is_causal=causal, tile=tile, layout=layout,
-                           interpret=True)
+                           interpret=INTERPRET)
   mask = jnp.asarray(natten_mask(spatial, *(na._as_tuple(a, len(spatial), "")
                                             for a in (kernel, stride, dilation, causal))))
 
@@ -112,7 +115,7 @@ def test_kernel_matches_reference(spatial, kernel, stride, dilation, causal, til
 
 def test_full_window_equals_dense():
   q, k, v, _ = random_qkv(12, 1, 20, 20, 2, 2, 16)
-  o = na.neighborhood_flash_attention(q, k, v, 20, block_q=16, block_k=16, interpret=True)
+  o = na.neighborhood_flash_attention(q, k, v, 20, block_q=16, block_k=16, interpret=INTERPRET)
   np.testing.assert_allclose(o, flash_reference(q, k, v), atol=1e-5)
 
 

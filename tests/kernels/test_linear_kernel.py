@@ -22,6 +22,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.linear import BlockSizes, chunked_linear_attention
+from pallas_kernels.common import interpret_in_tests
+
+INTERPRET = interpret_in_tests()  # False on a GPU with ATTNJAX_KERNEL_TESTS_ON_GPU=1
 
 TOL = {
     "float32": dict(value=1e-5, gate=2e-4),
@@ -108,7 +111,7 @@ def check_against_reference(q, k, v, g, h0, do, ds, *, tol, gate_tol=None, segme
     o, s = fn(q, k, v, log_decay=g, initial_state=h0, segment_ids=segment_ids, **kw)
     return (o.astype(jnp.float32) * do).sum() + (s * ds).sum(), (o, s)
 
-  fast = functools.partial(chunked_linear_attention, output_final_state=True, interpret=True,
+  fast = functools.partial(chunked_linear_attention, output_final_state=True, interpret=INTERPRET,
                            block_sizes=block_sizes)
   argnums = (0, 1, 2, 4) if g is None else (0, 1, 2, 3, 4)
   # Jitted: one compile of the interpreted kernel is ~3x cheaper than dispatching it eagerly.
@@ -184,7 +187,7 @@ def test_packed_equals_separate_calls():
   lengths = [1, 20, 19]
   seg = jnp.asarray(_ids_from_lengths(lengths)[None], jnp.int32)
   q, k, v, g, h0, _, _ = make_case(5, 1, sum(lengths), 1, 16, 16, "vector", 1.0, jnp.float32)
-  run = functools.partial(chunked_linear_attention, interpret=True, output_final_state=True,
+  run = functools.partial(chunked_linear_attention, interpret=INTERPRET, output_final_state=True,
                           block_sizes=BlockSizes(chunk=16))
   o_packed, s_packed = run(q, k, v, log_decay=g, initial_state=h0, segment_ids=seg)
   start = 0
@@ -221,7 +224,7 @@ def test_interpret_mode_poisons_outputs():
 
 def test_without_final_state_returns_none_and_default_scale():
   q, k, v, g, _, _, _ = make_case(2, 1, 20, 1, 16, 16, "scalar", 1.0, jnp.float32)
-  o, s = chunked_linear_attention(q, k, v, log_decay=g, interpret=True)
+  o, s = chunked_linear_attention(q, k, v, log_decay=g, interpret=INTERPRET)
   assert s is None
   o_ref, _ = recurrent_reference(q, k, v, log_decay=g, scale=16 ** -0.5)
   assert rel_rms(o, o_ref) < 1e-5
@@ -242,7 +245,7 @@ def test_bad_inputs_raise(bad):
   else:
     args[bad] = wrong[bad]
   with pytest.raises(ValueError, match=bad if bad != "chunk" else "chunk"):
-    chunked_linear_attention(q, args.pop("k"), args.pop("v"), interpret=True, **args, **extra)
+    chunked_linear_attention(q, args.pop("k"), args.pop("v"), interpret=INTERPRET, **args, **extra)
 
 
 def dense_non_causal_reference(q, k, v, *, scale, normalize=False, initial_state=None,
@@ -280,7 +283,7 @@ def test_normalized(kind):
     o, (s, z) = fn(q, k, v, log_decay=g, initial_state=(h0, z0), normalize=True)
     return (o * do).sum() + (z * dz).sum() + s.sum(), (o, s, z)
 
-  fast = functools.partial(chunked_linear_attention, output_final_state=True, interpret=True,
+  fast = functools.partial(chunked_linear_attention, output_final_state=True, interpret=INTERPRET,
                            block_sizes=BlockSizes(chunk=16))
   (_, out), grads = jax.jit(jax.value_and_grad(functools.partial(loss, fast), (0, 1, 2, 3, 4),
                                                has_aux=True))(q, k, v, h0, z0)
@@ -301,7 +304,7 @@ def test_non_causal(normalize, dtype):
     q, k = (jax.nn.elu(q.astype(jnp.float32)) + 1).astype(q.dtype), jax.nn.elu(k) + 1
     h0 = (jnp.abs(h0), jnp.abs(h0[..., 0]))
   fast = functools.partial(chunked_linear_attention, causal=False, normalize=normalize,
-                           segment_ids=seg, initial_state=h0, interpret=True,
+                           segment_ids=seg, initial_state=h0, interpret=INTERPRET,
                            block_sizes=BlockSizes(chunk=16))
   ref = functools.partial(dense_non_causal_reference, scale=24 ** -0.5, normalize=normalize,
                           segment_ids=seg, initial_state=h0)
@@ -320,7 +323,7 @@ def test_non_causal(normalize, dtype):
 def test_non_causal_rejects_decay():
   q = jnp.zeros((1, 8, 1, 16))
   with pytest.raises(ValueError, match="log_decay"):
-    chunked_linear_attention(q, q, q, log_decay=jnp.zeros((1,)), causal=False, interpret=True)
+    chunked_linear_attention(q, q, q, log_decay=jnp.zeros((1,)), causal=False, interpret=INTERPRET)
 
 
 @pytest.mark.parametrize("kind,normalize,causal,form", [
@@ -346,7 +349,7 @@ def test_matches_linear_family_engine(kind, normalize, causal, form):
     s = s[0] if normalize else s
     return (o * do).sum() + s.sum(), o
 
-  fast = functools.partial(chunked_linear_attention, interpret=True,
+  fast = functools.partial(chunked_linear_attention, interpret=INTERPRET,
                            block_sizes=BlockSizes(chunk=16))
   engine = functools.partial(linear_attention, form=form, chunk_size=16)
   argnums = (0, 1, 2) if g is None else (0, 1, 2, 3)

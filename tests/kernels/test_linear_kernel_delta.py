@@ -14,9 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.common import lower_for_h100
+from pallas_kernels.common import interpret_in_tests, lower_for_h100
 from pallas_kernels.linear.delta import chunked_delta_rule, unit_lower_inverse
 from pallas_kernels.linear.kernel_common import KernelConfig
+
+INTERPRET = interpret_in_tests()  # False on a GPU with ATTNJAX_KERNEL_TESTS_ON_GPU=1
 
 
 def rel_rms(x, ref):
@@ -67,7 +69,7 @@ def test_delta_matches_recurrence(gate, dtype, segments, t, chunk):
               segment_ids=seg)
     return (o.astype(jnp.float32) * do).sum() + (s * ds).sum(), (o, s)
 
-  fast = functools.partial(chunked_delta_rule, chunk_size=chunk, interpret=True)
+  fast = functools.partial(chunked_delta_rule, chunk_size=chunk, interpret=INTERPRET)
   ref = functools.partial(delta_rule, form="recurrent")
   argnums = (0, 1, 2, 3, 5) if g is None else (0, 1, 2, 3, 4, 5)
   # Jitted: one compile of the interpreted kernels is much cheaper than eager dispatch.
@@ -126,7 +128,7 @@ def test_delta_backward_kernel_matches_xla_cross_check():
   def grads(backward):
     def loss(q, k, v, beta, g, h0):
       o, s = chunked_delta_rule(q, k, v, beta, log_decay=g, initial_state=h0, segment_ids=seg,
-                                output_final_state=True, chunk_size=16, interpret=True,
+                                output_final_state=True, chunk_size=16, interpret=INTERPRET,
                                 backward=backward)
       return (o * do).sum() + (s * ds).sum()
     return jax.jit(jax.grad(loss, (0, 1, 2, 3, 4, 5)))(q, k, v, beta, g, h0)
@@ -145,4 +147,4 @@ def test_delta_bad_inputs_raise(bad):
   kw.update(wrong)
   beta = kw.pop("beta")
   with pytest.raises(ValueError, match=bad):
-    chunked_delta_rule(q, q, q, beta, interpret=True, **kw)
+    chunked_delta_rule(q, q, q, beta, interpret=INTERPRET, **kw)
