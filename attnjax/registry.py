@@ -17,7 +17,9 @@ The returned module's contract:
   dtype)` must have been called); a prefill of T tokens followed by single-token steps equals
   the full causal forward. Mixers that cannot decode raise `NotImplementedError` naming themselves.
 * Auxiliary losses (MoH load balance, Hedgehog distillation, ...) are reported with
-  `self.sow(nnx.Intermediate, "aux_loss", value)`; trainers add their sum to the loss.
+  `self.sow(nnx.Intermediate, "aux_loss", value)`; trainers run the forward under
+  `nnx.capture(..., nnx.Intermediate)` and add their sum to the loss
+  (`experiments.trainer.sum_aux_losses`).
 
 `options` are mixer-specific keyword arguments (window size, feature map, chunk size, ...). They
 come from `config.model.mixer_options` in the experiment configs; unknown options raise.

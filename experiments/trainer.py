@@ -34,11 +34,10 @@ def make_optimizer(config) -> optax.GradientTransformation:
                      optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
 
 
-def aux_loss(model: nnx.Module) -> jax.Array:
-  """Pops every `aux_loss` a mixer sowed during the forward pass and sums them."""
-  inter = nnx.pop(model, nnx.Intermediate)
+def sum_aux_losses(intermediates) -> jax.Array:
+  """Sums every `aux_loss` a mixer sowed, from the `nnx.Intermediate` state `nnx.capture` returns."""
   total = jnp.zeros((), jnp.float32)
-  for path, leaf in nnx.to_flat_state(inter):
+  for path, leaf in nnx.to_flat_state(intermediates):
     if "aux_loss" in path:
       vals = leaf.get_value() if hasattr(leaf, "get_value") else leaf
       for v in jax.tree.leaves(vals):
@@ -56,8 +55,10 @@ def make_steps(graphdef, task: tasks_lib.Task, tx: optax.GradientTransformation,
 
   def loss_fn(params, rest, batch):
     model = nnx.merge(graphdef, params, rest)
-    loss, metrics = task.loss(model, batch)
-    aux = aux_loss(model)
+    # Mixers sow aux losses (MoH's load balance, Hedgehog's distillation); capture collects them
+    # without storing them on the module.
+    (loss, metrics), intermediates = nnx.capture(task.loss, nnx.Intermediate)(model, batch)
+    aux = sum_aux_losses(intermediates)
     new_rest = nnx.state(model, nnx.Not(nnx.Param))
     return loss + aux, (metrics | {"aux_loss": aux}, new_rest)
 

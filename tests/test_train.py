@@ -59,3 +59,26 @@ def test_lm_corpus_is_deterministic_and_local_path_errors(tmp_path):
   b1 = next(loader)
   loader.restore({"index": 0})
   assert (next(loader) == b1).all() and b1.shape == (2, 9)
+
+
+def test_train_step_adds_sown_aux_losses():
+  """MoH sows a load-balance loss; the train step captures it and reports it (softmax sows none)."""
+  import jax
+  import optax
+  from flax import nnx
+  from experiments import tasks as tasks_lib
+
+  aux = {}
+  for mixer in ("moh", "softmax"):
+    cfg = mqar_config.get_config("tiny")
+    with cfg.unlocked():
+      cfg.model.mixer = mixer
+    task = tasks_lib.make_task(cfg)
+    graphdef, params, rest = nnx.split(task.build_model(cfg, nnx.Rngs(0)), nnx.Param, ...)
+    tx = optax.sgd(0.0)
+    train_step, _ = train.make_steps(graphdef, task, tx)
+    *_, metrics = train_step(params, rest, tx.init(params), next(task.train_loader))
+    aux[mixer] = float(jax.device_get(metrics["aux_loss"]))
+  # MoH's balance loss is aux_weight (0.01) x Hr sum_i f_i P_i per layer: positive, O(0.01).
+  assert 0.0 < aux["moh"] < 1.0
+  assert aux["softmax"] == 0.0

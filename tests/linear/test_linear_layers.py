@@ -56,8 +56,8 @@ def test_hedgehog_distillation_loss_is_sown_and_trains_only_feature_map():
   x = _x(3)
 
   def loss(m):
-    m(x)
-    return sum(jax.tree.leaves(nnx.pop(m, nnx.Intermediate)))
+    _, sown = nnx.capture(m, nnx.Intermediate)(x)
+    return sum(jax.tree.leaves(sown))
 
   val, grads = nnx.value_and_grad(loss)(m)
   assert np.isfinite(val) and val > 0

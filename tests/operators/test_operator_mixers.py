@@ -88,14 +88,13 @@ def test_moh_all_heads_uniform_router_is_mha_and_aux_loss_sown():
   for r in (m.routed_router, m.branch_router):
     r.kernel[...] = jnp.zeros_like(r.kernel[...])
   x = _x(3)
-  y = m(x)
+  y, aux = nnx.capture(m, nnx.Intermediate)(x)
   hd = (HEADS, D_MODEL // HEADS)
   q = apply_rope(m.q_proj(x).reshape(B, T, *hd), jnp.arange(T))
   k = apply_rope(m.k_proj(x).reshape(B, T, *hd), jnp.arange(T))
   v = m.v_proj(x).reshape(B, T, *hd)
   want = m.o_proj(dot_product_attention(q, k, v, causal=True).reshape(B, T, -1))
   np.testing.assert_allclose(y, want, atol=1e-5)
-  aux = nnx.pop(m, nnx.Intermediate)
   leaves = jax.tree.leaves(aux)
   assert len(leaves) == 1 and float(leaves[0]) == pytest.approx(0.01)   # balanced: 0.01 * 1
 
