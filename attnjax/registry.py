@@ -65,6 +65,16 @@ def register_mixer(name: str, doc: str | None = None) -> Callable[[MixerBuilder]
   return deco
 
 
+def register_mixer_class(name: str, doc: str, cls: type) -> None:
+  """Registers a mixer whose builder is `cls(d_model, num_heads, causal=..., rngs=..., **options)`."""
+
+  def builder(*, d_model, num_heads, causal, rngs, **options):
+    return cls(d_model, num_heads, causal=causal, rngs=rngs, **options)
+
+  builder.__name__ = builder.__qualname__ = f"build_{name}"
+  register_mixer(name, doc)(builder)
+
+
 def _load_families() -> None:
   global _loaded
   if _loaded:

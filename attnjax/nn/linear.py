@@ -40,7 +40,7 @@ from attnjax.ops.linear.mechanisms import (flow_attention, flow_init_state, flow
                                            mala_attention, mala_step, rala_attention, sla_attention,
                                            sla_step)
 from attnjax.ops.softmax import dot_product_attention
-from attnjax.registry import register_mixer
+from attnjax.registry import register_mixer, register_mixer_class
 
 FEATURE_MAPS = ("identity", "elu", "relu", "silu", "taylor", "performer", "hedgehog")
 DECAYS = ("none", "retnet", "lightning", "gla")
@@ -421,9 +421,10 @@ def _build_gated_deltanet(*, d_model, num_heads, causal, rngs, **options):
   return DeltaNetMixer(d_model, num_heads, causal=causal, gated=True, rngs=rngs, **options)
 
 
-@register_mixer("mala", "MALA: magnitude-aware linear attention (elu+1, weights sum to 1).")
-def _build_mala(*, d_model, num_heads, causal, rngs, **options):
-  return MALAMixer(d_model, num_heads, causal=causal, rngs=rngs, **options)
+register_mixer_class(
+    "mala",
+    "MALA: magnitude-aware linear attention (elu+1, weights sum to 1).",
+    MALAMixer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -956,49 +957,58 @@ def layerboost_pattern(sensitivity, *, num_full: int, num_removed: int = 0, full
   return out
 
 
-@register_mixer("lightnet", "LightNet: additive recurrence (per-dim softmax over the past), RMSNorm + swish gate.")
-def _build_lightnet(*, d_model, num_heads, causal, rngs, **options):
-  return LightNetMixer(d_model, num_heads, causal=causal, rngs=rngs, **options)
+register_mixer_class(
+    "lightnet",
+    "LightNet: additive recurrence (per-dim softmax over the past), RMSNorm + swish gate.",
+    LightNetMixer)
 
 
-@register_mixer("inline", "InLine: injective linear attention (weights sum to 1) + local residual; non-causal.")
-def _build_inline(*, d_model, num_heads, causal, rngs, **options):
-  return InLineMixer(d_model, num_heads, causal=causal, rngs=rngs, **options)
+register_mixer_class(
+    "inline",
+    "InLine: injective linear attention (weights sum to 1) + local residual; non-causal.",
+    InLineMixer)
 
 
-@register_mixer("linfusion", "LinFusion: generalised linear attention with MLP-refined q, k; non-causal.")
-def _build_linfusion(*, d_model, num_heads, causal, rngs, **options):
-  return LinFusionMixer(d_model, num_heads, causal=causal, rngs=rngs, **options)
+register_mixer_class(
+    "linfusion",
+    "LinFusion: generalised linear attention with MLP-refined q, k; non-causal.",
+    LinFusionMixer)
 
 
-@register_mixer("rala", "RALA: rank-augmented linear attention (query-aware key weights) + local conv; non-causal.")
-def _build_rala(*, d_model, num_heads, causal, rngs, **options):
-  return RALAMixer(d_model, num_heads, causal=causal, rngs=rngs, **options)
+register_mixer_class(
+    "rala",
+    "RALA: rank-augmented linear attention (query-aware key weights) + local conv; non-causal.",
+    RALAMixer)
 
 
-@register_mixer("slab", "SLAB: simplified linear attention relu(Q)(relu(K)^T V)/norm + depth-wise conv of V.")
-def _build_slab(*, d_model, num_heads, causal, rngs, **options):
-  return SLABMixer(d_model, num_heads, causal=causal, rngs=rngs, **options)
+register_mixer_class(
+    "slab",
+    "SLAB: simplified linear attention relu(Q)(relu(K)^T V)/norm + depth-wise conv of V.",
+    SLABMixer)
 
 
-@register_mixer("lina", "LINA: bidirectional linear attention with a learned per-position KV gate; non-causal.")
-def _build_lina(*, d_model, num_heads, causal, rngs, **options):
-  return LINAMixer(d_model, num_heads, causal=causal, rngs=rngs, **options)
+register_mixer_class(
+    "lina",
+    "LINA: bidirectional linear attention with a learned per-position KV gate; non-causal.",
+    LINAMixer)
 
 
-@register_mixer("flowformer", "Flowformer: flow-conservation linear attention (sigmoid features), causal or not.")
-def _build_flowformer(*, d_model, num_heads, causal, rngs, **options):
-  return FlowformerMixer(d_model, num_heads, causal=causal, rngs=rngs, **options)
+register_mixer_class(
+    "flowformer",
+    "Flowformer: flow-conservation linear attention (sigmoid features), causal or not.",
+    FlowformerMixer)
 
 
-@register_mixer("lolcats_window", "LoLCATs: sliding-window softmax + Hedgehog linear attention, shared normaliser.")
-def _build_lolcats_window(*, d_model, num_heads, causal, rngs, **options):
-  return WindowLinearMixer(d_model, num_heads, causal=causal, rngs=rngs, **options)
+register_mixer_class(
+    "lolcats_window",
+    "LoLCATs: sliding-window softmax + Hedgehog linear attention, shared normaliser.",
+    WindowLinearMixer)
 
 
-@register_mixer("nats", "NAtS-L: per-chunk routing between softmax attention and Gated DeltaNet in one layer.")
-def _build_nats(*, d_model, num_heads, causal, rngs, **options):
-  return NAtSMixer(d_model, num_heads, causal=causal, rngs=rngs, **options)
+register_mixer_class(
+    "nats",
+    "NAtS-L: per-chunk routing between softmax attention and Gated DeltaNet in one layer.",
+    NAtSMixer)
 
 
 @register_mixer("skip", "No attention (LayerBoost's removed layer): zeros, the residual passes unchanged.")
@@ -1189,11 +1199,13 @@ class SeqBoatMixer(nnx.Module, _StateCache):
     return hx + h
 
 
-@register_mixer("still", "STILL: window softmax + salient tokens (self-saliency top-k per chunk) + NP-Map linear rest, shared normaliser.")
-def _build_still(*, d_model, num_heads, causal, rngs, **options):
-  return StillMixer(d_model, num_heads, causal=causal, rngs=rngs, **options)
+register_mixer_class(
+    "still",
+    "STILL: window softmax + salient tokens (self-saliency top-k per chunk) + NP-Map linear rest, shared normaliser.",
+    StillMixer)
 
 
-@register_mixer("seqboat", "SeqBoat: EMA backbone + router-activated local attention over the selected tokens.")
-def _build_seqboat(*, d_model, num_heads, causal, rngs, **options):
-  return SeqBoatMixer(d_model, num_heads, causal=causal, rngs=rngs, **options)
+register_mixer_class(
+    "seqboat",
+    "SeqBoat: EMA backbone + router-activated local attention over the selected tokens.",
+    SeqBoatMixer)

@@ -298,11 +298,33 @@ def _build_cca(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, gr
                             attn_fn=cca_attn_fn(grid, num_prefix), **options)
 
 
+class _QKVO(_CachedMixer):
+  """q / k / v / o projections (`kv_heads` < heads for grouped keys) and the k / v decode caches."""
+
+  def _proj(self, d_model, num_heads, rngs, kv_heads=None):
+    self.num_heads, self.head_dim = num_heads, d_model // num_heads
+    hd = num_heads * self.head_dim
+    kvd = (kv_heads or num_heads) * self.head_dim
+    self.q_proj = dense(d_model, hd, axes=("embed", "heads"), rngs=rngs)
+    self.k_proj = dense(d_model, kvd, axes=("embed", "kv_heads"), rngs=rngs)
+    self.v_proj = dense(d_model, kvd, axes=("embed", "kv_heads"), rngs=rngs)
+    self.o_proj = dense(hd, d_model, axes=("heads", "embed"), rngs=rngs)
+    self.cache_k, self.cache_v, self.cache_index = nnx.data(None), nnx.data(None), nnx.data(None)
+
+  def _qkv(self, x, src, kv_heads=None):
+    b, t, _ = x.shape
+    s = src.shape[1]
+    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(src).reshape(b, s, kv_heads or self.num_heads, self.head_dim)
+    v = self.v_proj(src).reshape(b, s, kv_heads or self.num_heads, self.head_dim)
+    return q, k, v
+
+
 # --------------------------------------------------------------------------------------------
 # Affine-scaled attention [1].
 
 
-class AffineScaledAttention(_CachedMixer):
+class AffineScaledAttention(_QKVO):
   """Affine-scaled attention layer [1]: `o_i = alpha_i softmax_i V + beta_i mean_{visible j} v_j`.
 
   `alpha = 2 sigmoid(x W_a + b_a)` and `beta = beta_max tanh(x W_b + b_b)` per head and token, from
@@ -315,19 +337,13 @@ class AffineScaledAttention(_CachedMixer):
 
   def __init__(self, d_model: int, num_heads: int, *, causal: bool = True, rope: bool = True,
                beta_max: float = 1.0, rngs: nnx.Rngs):
-    self.num_heads, self.head_dim = num_heads, d_model // num_heads
     self.causal, self.rope, self.beta_max = causal, rope, beta_max
-    hd = num_heads * self.head_dim
-    self.q_proj = dense(d_model, hd, axes=("embed", "heads"), rngs=rngs)
-    self.k_proj = dense(d_model, hd, axes=("embed", "heads"), rngs=rngs)
-    self.v_proj = dense(d_model, hd, axes=("embed", "heads"), rngs=rngs)
-    self.o_proj = dense(hd, d_model, axes=("heads", "embed"), rngs=rngs)
+    self._proj(d_model, num_heads, rngs)
     zeros = nnx.initializers.zeros_init()
     self.alpha_proj = dense(d_model, num_heads, axes=("embed", "heads"), rngs=rngs, use_bias=True,
                             kernel_init=zeros)
     self.beta_proj = dense(d_model, num_heads, axes=("embed", "heads"), rngs=rngs, use_bias=True,
                            kernel_init=zeros)
-    self.cache_k, self.cache_v, self.cache_index = nnx.data(None), nnx.data(None), nnx.data(None)
 
   def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> None:
     tail = (self.num_heads, self.head_dim)
@@ -337,10 +353,7 @@ class AffineScaledAttention(_CachedMixer):
     _check_x("affine_scaled", x)
     b, t, _ = x.shape
     src = x if context is None else context
-    hd = (self.num_heads, self.head_dim)
-    q = self.q_proj(x).reshape(b, t, *hd)
-    k = self.k_proj(src).reshape(b, src.shape[1], *hd)
-    v = self.v_proj(src).reshape(b, src.shape[1], *hd)
+    q, k, v = self._qkv(x, src)
     alpha = 2.0 * jax.nn.sigmoid(self.alpha_proj(x).astype(jnp.float32))
     beta = self.beta_max * jnp.tanh(self.beta_proj(x).astype(jnp.float32))
     kw = dict(alpha=alpha, beta=beta, normalize_beta=True)
@@ -460,7 +473,7 @@ def _build_gda(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs,
 # Mixture-of-head attention [9].
 
 
-class MixtureOfHeadsAttention(_CachedMixer):
+class MixtureOfHeadsAttention(_QKVO):
   """MoH layer [9]: `num_shared` always-on heads plus top-`top_k` of the routed heads per token.
 
   Output `sum_h g_h o_h W_O^h` with gates from `ops.moh_router` (shared: `a1 Hsh softmax(W_s x)`,
@@ -489,20 +502,14 @@ class MixtureOfHeadsAttention(_CachedMixer):
       top_k = min(routed, max(1, round(0.75 * num_heads) - num_shared))
     if not 1 <= top_k <= routed:
       raise ValueError(f"moh: top_k must be in [1, {routed}] (routed heads), got {top_k}")
-    self.num_heads, self.num_shared, self.top_k = num_heads, num_shared, top_k
-    self.head_dim = d_model // num_heads
+    self.num_shared, self.top_k = num_shared, top_k
     self.causal, self.rope, self.aux_weight = causal, rope, aux_weight
-    hd = num_heads * self.head_dim
-    self.q_proj = dense(d_model, hd, axes=("embed", "heads"), rngs=rngs)
-    self.k_proj = dense(d_model, hd, axes=("embed", "heads"), rngs=rngs)
-    self.v_proj = dense(d_model, hd, axes=("embed", "heads"), rngs=rngs)
-    self.o_proj = dense(hd, d_model, axes=("heads", "embed"), rngs=rngs)
+    self._proj(d_model, num_heads, rngs)
     small = nnx.initializers.normal(0.02)
     self.shared_router = dense(d_model, max(num_shared, 1), axes=("embed", None), rngs=rngs,
                                kernel_init=small)
     self.routed_router = dense(d_model, routed, axes=("embed", None), rngs=rngs, kernel_init=small)
     self.branch_router = dense(d_model, 2, axes=("embed", None), rngs=rngs, kernel_init=small)
-    self.cache_k, self.cache_v, self.cache_index = nnx.data(None), nnx.data(None), nnx.data(None)
 
   def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> None:
     tail = (self.num_heads, self.head_dim)
@@ -512,10 +519,7 @@ class MixtureOfHeadsAttention(_CachedMixer):
     _check_x("moh", x)
     b, t, _ = x.shape
     src = x if context is None else context
-    hd = (self.num_heads, self.head_dim)
-    q = self.q_proj(x).reshape(b, t, *hd)
-    k = self.k_proj(src).reshape(b, src.shape[1], *hd)
-    v = self.v_proj(src).reshape(b, src.shape[1], *hd)
+    q, k, v = self._qkv(x, src)
     shared_logits = self.shared_router(x)[..., :self.num_shared]
     gates, idx, aux = ops.moh_router(shared_logits, self.routed_router(x), self.branch_router(x),
                                      self.top_k)
@@ -619,26 +623,6 @@ def _build_aaren(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, 
 
 # --------------------------------------------------------------------------------------------
 # Plain q/k/v/o projections for the remaining operators.
-
-
-class _QKVO(_CachedMixer):
-  def _proj(self, d_model, num_heads, rngs, kv_heads=None):
-    self.num_heads, self.head_dim = num_heads, d_model // num_heads
-    hd = num_heads * self.head_dim
-    kvd = (kv_heads or num_heads) * self.head_dim
-    self.q_proj = dense(d_model, hd, axes=("embed", "heads"), rngs=rngs)
-    self.k_proj = dense(d_model, kvd, axes=("embed", "kv_heads"), rngs=rngs)
-    self.v_proj = dense(d_model, kvd, axes=("embed", "kv_heads"), rngs=rngs)
-    self.o_proj = dense(hd, d_model, axes=("heads", "embed"), rngs=rngs)
-    self.cache_k, self.cache_v, self.cache_index = nnx.data(None), nnx.data(None), nnx.data(None)
-
-  def _qkv(self, x, src, kv_heads=None):
-    b, t, _ = x.shape
-    s = src.shape[1]
-    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-    k = self.k_proj(src).reshape(b, s, kv_heads or self.num_heads, self.head_dim)
-    v = self.v_proj(src).reshape(b, s, kv_heads or self.num_heads, self.head_dim)
-    return q, k, v
 
 
 def _no_decode(who):

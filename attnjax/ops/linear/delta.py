@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax.ops.linear.engine import (_check_gate, _concrete_range, _check_state, _reverse_exclusive_cumsum,
-                                       run_ids, segsum)
+                                       check_causal_qkv, run_ids, segsum)
 
 DELTA_FORMS = ("recurrent", "parallel", "chunked")
 
@@ -138,14 +138,7 @@ def delta_rule(q, k, v, beta, *, log_decay=None, scale=None, initial_state=None,
   """
   if form not in DELTA_FORMS:
     raise ValueError(f"form must be one of {DELTA_FORMS}, got {form!r}")
-  if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
-    raise ValueError(f"q, k must be [B, T, H, Dk] and v [B, T, H, Dv]; got {q.shape}, {k.shape}, {v.shape}")
-  if not isinstance(chunk_size, int) or chunk_size < 1:
-    raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-  b, t, h, dk = q.shape
-  dv = v.shape[-1]
-  if segment_ids is not None and tuple(segment_ids.shape) != (b, t):
-    raise ValueError(f"segment_ids must be [B, T]={[b, t]}, got {list(segment_ids.shape)}")
+  b, t, h, dk, dv = check_causal_qkv(q, k, v, segment_ids, chunk_size)
   s0, _ = _check_state(initial_state, b, h, dk, dv, False)
   g, bt = _canonical(log_decay, jnp.asarray(beta), b, t, h)
   scale = dk ** -0.5 if scale is None else scale

@@ -45,6 +45,19 @@ def _concrete_range(x):
 # Validation and canonicalisation.
 
 
+def check_causal_qkv(q, k, v, segment_ids, chunk_size) -> tuple[int, int, int, int, int]:
+  """Validates `q, k [B, T, H, Dk]`, `v [B, T, H, Dv]`, `segment_ids [B, T]`, `chunk_size >= 1` of
+  the recurrent ops whose keys and queries share T (delta rule, Titans); returns `(B, T, H, Dk, Dv)`."""
+  if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+    raise ValueError(f"q, k must be [B, T, H, Dk] and v [B, T, H, Dv]; got {q.shape}, {k.shape}, {v.shape}")
+  if not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+  b, t, h, dk = q.shape
+  if segment_ids is not None and tuple(segment_ids.shape) != (b, t):
+    raise ValueError(f"segment_ids must be [B, T]={[b, t]}, got {list(segment_ids.shape)}")
+  return b, t, h, dk, v.shape[-1]
+
+
 def _check_gate(name: str, g, expected: str):
   rng = _concrete_range(g) if g.size else None
   if rng is not None:

@@ -78,7 +78,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from attnjax.ops.linear.engine import _check_gate, _concrete_range, run_ids, segsum
+from attnjax.ops.linear.engine import _check_gate, _concrete_range, check_causal_qkv, run_ids, segsum
 
 MEMORIES = ("linear", "mlp")
 LOSSES = ("l2", "lp", "huber")
@@ -434,14 +434,7 @@ def neural_memory(q, k, v, lr, *, log_retain=None, log_momentum=None,
     raise ValueError(f"form must be one of {MEMORY_FORMS}, got {form!r}")
   if not isinstance(spec, MemorySpec):
     raise ValueError(f"spec must be a MemorySpec, got {type(spec).__name__}")
-  if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
-    raise ValueError(f"q, k must be [B, T, H, Dk] and v [B, T, H, Dv]; got {q.shape}, {k.shape}, {v.shape}")
-  if not isinstance(chunk_size, int) or chunk_size < 1:
-    raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-  b, t, h, dk = q.shape
-  dv = v.shape[-1]
-  if segment_ids is not None and tuple(segment_ids.shape) != (b, t):
-    raise ValueError(f"segment_ids must be [B, T]={[b, t]}, got {list(segment_ids.shape)}")
+  b, t, h, dk, dv = check_causal_qkv(q, k, v, segment_ids, chunk_size)
   th = _canonical_gate(lr, "lr", b, t, h, 0.0)
   _check_lr(th)
   lg = _canonical_gate(log_retain, "log_retain", b, t, h, 0.0)
