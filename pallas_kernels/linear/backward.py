@@ -216,23 +216,6 @@ def _vector_dkv(cfg, q, do, b, b_last, r, feeds_state, q_ref, k_ref, v_ref, b_re
 # ------------------------------------------------------------------------------------------ calls
 
 
-def _in_specs(cfg, seq_len, kdim, block_v):
-  specs = [
-      pl.BlockSpec((None, seq_len, None, kdim), lambda bi, hi, vi: (bi, 0, hi, 0)),
-      pl.BlockSpec((None, seq_len, None, kdim), lambda bi, hi, vi: (bi, 0, hi, 0)),
-      pl.BlockSpec((None, seq_len, None, block_v), lambda bi, hi, vi: (bi, 0, hi, vi)),
-  ]
-  if cfg.gate == "scalar":
-    specs.append(pl.BlockSpec((None, seq_len, None), lambda bi, hi, vi: (bi, 0, hi)))
-  elif cfg.gate == "vector":
-    specs.append(pl.BlockSpec((None, seq_len, None, kdim), lambda bi, hi, vi: (bi, 0, hi, 0)))
-  if cfg.has_segments:
-    specs.append(pl.BlockSpec((None, seq_len), lambda bi, hi, vi: (bi, 0)))
-  if cfg.has_initial_state:
-    specs.append(pl.BlockSpec((None, None, block_v, kdim), lambda bi, hi, vi: (bi, hi, vi, 0)))
-  return specs
-
-
 def _partial_spec(seq_len, kdim):
   return pl.BlockSpec((None, None, seq_len, None, kdim), lambda bi, hi, vi: (vi, bi, 0, hi, 0))
 
@@ -249,7 +232,7 @@ def dq_call(cfg: KernelConfig, *, inputs, do, ds, batch, heads, kdim, dv, block_
   ds `[B, H, N, Dv, K]` holds d(state leaving chunk n) from `dkv_call`; u_n = sum_v dS_n S_n.
   """
   nv = dv // block_v
-  specs = _in_specs(cfg, seq_len, kdim, block_v)
+  specs = kc.input_specs(cfg, seq_len, kdim, block_v)
   specs.append(pl.BlockSpec((None, seq_len, None, block_v), lambda bi, hi, vi: (bi, 0, hi, vi)))
   specs.append(_chunk_states_spec(cfg, kdim, block_v))
   dq, u = pl.pallas_call(
@@ -273,7 +256,7 @@ def dkv_call(cfg: KernelConfig, *, inputs, do, dht, batch, heads, kdim, dv, bloc
   """dk `[B, Tp, H, K]` f32 (summed over value blocks), dv `[B, Tp, H, Dv]` f32, dh0 value-first
   `[B, H, Dv, K]` f32, and ds `[B, H, N, Dv, K]` (matmul dtype): d(state leaving chunk n)."""
   nv = dv // block_v
-  specs = _in_specs(cfg, seq_len, kdim, block_v)
+  specs = kc.input_specs(cfg, seq_len, kdim, block_v)
   specs.append(pl.BlockSpec((None, seq_len, None, block_v), lambda bi, hi, vi: (bi, 0, hi, vi)))
   specs.append(pl.BlockSpec((None, None, block_v, kdim), lambda bi, hi, vi: (bi, hi, vi, 0)))
   out_shape = (jax.ShapeDtypeStruct((nv, batch, seq_len, heads, kdim), jnp.float32),

@@ -202,19 +202,7 @@ def forward_call(cfg: KernelConfig, *, batch, heads, kdim, dv, block_v, seq_len,
                  num_warps, num_stages, interpret, inputs):
   """Builds and calls the forward pallas_call. inputs: q, k, v[, b][, r][, h0t]."""
   nv = dv // block_v
-  in_specs = [
-      pl.BlockSpec((None, seq_len, None, kdim), lambda bi, hi, vi: (bi, 0, hi, 0)),
-      pl.BlockSpec((None, seq_len, None, kdim), lambda bi, hi, vi: (bi, 0, hi, 0)),
-      pl.BlockSpec((None, seq_len, None, block_v), lambda bi, hi, vi: (bi, 0, hi, vi)),
-  ]
-  if cfg.gate == "scalar":
-    in_specs.append(pl.BlockSpec((None, seq_len, None), lambda bi, hi, vi: (bi, 0, hi)))
-  elif cfg.gate == "vector":
-    in_specs.append(pl.BlockSpec((None, seq_len, None, kdim), lambda bi, hi, vi: (bi, 0, hi, 0)))
-  if cfg.has_segments:
-    in_specs.append(pl.BlockSpec((None, seq_len), lambda bi, hi, vi: (bi, 0)))
-  if cfg.has_initial_state:
-    in_specs.append(pl.BlockSpec((None, None, block_v, kdim), lambda bi, hi, vi: (bi, hi, vi, 0)))
+  in_specs = kc.input_specs(cfg, seq_len, kdim, block_v)
   out_shape = (jax.ShapeDtypeStruct((batch, seq_len, heads, dv), out_dtype),
                jax.ShapeDtypeStruct((batch, heads, dv, kdim), jnp.float32))
   out_specs = (pl.BlockSpec((None, seq_len, None, block_v), lambda bi, hi, vi: (bi, 0, hi, vi)),

@@ -70,3 +70,22 @@ def neg_inf_exp(mask, x):
 def same_segment(r_rows, r_cols):
   """`[R, C]` mask r_rows[i] == r_cols[j]."""
   return r_rows[:, None] == r_cols[None, :]
+
+
+def input_specs(cfg, seq_len, kdim, block_v):
+  """BlockSpecs of q, k, v[, gate][, reset ids][, initial state] over a `(batch, head, value block)`
+  grid: each program sees its head's whole padded sequence and its value block."""
+  specs = [
+      pl.BlockSpec((None, seq_len, None, kdim), lambda bi, hi, vi: (bi, 0, hi, 0)),
+      pl.BlockSpec((None, seq_len, None, kdim), lambda bi, hi, vi: (bi, 0, hi, 0)),
+      pl.BlockSpec((None, seq_len, None, block_v), lambda bi, hi, vi: (bi, 0, hi, vi)),
+  ]
+  if cfg.gate == "scalar":
+    specs.append(pl.BlockSpec((None, seq_len, None), lambda bi, hi, vi: (bi, 0, hi)))
+  elif cfg.gate == "vector":
+    specs.append(pl.BlockSpec((None, seq_len, None, kdim), lambda bi, hi, vi: (bi, 0, hi, 0)))
+  if cfg.has_segments:
+    specs.append(pl.BlockSpec((None, seq_len), lambda bi, hi, vi: (bi, 0)))
+  if cfg.has_initial_state:
+    specs.append(pl.BlockSpec((None, None, block_v, kdim), lambda bi, hi, vi: (bi, hi, vi, 0)))
+  return specs
