@@ -175,8 +175,7 @@ def _delta_state_grad_kernel(*refs, cfg: KernelConfig):
 
 def _delta_forward_call(cfg, *, inputs, batch, heads, kdim, dv, seq_len, out_dtype, interpret,
                         save_states=False, num_warps=4, num_stages=2):
-  from pallas_kernels.linear.backward import _in_specs  # pylint: disable=import-outside-toplevel
-  specs = _in_specs(cfg, seq_len, kdim, dv)
+  specs = kc.input_specs(cfg, seq_len, kdim, dv)
   specs.append(pl.BlockSpec((None, seq_len, None), lambda bi, hi, vi: (bi, 0, hi)))   # beta
   out_shape = [jax.ShapeDtypeStruct((batch, seq_len, heads, dv), out_dtype),
                jax.ShapeDtypeStruct((batch, heads, dv, kdim), jnp.float32)]
