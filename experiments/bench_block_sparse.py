@@ -17,23 +17,17 @@ where the compiled memory is below `--max_gib` and the listed score pairs per he
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
-import platform
-import statistics
-import sys
 import time
 
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from attnjax.ops import block_sparse
 from attnjax.ops import layout as L
 from attnjax.ops.softmax import dot_product_attention
+from experiments import bench_common as common
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["4096", "8192", "16384", "32768"], "Lengths T.")
 _DENSITIES = flags.DEFINE_list("densities", ["0.5", "0.25", "0.1", "0.05"], "Block densities.")
@@ -55,14 +49,6 @@ def band_layout(t: int, density: float, block: int) -> L.BlockLayout:
   return L.from_rule(L.WindowRule(w, w), block_q=block, block_k=block, tq=t, tk=t)
 
 
-def _memory(compiled) -> dict:
-  ma = compiled.memory_analysis()
-  if ma is None:
-    return {}
-  return {"temp_bytes": int(ma.temp_size_in_bytes), "output_bytes": int(ma.output_size_in_bytes),
-          "peak_bytes": int(ma.temp_size_in_bytes + ma.output_size_in_bytes)}
-
-
 def _bench(impl: str, t: int, lay: L.BlockLayout) -> dict:
   shape = (1, t, _HEADS.value, _HEAD_DIM.value)
   q, k, v = (jax.random.normal(kk, shape) for kk in jax.random.split(jax.random.key(0), 3))
@@ -77,21 +63,16 @@ def _bench(impl: str, t: int, lay: L.BlockLayout) -> dict:
   t0 = time.perf_counter()
   compiled = jax.jit(fn).lower(q, k, v, lay).compile()
   rec["compile_s"] = round(time.perf_counter() - t0, 3)
-  rec.update(_memory(compiled))
+  rec.update(common.compiled_memory(compiled))
   pairs = (dens if impl == "block_sparse" else 1.0) * t * t
-  if rec.get("peak_bytes", 0) > _MAX_GIB.value * 2 ** 30:
-    rec["status"] = f"not run: compiled peak {rec['peak_bytes'] / 2 ** 30:.1f} GiB > --max_gib"
+  note = common.memory_limit_note(rec, _MAX_GIB.value)
+  if note:
+    rec["status"] = note
     return rec
   if pairs > _MAX_PAIRS.value:
     rec["status"] = f"not timed: {pairs:.2g} score pairs/head > --max_pairs"
     return rec
-  jax.block_until_ready(compiled(q, k, v, lay))
-  times = []
-  for _ in range(_REPEATS.value):
-    t1 = time.perf_counter()
-    jax.block_until_ready(compiled(q, k, v, lay))
-    times.append(time.perf_counter() - t1)
-  rec["time_ms"] = round(1e3 * statistics.median(times), 1)
+  rec["time_ms"] = round(1e3 * common.median_seconds(compiled, (q, k, v, lay), _REPEATS.value), 1)
   rec["status"] = "ok"
   return rec
 
@@ -100,10 +81,8 @@ def _markdown(env, records) -> str:
   lines = [
       f"# Block-sparse (plain JAX) vs dense masked attention ({env['backend']}, {env['device']})",
       "", f"- date (UTC): {env['date_utc']}", f"- command: `{env['command']}`",
-      f"- machine: {env['cpu']}, {env['cpu_count']} cores visible, load average at start "
-      f"{', '.join(f'{x:.2f}' for x in env['load_average_at_start'])} (shared by several jobs: "
-      "timings are indicative)",
-      f"- versions: jax {env['jax']}, numpy {env['numpy']}, python {env['python']}",
+      f"- machine: {common.machine_summary(env, 'shared by several jobs: timings are indicative')}",
+      f"- versions: {common.version_summary(env)}",
       f"- shape: B=1, H={env['H']}, D={env['D']}, float32, forward only; layout: symmetric band, "
       f"block {env['block']}",
       "- memory: compiled temp + output bytes (MiB); time: median of "
@@ -112,24 +91,17 @@ def _markdown(env, records) -> str:
       "| T | target density | block density | impl | MiB | ms | note |",
       "|---:|---:|---:|---|---:|---:|---|"]
   for r in records:
-    mib = "" if "peak_bytes" not in r else f"{r['peak_bytes'] / 2 ** 20:,.1f}"
     note = "" if r.get("status") == "ok" else r.get("status", "")
-    lines.append(f"| {r['T']} | {r['target_density']} | {r['block_density']} | {r['impl']} | {mib} "
-                 f"| {r.get('time_ms', '')} | {note} |")
+    lines.append(f"| {r['T']} | {r['target_density']} | {r['block_density']} | {r['impl']} | "
+                 f"{common.mib(r.get('peak_bytes'))} | {r.get('time_ms', '')} | {note} |")
   return "\n".join(lines) + "\n"
 
 
 def main(argv):
   del argv
-  dev = jax.devices()[0]
-  env = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-         "command": "python -m experiments.bench_block_sparse " + " ".join(sys.argv[1:]),
-         "backend": jax.default_backend(), "device": dev.device_kind,
-         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-         "load_average_at_start": os.getloadavg(), "jax": jax.__version__,
-         "numpy": np.__version__, "python": platform.python_version(), "H": _HEADS.value,
-         "D": _HEAD_DIM.value, "block": _BLOCK.value, "repeats": _REPEATS.value,
-         "max_gib": _MAX_GIB.value, "max_pairs": _MAX_PAIRS.value}
+  env = common.environment(H=_HEADS.value, D=_HEAD_DIM.value, block=_BLOCK.value,
+                           repeats=_REPEATS.value, max_gib=_MAX_GIB.value,
+                           max_pairs=_MAX_PAIRS.value)
   records = []
   for t in (int(x) for x in _SEQ_LENS.value):
     for dens in (float(x) for x in _DENSITIES.value):
@@ -141,12 +113,7 @@ def main(argv):
         rec = {"target_density": dens, **_bench(impl, t, lay)}
         print(json.dumps(rec), flush=True)
         records.append(rec)
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value + ".json", "w") as f:
-    json.dump({"environment": env, "results": records}, f, indent=1)
-  with open(_OUT.value + ".md", "w") as f:
-    f.write(_markdown(env, records))
-  print(_markdown(env, records))
+  print(common.write_results(_OUT.value, env, records, _markdown))
 
 
 if __name__ == "__main__":

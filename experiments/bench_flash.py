@@ -29,13 +29,10 @@ Writes `<out>.json` (device, jax/torch/natten versions, date, exact command, eve
 
 from __future__ import annotations
 
-import datetime
 import functools
 import json
 import math
-import platform
 import statistics
-import sys
 import time
 import traceback
 
@@ -45,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import bench_common as common
 from pallas_kernels.flash import api
 from pallas_kernels.flash import layouts
 from pallas_kernels.flash import neighborhood as na_lib
@@ -99,19 +97,6 @@ SMOKE_NA_CASES = {
 }
 
 
-def median_seconds(fn, *args) -> float:
-  """Median wall time of `fn(*args)` (a jitted function) after compilation and warm-up."""
-  jax.block_until_ready(fn(*args))
-  for _ in range(_WARMUP.value):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(_REPEATS.value):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def with_grad(attn):
   """`attn(q, k, v) -> o` turned into forward+backward (grads of sum(o * do) w.r.t. q, k, v)."""
 
@@ -123,11 +108,16 @@ def with_grad(attn):
 
 
 def timed(attn, mode, q, k, v):
-  """Median seconds of `attn` in `mode` ("fwd" or "fwd_bwd"), or raises."""
+  """Median seconds of `attn` in `mode` ("fwd" or "fwd_bwd"), or raises.
+
+  The jitted function's first untimed call compiles, then `--warmup` more precede the
+  `--repeats` timed ones.
+  """
   if mode == "fwd":
-    return median_seconds(jax.jit(attn), q, k, v)
-  do = jnp.ones(q.shape[:3] + (v.shape[-1],), q.dtype)
-  return median_seconds(jax.jit(with_grad(attn)), q, k, v, do)
+    fn, args = jax.jit(attn), (q, k, v)
+  else:
+    fn, args = jax.jit(with_grad(attn)), (q, k, v, jnp.ones(q.shape[:3] + (v.shape[-1],), q.dtype))
+  return common.median_seconds(fn, args, _REPEATS.value, warmup=1 + _WARMUP.value)
 
 
 def record(rows, base: dict, fn):
@@ -253,18 +243,9 @@ def natten_flex_ms(spatial, kernel, stride, heads, d, mode) -> float:
     if mode == "fwd_bwd":
       o.sum().backward()
 
-  for _ in range(1 + _WARMUP.value):
-    step()
-  torch.cuda.synchronize()
-  times = []
-  for _ in range(_REPEATS.value):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    step()
-    end.record()
-    torch.cuda.synchronize()
-    times.append(start.elapsed_time(end))
-  return statistics.median(times)
+  # The first untimed call compiles (torch.compile), then `--warmup` more.
+  return statistics.median(common.cuda_event_times_ms(step, _REPEATS.value,
+                                                      warmup=1 + _WARMUP.value))
 
 
 def na_suite(rows, interpret, peers):
@@ -315,17 +296,8 @@ def na_suite(rows, interpret, peers):
                          note="published by NATTEN (docs sample outputs), not measured here"))
 
 
-def versions() -> dict:
-  out = dict(jax=jax.__version__, python=platform.python_version())
-  for mod in ("jaxlib", "torch", "natten", "triton"):
-    try:
-      out[mod] = __import__(mod).__version__
-    except Exception:  # pylint: disable=broad-except
-      out[mod] = None
-  return out
-
-
-def write_markdown(path, meta, rows):
+def markdown(meta, rows) -> str:
+  """The run's provenance and a table with a column for every key that some row has."""
   cols = ["suite", "case", "impl", "mode", "B", "T", "H", "D", "causal", "density",
           "block_density", "ms", "tflops", "vs_cudnn", "ideal_ms", "efficiency", "error"]
   cols = [c for c in cols if any(c in r for r in rows)]
@@ -338,8 +310,7 @@ def write_markdown(path, meta, rows):
            "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   for r in rows:
     lines.append("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+  return "\n".join(lines) + "\n"
 
 
 def main(argv):
@@ -353,19 +324,18 @@ def main(argv):
   elif interpret:
     raise SystemExit("bench_flash needs a GPU (use --smoke to check the script on CPU)")
   rows = []
+  # This script's meta keeps its own layout (`date`, a `versions` dict) so that the recorded GPU
+  # results stay comparable.
   meta = dict(device=jax.devices()[0].device_kind, backend=jax.default_backend(),
-              versions=versions(),
-              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              command="python -m experiments.bench_flash " + " ".join(sys.argv[1:]),
+              versions=common.versions("torch", "natten", "triton"), date=common.utc_now(),
+              command=common.command_line(),
               repeats=_REPEATS.value, warmup=_WARMUP.value, interpret=interpret,
               natten_torch_compile=_NATTEN_COMPILE.value)
   suites = {"dense": dense_suite, "sparse": sparse_suite, "na": na_suite}
   for name in _SUITES.value:
     suites[name](rows, interpret, peers)
     # After every suite, so a run cut short by a time limit keeps what it measured.
-    with open(_OUT.value + ".json", "w") as f:
-      json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    write_markdown(_OUT.value + ".md", meta, rows)
+    common.write_results(_OUT.value, meta, rows, markdown, keys=("meta", "rows"))
   print(f"wrote {_OUT.value}.json and .md")
 
 

@@ -12,14 +12,6 @@ exponent `a` of `time ~ T^a` (least squares in log-log) per form and pass. Write
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import platform
-import statistics
-import sys
-import time
-
 from absl import app
 from absl import flags
 import jax
@@ -27,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax.ops.linear.engine import linear_attention
+from experiments import bench_common as common
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["1024", "2048", "4096", "8192", "16384", "32768"],
                               "Sequence lengths T.")
@@ -41,24 +34,6 @@ _BACKWARD = flags.DEFINE_boolean("backward", True, "Also time forward+backward."
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs after one warm-up (median reported).")
 _MAX_GIB = flags.DEFINE_float("max_gib", 4.0, "Skip running configurations above this compiled memory.")
 _OUT = flags.DEFINE_string("out", "benchmarks/linear_cpu", "Output path without extension.")
-
-
-def _memory(compiled) -> dict:
-  ma = compiled.memory_analysis()
-  if ma is None:
-    return {}
-  return {"temp_bytes": int(ma.temp_size_in_bytes), "output_bytes": int(ma.output_size_in_bytes),
-          "peak_bytes": int(ma.temp_size_in_bytes + ma.output_size_in_bytes)}
-
-
-def _time(fn, args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def _inputs(t: int):
@@ -81,10 +56,29 @@ def _fit_exponent(rows, form, key):
   return float(np.polyfit(x, y, 1)[0])
 
 
+def _markdown(meta: dict, rows: list[dict]) -> str:
+  ms = lambda s: "" if s is None else f"{s * 1e3:.1f}"
+  lines = [f"# Linear-attention engine: chunked vs parallel form ({meta['platform']})", "",
+           f"- date (UTC): {meta['date_utc']}", f"- command: `{meta['command']}`",
+           f"- machine: {meta['machine']}", f"- versions: {meta['versions']}",
+           f"- shape: {meta['shape']}",
+           "- memory: compiled memory analysis, temp + output (MiB); time: median of "
+           f"{_REPEATS.value} runs after a warm-up (ms)",
+           "- fitted exponent a of time ~ T^a: " + ", ".join(
+               f"{k} {v:.2f}" for k, v in meta["time_exponents"].items() if v is not None), "",
+           "| T | form | fwd MiB | fwd ms | fwd+bwd MiB | fwd+bwd ms | note |",
+           "|---:|---|---:|---:|---:|---:|---|"]
+  for r in rows:
+    lines.append(f"| {r['T']} | {r['form']} | {common.mib(r.get('fwd_bytes'))} | "
+                 f"{ms(r.get('fwd_s'))} | {common.mib(r.get('fwd_bwd_bytes'))} | "
+                 f"{ms(r.get('fwd_bwd_s'))} | {'; '.join(r['notes'])} |")
+  return "\n".join(lines) + "\n"
+
+
 def main(argv):
   del argv
   rows = []
-  load = os.getloadavg()
+  env = common.environment()  # at the start: its load average is the one the runs start under
   for t in map(int, _SEQ_LENS.value):
     q, k, v, g, w = _inputs(t)
     for form in _FORMS.value:
@@ -102,48 +96,30 @@ def main(argv):
         passes.append(("fwd_bwd", fwd_bwd, (q, k, v, g, w)))
       for name, fn, args in passes:
         compiled = jax.jit(fn).lower(*args).compile()
-        mem = _memory(compiled)
+        mem = common.compiled_memory(compiled)
         row[f"{name}_bytes"] = mem.get("peak_bytes")
-        if mem and mem["peak_bytes"] > _MAX_GIB.value * 2 ** 30:
-          row["notes"].append(f"{name}: not run: compiled peak {mem['peak_bytes'] / 2**30:.1f} GiB > --max_gib")
+        note = common.memory_limit_note(mem, _MAX_GIB.value)
+        if note:
+          row["notes"].append(f"{name}: {note}")
           continue
-        row[f"{name}_s"] = _time(compiled, args, _REPEATS.value)
+        row[f"{name}_s"] = common.median_seconds(compiled, args, _REPEATS.value)
       print(row, flush=True)
       rows.append(row)
 
   fits = {f"{form}_{key}": _fit_exponent(rows, form, f"{key}_s") for form in _FORMS.value
           for key in ("fwd", "fwd_bwd")}
+  # This script's meta keeps its own (older) layout, with summary strings, so that its recorded
+  # results stay comparable.
   meta = {
-      "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "command": "python -m experiments.bench_linear " + " ".join(sys.argv[1:]),
-      "device": str(jax.devices()[0].device_kind), "platform": jax.default_backend(),
-      "machine": f"{platform.machine()}, {os.cpu_count()} cores visible, load average at start "
-                 f"{load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} (shared machine: timings indicative)",
-      "versions": f"jax {jax.__version__}, numpy {np.__version__}, python {platform.python_version()}",
+      "date_utc": env["date_utc"], "command": env["command"], "device": str(env["device"]),
+      "platform": env["backend"],
+      "machine": common.machine_summary(env, "shared machine: timings indicative"),
+      "versions": common.version_summary(env),
       "shape": f"B={_BATCH.value}, H={_HEADS.value}, Dk=Dv={_HEAD_DIM.value}, decay={_DECAY.value}, "
                f"chunk_size={_CHUNK.value}, float32",
       "time_exponents": fits,
   }
-  with open(_OUT.value + ".json", "w") as f:
-    json.dump({"meta": meta, "rows": rows}, f, indent=1)
-  mib = lambda b: "" if b is None else f"{b / 2**20:,.1f}"
-  ms = lambda s: "" if s is None else f"{s * 1e3:.1f}"
-  lines = [f"# Linear-attention engine: chunked vs parallel form ({meta['platform']})", "",
-           f"- date (UTC): {meta['date_utc']}", f"- command: `{meta['command']}`",
-           f"- machine: {meta['machine']}", f"- versions: {meta['versions']}",
-           f"- shape: {meta['shape']}",
-           "- memory: compiled memory analysis, temp + output (MiB); time: median of "
-           f"{_REPEATS.value} runs after a warm-up (ms)",
-           "- fitted exponent a of time ~ T^a: " + ", ".join(
-               f"{k} {v:.2f}" for k, v in fits.items() if v is not None), "",
-           "| T | form | fwd MiB | fwd ms | fwd+bwd MiB | fwd+bwd ms | note |",
-           "|---:|---|---:|---:|---:|---:|---|"]
-  for r in rows:
-    lines.append(f"| {r['T']} | {r['form']} | {mib(r.get('fwd_bytes'))} | {ms(r.get('fwd_s'))} | "
-                 f"{mib(r.get('fwd_bwd_bytes'))} | {ms(r.get('fwd_bwd_s'))} | {'; '.join(r['notes'])} |")
-  with open(_OUT.value + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  print(common.write_results(_OUT.value, meta, rows, _markdown, keys=("meta", "rows")))
 
 
 if __name__ == "__main__":

@@ -24,13 +24,8 @@ A CPU smoke run (interpret mode, our kernel only; numbers meaningless, do not co
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
-import platform
 import statistics
-import sys
-import time
 
 from absl import app
 from absl import flags
@@ -38,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import bench_common as common
 from pallas_kernels.linear import BlockSizes, chunked_linear_attention
 from pallas_kernels.linear.delta import chunked_delta_rule
 
@@ -123,15 +119,9 @@ def _jax_fns(impl: str, data: dict):
   return fns, (q, k, v, g)
 
 
-def _time_jax(fn, args) -> list[float]:
-  for _ in range(_WARMUP.value):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(_REPEATS.value):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(1e3 * (time.perf_counter() - t0))
-  return times
+def _time_jax(fn) -> list[float]:
+  """Milliseconds of `--repeats` calls `fn()` after `--warmup` untimed ones."""
+  return [1e3 * s for s in common.timings(fn, (), _REPEATS.value, warmup=_WARMUP.value)]
 
 
 # --------------------------------------------------------------------------------------- torch side
@@ -182,19 +172,7 @@ def _torch_fns(impl: str, data: dict):
 
 
 def _time_torch(fn) -> list[float]:
-  import torch  # pylint: disable=import-outside-toplevel
-  for _ in range(_WARMUP.value):
-    fn()
-  torch.cuda.synchronize()
-  times = []
-  for _ in range(_REPEATS.value):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    times.append(start.elapsed_time(end))
-  return times
+  return common.cuda_event_times_ms(fn, _REPEATS.value, warmup=_WARMUP.value)
 
 
 # --------------------------------------------------------------------------------------- driver
@@ -209,7 +187,7 @@ def _bench(impl: str, t: int, data: dict) -> list[dict]:
     else:
       jfns, args = _jax_fns(impl, data)
       fns = {m: (lambda f=f: f(*args)) for m, f in jfns.items()}
-      timer = lambda fn: _time_jax(lambda: fn(), ())
+      timer = _time_jax
   except Exception as e:  # pylint: disable=broad-except
     return [{"impl": impl, "T": t, "mode": m, "status": f"setup failed: {type(e).__name__}: "
              f"{str(e)[:300]}"} for m in _MODES.value]
@@ -228,23 +206,13 @@ def _bench(impl: str, t: int, data: dict) -> list[dict]:
 
 
 def _environment() -> dict:
-  env = {
-      "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "command": "python -m experiments.bench_linear_kernel " + " ".join(sys.argv[1:]),
-      "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-      "jax": jax.__version__, "numpy": np.__version__, "python": platform.python_version(),
-      "shape": {"B": _BATCH.value, "H": _HEADS.value, "D": _HEAD_DIM.value},
-      "dtype": _DTYPE.value, "causal": True,
-      "ours": {"chunk": _CHUNK.value, "sub_chunk": _SUB_CHUNK.value, "block_v": _BLOCK_V.value,
-               "num_warps": _NUM_WARPS.value, "num_stages": _NUM_STAGES.value},
-      "warmup": _WARMUP.value, "repeats": _REPEATS.value,
-  }
-  for mod in ("torch", "triton", "fla"):
-    try:
-      env[mod] = __import__(mod).__version__
-    except Exception:  # pylint: disable=broad-except
-      env[mod] = None
-  return env
+  return common.environment(
+      optional=("torch", "triton", "fla"),
+      shape={"B": _BATCH.value, "H": _HEADS.value, "D": _HEAD_DIM.value},
+      dtype=_DTYPE.value, causal=True,
+      ours={"chunk": _CHUNK.value, "sub_chunk": _SUB_CHUNK.value, "block_v": _BLOCK_V.value,
+            "num_warps": _NUM_WARPS.value, "num_stages": _NUM_STAGES.value},
+      warmup=_WARMUP.value, repeats=_REPEATS.value)
 
 
 PEERS = {"pallas_linear": "fla_chunk_linear_attn", "pallas_scalar": "fla_chunk_simple_gla",
@@ -255,8 +223,7 @@ def _markdown(env: dict, records: list[dict]) -> str:
   lines = [
       f"# Chunked linear attention: ours vs fla vs cuDNN softmax ({env['device']})", "",
       f"- date (UTC): {env['date_utc']}", f"- command: `{env['command']}`",
-      f"- versions: jax {env['jax']}, torch {env['torch']}, triton {env['triton']}, "
-      f"fla {env['fla']}, python {env['python']}",
+      f"- versions: {common.version_summary(env, ('jax', 'torch', 'triton', 'fla', 'python'))}",
       f"- shape: B={env['shape']['B']}, H={env['shape']['H']}, Dk=Dv={env['shape']['D']}, "
       f"{env['dtype']}, causal; ours: {env['ours']}",
       f"- time: median of {env['repeats']} calls after {env['warmup']} warm-up calls, ms; "
@@ -290,22 +257,13 @@ def main(argv):
     raise ValueError(f"--impls: unknown {sorted(unknown)}; choose from {ALL_IMPLS}")
   env = _environment()
   records = []
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-
-  def write():
-    with open(_OUT.value + ".json", "w") as f:
-      json.dump({"environment": env, "results": records}, f, indent=1)
-    md = _markdown(env, records)
-    with open(_OUT.value + ".md", "w") as f:
-      f.write(md)
-    return md
-
   for t in (int(x) for x in _SEQ_LENS.value):
     data = _inputs(t)
     for impl in _IMPLS.value:
       records.extend(_bench(impl, t, data))
-      write()  # after every case, so a run cut short by a time limit keeps what it measured
-  print(write())
+      # After every case, so a run cut short by a time limit keeps what it measured.
+      common.write_results(_OUT.value, env, records, _markdown)
+  print(common.write_results(_OUT.value, env, records, _markdown))
 
 
 if __name__ == "__main__":

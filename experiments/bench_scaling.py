@@ -22,16 +22,16 @@ collectives rather than speed-ups; the byte columns are exact.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
 from absl import app, flags
+
+from experiments import bench_common as common
 
 _DEVICES = flags.DEFINE_list("devices", ["1", "2", "4", "8"], "Host device counts.")
 _STRATEGIES = flags.DEFINE_list("strategies", ["dp", "fsdp", "tp"], "Parallelism strategies.")
@@ -93,8 +93,7 @@ def _measure(n: int) -> list[dict]:
     t0 = time.perf_counter()
     compiled = train_step.lower(params, rest, opt_state, first).compile()
     compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    temp = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
+    temp = common.compiled_memory(compiled).get("temp_bytes")
     rec = {"devices": n, "strategy": strategy, "mesh": dict(mesh.shape),
            "param_bytes_per_device": sh.bytes_per_device(params),
            "opt_bytes_per_device": sh.bytes_per_device(opt_state),
@@ -140,9 +139,8 @@ def _markdown(env: dict, rows: list[dict]) -> str:
       "# Scaling on host CPU devices: DP vs FSDP vs Megatron TP (MQAR decoder)", "",
       f"- date (UTC): {env['date_utc']}",
       f"- command: `{env['command']}`",
-      f"- machine: {env['cpu']}, {env['cpu_count']} cores visible, load average at start "
-      f"{', '.join(f'{x:.2f}' for x in env['load_average_at_start'])}",
-      f"- versions: jax {env['jax']}, flax {env['flax']}, python {env['python']}",
+      f"- machine: {common.machine_summary(env)}",
+      f"- versions: {common.version_summary(env, ('jax', 'flax', 'python'))}",
       f"- model: {env['model']}; AdamW (2 moments per parameter); global batch {env['batch_size']}",
       f"- each n runs in its own process with `XLA_FLAGS=--xla_force_host_platform_device_count=n`; "
       f"time = median of {env['steps']} jitted train steps after {env['warmup']} warm-up steps",
@@ -173,30 +171,20 @@ def main(argv):
   if _WORKER.value:
     print(json.dumps(_measure(_WORKER.value)), flush=True)
     return
-  import jax
-  import flax
-  env = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-         "command": "python -m experiments.bench_scaling " + " ".join(sys.argv[1:]),
-         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-         "load_average_at_start": os.getloadavg(), "jax": jax.__version__, "flax": flax.__version__,
-         "python": platform.python_version(),
-         "model": (f"MQAR DecoderLM d_model {_D_MODEL.value}, {_LAYERS.value} layers, "
-                   f"{_HEADS.value} heads, mlp_ratio {_MLP.value}, softmax attention, vocab 512, "
-                   f"seq_len {_SEQ.value}"),
-         "batch_size": _BATCH.value, "steps": _STEPS.value, "warmup": _WARMUP.value,
-         "step_time_note": "2 shared CPU cores; indicative only"}
+  # No device fields: this process only starts the workers, each with its own device count.
+  env = common.environment(
+      optional=("flax",), devices=False,
+      model=(f"MQAR DecoderLM d_model {_D_MODEL.value}, {_LAYERS.value} layers, "
+             f"{_HEADS.value} heads, mlp_ratio {_MLP.value}, softmax attention, vocab 512, "
+             f"seq_len {_SEQ.value}"),
+      batch_size=_BATCH.value, steps=_STEPS.value, warmup=_WARMUP.value,
+      step_time_note="2 shared CPU cores; indicative only")
   rows = []
   for n in (int(x) for x in _DEVICES.value):
     for rec in _run_worker(n):
       print(json.dumps(rec), flush=True)
       rows.append(rec)
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value + ".json", "w") as f:
-    json.dump({"environment": env, "results": rows}, f, indent=1)
-  md = _markdown(env, rows)
-  with open(_OUT.value + ".md", "w") as f:
-    f.write(md)
-  print(md)
+  print(common.write_results(_OUT.value, env, rows, _markdown))
 
 
 if __name__ == "__main__":

@@ -11,21 +11,16 @@ recorded as not run (its compiled memory still is). Writes `<out>.json` and `<ou
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
-import platform
-import statistics
-import sys
 import time
 
 from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from attnjax.ops.softmax import dot_product_attention
+from experiments import bench_common as common
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["512", "1024", "2048", "4096", "8192", "16384"],
                               "Sequence lengths T (Tq = Tk).")
@@ -40,25 +35,6 @@ _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs after one warm-up (med
 _MAX_GIB = flags.DEFINE_float("max_gib", 4.0,
                               "Do not run configurations whose compiled temp+output exceed this.")
 _OUT = flags.DEFINE_string("out", "benchmarks/softmax_cpu", "Output path without extension.")
-
-
-def _memory(compiled) -> dict:
-  ma = compiled.memory_analysis()
-  if ma is None:
-    return {}
-  return {"temp_bytes": int(ma.temp_size_in_bytes), "output_bytes": int(ma.output_size_in_bytes),
-          "argument_bytes": int(ma.argument_size_in_bytes),
-          "peak_bytes": int(ma.temp_size_in_bytes + ma.output_size_in_bytes)}
-
-
-def _time(fn, args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def _bench_one(impl: str, t: int, mode: str) -> dict:
@@ -83,12 +59,13 @@ def _bench_one(impl: str, t: int, mode: str) -> dict:
   except Exception as e:  # pylint: disable=broad-except
     rec["status"] = f"compile failed: {type(e).__name__}: {str(e)[:200]}"
     return rec
-  rec.update(_memory(compiled))
-  if rec.get("peak_bytes", 0) > _MAX_GIB.value * 2 ** 30:
-    rec["status"] = f"not run: compiled peak {rec['peak_bytes'] / 2 ** 30:.1f} GiB > --max_gib"
+  rec.update(common.compiled_memory(compiled))
+  note = common.memory_limit_note(rec, _MAX_GIB.value)
+  if note:
+    rec["status"] = note
     return rec
   try:
-    rec["time_ms"] = round(1e3 * _time(compiled, (q, k, v), _REPEATS.value), 3)
+    rec["time_ms"] = round(1e3 * common.median_seconds(compiled, (q, k, v), _REPEATS.value), 3)
     rec["status"] = "ok"
   except Exception as e:  # pylint: disable=broad-except
     rec["status"] = f"run failed: {type(e).__name__}: {str(e)[:200]}"
@@ -96,23 +73,10 @@ def _bench_one(impl: str, t: int, mode: str) -> dict:
 
 
 def _environment() -> dict:
-  dev = jax.devices()[0]
-  return {
-      "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "command": "python -m experiments.bench_softmax " + " ".join(sys.argv[1:]),
-      "backend": jax.default_backend(), "device": dev.device_kind, "num_devices": jax.device_count(),
-      "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-      "load_average_at_start": os.getloadavg(),
-      "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__")
-      else None, "numpy": np.__version__, "python": platform.python_version(),
-      "shape": {"B": _BATCH.value, "H": _HEADS.value, "D": _HEAD_DIM.value},
-      "dtype": _DTYPE.value, "causal": _CAUSAL.value, "block_size": _BLOCK.value,
-      "repeats": _REPEATS.value, "max_gib": _MAX_GIB.value,
-  }
-
-
-def _fmt_bytes(n) -> str:
-  return "" if n is None else f"{n / 2 ** 20:,.1f}"
+  return common.environment(
+      shape={"B": _BATCH.value, "H": _HEADS.value, "D": _HEAD_DIM.value},
+      dtype=_DTYPE.value, causal=_CAUSAL.value, block_size=_BLOCK.value,
+      repeats=_REPEATS.value, max_gib=_MAX_GIB.value)
 
 
 def _markdown(env: dict, records: list[dict]) -> str:
@@ -120,10 +84,8 @@ def _markdown(env: dict, records: list[dict]) -> str:
       f"# Softmax attention: reference vs xla ({env['backend']}, {env['device']})", "",
       f"- date (UTC): {env['date_utc']}",
       f"- command: `{env['command']}`",
-      f"- machine: {env['cpu']}, {env['cpu_count']} cores visible, load average at start "
-      f"{', '.join(f'{x:.2f}' for x in env['load_average_at_start'])} (shared machine: timings "
-      "are indicative)",
-      f"- versions: jax {env['jax']}, numpy {env['numpy']}, python {env['python']}",
+      f"- machine: {common.machine_summary(env, 'shared machine: timings are indicative')}",
+      f"- versions: {common.version_summary(env)}",
       f"- shape: B={env['shape']['B']}, H={env['shape']['H']}, D={env['shape']['D']}, Tq = Tk = T; "
       f"dtype {env['dtype']}; causal={env['causal']}; xla block_size={env['block_size']}",
       "- memory: compiled executable's memory analysis, temp + output bytes (MiB), i.e. what the "
@@ -138,8 +100,8 @@ def _markdown(env: dict, records: list[dict]) -> str:
       f, g = by_key.get((t, impl, "fwd"), {}), by_key.get((t, impl, "fwd+bwd"), {})
       notes = "; ".join(f"{m}: {r['status']}" for m, r in (("fwd", f), ("fwd+bwd", g))
                         if r and r.get("status") != "ok")
-      lines.append(f"| {t} | {impl} | {_fmt_bytes(f.get('peak_bytes'))} | {f.get('time_ms', '')} "
-                   f"| {_fmt_bytes(g.get('peak_bytes'))} | {g.get('time_ms', '')} | {notes} |")
+      lines.append(f"| {t} | {impl} | {common.mib(f.get('peak_bytes'))} | {f.get('time_ms', '')} "
+                   f"| {common.mib(g.get('peak_bytes'))} | {g.get('time_ms', '')} | {notes} |")
   return "\n".join(lines) + "\n"
 
 
@@ -153,12 +115,7 @@ def main(argv):
         rec = _bench_one(impl, t, mode)
         print(json.dumps(rec), flush=True)
         records.append(rec)
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value + ".json", "w") as f:
-    json.dump({"environment": env, "results": records}, f, indent=1)
-  with open(_OUT.value + ".md", "w") as f:
-    f.write(_markdown(env, records))
-  print(_markdown(env, records))
+  print(common.write_results(_OUT.value, env, records, _markdown))
 
 
 if __name__ == "__main__":
