@@ -1113,6 +1113,8 @@ class SeqBoatMixer(nnx.Module, _StateCache):
   routed tokens, `h = ((A v) * r) W_o`, scattered back. The router learns through the authors'
   estimator: `h` is multiplied by the chosen option's probability (so 0 for unrouted tokens).
   Output `hx + h`. Heads split z and v (the paper's GAU is single-head: num_heads=1).
+  Decoding keeps O(window) state: the EMA state and a ring of the last `window` routed keys and
+  values (`seqboat_init_cache`), whatever the decode length.
   """
 
   def __init__(self, d_model, num_heads, *, causal=True, window=64, ndim=16, chunk_size=64,
@@ -1170,7 +1172,8 @@ class SeqBoatMixer(nnx.Module, _StateCache):
     return mx, hu[..., 2:], hu[..., :2]
 
   def init_cache(self, batch_size, max_len, dtype=jnp.float32):
-    self.state = nnx.Cache(dict(attn=seqboat_init_cache(batch_size, max_len, self.h, self.d, self.d),
+    # The attention cache is a ring of the last `window` routed tokens, whatever max_len is.
+    self.state = nnx.Cache(dict(attn=seqboat_init_cache(batch_size, self.window, self.h, self.d, self.d),
                                 ema=init_state(batch_size, self.c, self.n, 1)))
 
   def __call__(self, x, *, segment_ids=None, decode=False):

@@ -83,15 +83,26 @@ def test_seqboat_oracles_all_routed_is_local_attention_none_routed_is_zero():
     hy.seqboat_attention(Q, K, V, ones, window=W, activation="gelu")
 
 
-def test_seqboat_decode_equals_full_forward():
-  full = _sb("parallel", "softmax", Q, K, V, ROUTE, None)
-  cache = hy.seqboat_init_cache(B, 16, H, D, DV)
-  o1, cache = hy.seqboat_decode(Q[:, :6], K[:, :6], V[:, :6], ROUTE[:, :6], cache, window=W)
-  outs = [o1]
-  for t in range(6, T):
-    ot, cache = hy.seqboat_decode(Q[:, t:t + 1], K[:, t:t + 1], V[:, t:t + 1], ROUTE[:, t:t + 1], cache, window=W)
+@pytest.mark.parametrize("act", ["softmax", "relu2"])
+@pytest.mark.parametrize("splits", [(6, 1, 1, 1, 1, 1, 1, 1), (1, 4, 2, 6), (13,)])
+def test_seqboat_decode_equals_full_forward(act, splits):
+  """Any split into prefill and later calls gives the full forward; the cache stays `window` long
+  (the ring wraps: rows route 6-9 tokens through a 3-slot ring)."""
+  full = _sb("parallel", act, Q, K, V, ROUTE, None)
+  cache = hy.seqboat_init_cache(B, W, H, D, DV)
+  step = jax.jit(lambda q, k, v, r, c: hy.seqboat_decode(q, k, v, r, c, window=W, activation=act))
+  outs, start = [], 0
+  for n in splits:
+    sl = slice(start, start + n)
+    ot, cache = step(Q[:, sl], K[:, sl], V[:, sl], ROUTE[:, sl], cache)
     outs.append(ot)
+    start += n
+  assert start == T and cache["k"].shape == (B, W, H, D) and cache["v"].shape == (B, W, H, DV)
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(cache["count"], jnp.sum(ROUTE, axis=1))
+  with pytest.raises(ValueError, match="window"):
+    hy.seqboat_decode(Q[:, :1], K[:, :1], V[:, :1], ROUTE[:, :1], hy.seqboat_init_cache(B, 5, H, D, DV),
+                      window=W)
 
 
 @pytest.mark.slow
@@ -105,6 +116,19 @@ def test_seqboat_layer_none_routed_is_the_backbone_and_the_router_learns():
   graphdef, params, rest = nnx.split(m, nnx.Param, ...)
   g = jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(x) ** 2)))(params)
   assert float(jnp.abs(g["log_tau"][...])) > 0                      # through the gate p_max
+
+
+def test_seqboat_layer_decodes_like_the_full_forward_through_its_ring():
+  """Window 3 and a router biased to "on": the 3-slot ring wraps several times while decoding."""
+  m = SeqBoatMixer(16, 2, window=3, ndim=2, chunk_size=4, router_bias=3.0, rngs=nnx.Rngs(1))
+  x = jax.random.normal(jax.random.key(1), (2, 11, 16))
+  full = nnx.jit(lambda m, x: m(x))(m, x)
+  m.init_cache(2, 64)
+  step = nnx.jit(lambda m, x: m(x, decode=True))
+  outs = [step(m, x[:, :4])] + [step(m, x[:, t:t + 1]) for t in range(4, 11)]
+  assert m.state.get_value()["attn"]["k"].shape[1] == 3
+  assert int(jnp.min(m.state.get_value()["attn"]["count"])) > 3       # the ring did wrap
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=2e-4, rtol=2e-3)
 
 
 # ------------------------------------------------------------------------------------------ STILL

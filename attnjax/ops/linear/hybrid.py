@@ -674,32 +674,58 @@ def seqboat_attention(q, k, v, route, *, window: int, scale=None, activation="so
   return o.astype(q.dtype)
 
 
-def seqboat_init_cache(batch_size: int, max_len: int, num_heads: int, head_dim: int, value_dim: int):
-  """Decode cache of `seqboat_decode`: keys, values, routes and compressed indices of the written
-  tokens, the routed count and the position (the SSM state is the layer's)."""
+_NO_TOKEN = -(2 ** 30)  # compressed index of an empty ring slot: never within a window of a query
+
+
+def seqboat_init_cache(batch_size: int, window: int, num_heads: int, head_dim: int, value_dim: int):
+  """Decode cache of `seqboat_decode`: a ring of the last `window` routed tokens per row (keys
+  `[B, W, H, D]`, values `[B, W, H, Dv]`, their compressed indices `[B, W]`), the routed count `[B]`
+  and the position. O(window) memory however long the decode: a routed query only ever sees the
+  last `window` routed keys. (The SSM state is the layer's.)"""
+  if not isinstance(window, int) or window < 1:
+    raise ValueError(f"window must be an int >= 1, got {window!r}")
   z = lambda *s: jnp.zeros(s, jnp.float32)
-  return dict(k=z(batch_size, max_len, num_heads, head_dim), v=z(batch_size, max_len, num_heads, value_dim),
-              route=jnp.zeros((batch_size, max_len), bool), cidx=jnp.zeros((batch_size, max_len), jnp.int32),
+  return dict(k=z(batch_size, window, num_heads, head_dim), v=z(batch_size, window, num_heads, value_dim),
+              cidx=jnp.full((batch_size, window), _NO_TOKEN, jnp.int32),
               count=jnp.zeros((batch_size,), jnp.int32), pos=jnp.zeros((), jnp.int32))
 
 
 def seqboat_decode(q, k, v, route, cache, *, window: int, scale=None, activation="softmax"):
   """Decode `T >= 1` tokens with `seqboat_attention`'s semantics from `cache`
-  (`seqboat_init_cache`): masked over the cache, O(max_len) per token. Returns `(o, cache)`."""
+  (`seqboat_init_cache` with the same `window`). Each new routed query attends to the ring (the
+  routed tokens before this call) and to the new routed tokens up to itself, keeping the last
+  `window` in compressed order; then the ring keeps the last `window` routed tokens. Cost
+  O(T (T + window)) per call; memory O(window). Returns `(o [B, T, H, Dv], cache)`."""
   b, t, h, d = q.shape
+  ring = cache["k"].shape[1]
+  if ring != window:
+    raise ValueError(f"cache holds {ring} routed tokens but window={window}: build it with "
+                     f"seqboat_init_cache(..., window={window}, ...)")
   if scale is None:
     scale = d ** -0.5 if activation == "softmax" else 1.0 / window
-  max_len = cache["k"].shape[1]
-  pos = cache["pos"]
-  r = jax.lax.stop_gradient(route) > 0.5
-  ci_new = cache["count"][:, None] + jnp.cumsum(r.astype(jnp.int32), axis=1)
-  upd = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), pos, axis=1)
-  kc, vc = upd(cache["k"], k), upd(cache["v"], v)
-  rcache, cidx = upd(cache["route"], r), upd(cache["cidx"], ci_new)
-  kpos, qpos = jnp.arange(max_len), pos + jnp.arange(t)
-  vis = ((kpos[None, :] <= qpos[:, None])[None] & rcache[:, None, :] & r[:, :, None]
-         & (ci_new[:, :, None] - cidx[:, None, :] < window))[:, None]
-  s = jnp.where(vis, jnp.einsum("bihd,bjhd->bhij", q.astype(jnp.float32), kc) * scale, -jnp.inf)
-  o = jnp.einsum("bhij,bjhe->bihe", _activate(s, activation), vc)
-  new = dict(k=kc, v=vc, route=rcache, cidx=cidx, count=ci_new[:, -1], pos=pos + t)
+  r = jax.lax.stop_gradient(route) > 0.5                                     # [B, T]
+  ci_new = cache["count"][:, None] + jnp.cumsum(r.astype(jnp.int32), axis=1)  # compressed indices
+  k_all = jnp.concatenate([cache["k"], k.astype(jnp.float32)], axis=1)         # [B, W + T, H, D]
+  v_all = jnp.concatenate([cache["v"], v.astype(jnp.float32)], axis=1)
+  ci_all = jnp.concatenate([cache["cidx"], ci_new], axis=1)                   # [B, W + T]
+  # The ring's tokens precede this call's; among the new ones a query sees itself and earlier ones.
+  order = jnp.concatenate([jnp.ones((t, window), bool),
+                           jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]], axis=1)
+  routed_key = jnp.concatenate([jnp.ones((b, window), bool), r], axis=1)
+  vis = (order[None] & routed_key[:, None, :] & r[:, :, None]
+         & (ci_new[:, :, None] - ci_all[:, None, :] < window))[:, None]       # [B, 1, T, W + T]
+  s = jnp.where(vis, jnp.einsum("bihd,bjhd->bhij", q.astype(jnp.float32), k_all) * scale, -jnp.inf)
+  o = jnp.einsum("bhij,bjhe->bihe", _activate(s, activation), v_all)
+  # Ring update: slot = compressed index mod window. The new routed tokens among the last
+  # `window` have distinct slots, so each slot gets at most one writer; the others keep their token.
+  count = ci_new[:, -1]
+  keep = r & (ci_new > count[:, None] - window)
+  sel = keep[:, :, None] & ((ci_new % window)[:, :, None] == jnp.arange(window))  # [B, T, W]
+  written = jnp.any(sel, axis=1)                                              # [B, W]
+  sel_f = sel.astype(jnp.float32)
+  put = lambda old, x: jnp.where(written.reshape(written.shape + (1,) * (old.ndim - 2)),
+                                 jnp.einsum("btw,bt...->bw...", sel_f, x.astype(jnp.float32)), old)
+  new = dict(k=put(cache["k"], k), v=put(cache["v"], v),
+             cidx=jnp.where(written, jnp.sum(jnp.where(sel, ci_new[:, :, None], 0), axis=1), cache["cidx"]),
+             count=count, pos=cache["pos"] + t)
   return o.astype(q.dtype), new
