@@ -181,9 +181,7 @@ def _grid_swin(q, k, v, gx, gy, *, window: int = 7, shift: int = 0, gamma: float
   bias = None
   if gamma is not None:
     cx, cy = np.meshgrid(np.arange(gx), np.arange(gy), indexing="ij")
-    cx, cy = cx.ravel(), cy.ravel()
-    dist = np.abs(cx[:, None] - cx[None]) + np.abs(cy[:, None] - cy[None])
-    bias = jnp.asarray(dist * math.log(gamma), jnp.float32)
+    bias = local_ops.manhattan_bias(cx.ravel(), cy.ravel(), log_gamma)[None]
   return _dense_grid(q, k, v, local_ops.swin_mask(gx, gy, (wx, wy), (sx, sy)), bias)
 
 

@@ -311,6 +311,11 @@ class _QKVO(_CachedMixer):
     self.o_proj = dense(hd, d_model, axes=("heads", "embed"), rngs=rngs)
     self.cache_k, self.cache_v, self.cache_index = nnx.data(None), nnx.data(None), nnx.data(None)
 
+  def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> None:
+    """k / v caches of all heads; layers with other cached tensors override this."""
+    tail = (self.num_heads, self.head_dim)
+    self._init_caches(batch_size, max_len, {"k": tail, "v": tail}, dtype)
+
   def _qkv(self, x, src, kv_heads=None):
     b, t, _ = x.shape
     s = src.shape[1]
@@ -344,10 +349,6 @@ class AffineScaledAttention(_QKVO):
                             kernel_init=zeros)
     self.beta_proj = dense(d_model, num_heads, axes=("embed", "heads"), rngs=rngs, use_bias=True,
                            kernel_init=zeros)
-
-  def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> None:
-    tail = (self.num_heads, self.head_dim)
-    self._init_caches(batch_size, max_len, {"k": tail, "v": tail}, dtype)
 
   def __call__(self, x, *, context=None, segment_ids=None, context_segment_ids=None, decode=False):
     _check_x("affine_scaled", x)
@@ -510,10 +511,6 @@ class MixtureOfHeadsAttention(_QKVO):
                                kernel_init=small)
     self.routed_router = dense(d_model, routed, axes=("embed", None), rngs=rngs, kernel_init=small)
     self.branch_router = dense(d_model, 2, axes=("embed", None), rngs=rngs, kernel_init=small)
-
-  def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> None:
-    tail = (self.num_heads, self.head_dim)
-    self._init_caches(batch_size, max_len, {"k": tail, "v": tail}, dtype)
 
   def __call__(self, x, *, context=None, segment_ids=None, context_segment_ids=None, decode=False):
     _check_x("moh", x)
@@ -841,8 +838,7 @@ class RelativeConvAttention(_QKVO):
   def init_cache(self, batch_size, max_len, dtype=jnp.float32):
     for c in (self.q_conv, self.k_conv, self.v_conv):
       c.init_cache(batch_size, max_len, dtype)
-    tail = (self.num_heads, self.head_dim)
-    self._init_caches(batch_size, max_len, {"k": tail, "v": tail}, dtype)
+    super().init_cache(batch_size, max_len, dtype)
 
   def _rel(self, tk):
     dist = (tk - 1) - jnp.arange(2 * tk - 1)

@@ -151,12 +151,13 @@ def _window_coords(wx, wy):
   return cx.ravel(), cy.ravel()
 
 
-def _manhattan_bias(log_gamma, wx, wy):
-  """`[H, n, n]` bias `|dx| log g_x + |dy| log g_y` inside one window (log_gamma [H, 2])."""
-  cx, cy = _window_coords(wx, wy)
+def manhattan_bias(cx, cy, log_gamma):
+  """`[H, n, n]` bias `|dx| log g_x + |dy| log g_y` between the `n` tokens at integer coordinates
+  `cx, cy [n]` (numpy), with `log_gamma [H, 2]`: Gated-SwinRMT's Manhattan decay in log space."""
   dx = np.abs(cx[:, None] - cx[None]).astype(np.float32)
   dy = np.abs(cy[:, None] - cy[None]).astype(np.float32)
-  return log_gamma[:, 0, None, None] * dx + log_gamma[:, 1, None, None] * dy
+  lg = jnp.asarray(log_gamma, jnp.float32)
+  return lg[:, 0, None, None] * dx + lg[:, 1, None, None] * dy
 
 
 def swin_window_attention(q, k, v, window, shift=0, *, scale=None, bias=None, log_gamma=None):
@@ -194,7 +195,7 @@ def swin_window_attention(q, k, v, window, shift=0, *, scale=None, bias=None, lo
   if bias is not None:
     full_bias = jnp.asarray(bias, jnp.float32)
   if log_gamma is not None:
-    mb = _manhattan_bias(jnp.asarray(log_gamma, jnp.float32), wx, wy)
+    mb = manhattan_bias(*_window_coords(wx, wy), log_gamma)
     full_bias = mb if full_bias is None else full_bias + mb
   o = _softmax_attend(part(qr), part(kr), part(vr), mask, full_bias, scale)
   o = o.reshape(b, nx, ny, wx, wy, h, v.shape[-1]).transpose(0, 1, 3, 2, 4, 5, 6)
@@ -216,10 +217,7 @@ def swin_window_attention_reference(q, k, v, window, shift=0, *, scale=None, bia
     li = lx * wy + ly
     dense_bias = jnp.asarray(bias, jnp.float32)[:, li][:, :, li][None]
   if log_gamma is not None:
-    lg = jnp.asarray(log_gamma, jnp.float32)
-    dx = np.abs(lx[:, None] - lx[None]).astype(np.float32)
-    dy = np.abs(ly[:, None] - ly[None]).astype(np.float32)
-    mb = (lg[:, 0, None, None] * dx + lg[:, 1, None, None] * dy)[None]
+    mb = manhattan_bias(lx, ly, log_gamma)[None]
     dense_bias = mb if dense_bias is None else dense_bias + mb
   o = dot_product_attention(_flat(q), _flat(k), _flat(v), mask=jnp.asarray(mask), bias=dense_bias,
                             scale=scale, implementation="reference")
