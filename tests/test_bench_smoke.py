@@ -35,6 +35,12 @@ CASES = {
         {"meta", "rows"}, "rows", 2 * 2,  # T x form, each with fwd and fwd_bwd
         lambda r: not r["notes"] and r["fwd_s"] > 0 and r["fwd_bwd_s"] > 0,
         "| T | form | fwd MiB | fwd ms | fwd+bwd MiB | fwd+bwd ms | note |"),
+    "bench_linear_vs_scan": (  # two kinds, three methods, one T: the table and its fastest-form rows
+        ["--kinds=scalar,delta", "--methods=default,recurrent,scan", "--seq_lens=24", "--heads=2",
+         "--head_dim=8", "--chunk_size=8", "--repeats=1"],
+        {"environment", "results"}, "results", 2 * 3 * 2,  # kind x method x (fwd, fwd+bwd)
+        lambda r: r["ms"] > 0,
+        "| T | default | recurrent | scan | default / scan |"),
     "bench_block_sparse": (
         ["--seq_lens=256", "--densities=0.5", "--block=64", "--repeats=1"],
         {"environment", "results"}, "results", 2,  # block_sparse and dense

@@ -89,7 +89,7 @@ class LinearMixer(nnx.Module, _StateCache):
                output_norm: bool = False, output_gate: str | None = None, window: int = 0,
                num_features: int | None = None, distill: bool = False, distill_weight: float = 1.0,
                layer_idx: int = 0, num_layers: int = 1, gate_low_rank: int = 16,
-               gate_normalizer: float = 16.0, chunk_size: int = 64, form: str = "chunked",
+               gate_normalizer: float = 16.0, chunk_size: int = 64, form: str | None = None,
                rngs: nnx.Rngs):
     if feature_map not in FEATURE_MAPS:
       raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
@@ -231,7 +231,7 @@ class DeltaNetMixer(nnx.Module, _StateCache):
   """
 
   def __init__(self, d_model: int, num_heads: int, *, causal: bool = True, gated: bool = True,
-               chunk_size: int = 64, form: str = "chunked", rngs: nnx.Rngs):
+               chunk_size: int = 64, form: str | None = None, rngs: nnx.Rngs):
     if not causal:
       raise NotImplementedError("deltanet / gated_deltanet are causal recurrences (causal=True only)")
     self.h, self.d = num_heads, d_model // num_heads
@@ -296,7 +296,7 @@ class MALAMixer(nnx.Module, _StateCache):
   """
 
   def __init__(self, d_model: int, num_heads: int, *, causal: bool = True, chunk_size: int = 64,
-               form: str = "chunked", rngs: nnx.Rngs):
+               form: str | None = None, rngs: nnx.Rngs):
     self.h, self.d, self.causal = num_heads, d_model // num_heads, causal
     self.chunk_size, self.form = chunk_size, form
     self.q_proj = dense(d_model, d_model, axes=("embed", "heads"), rngs=rngs)
@@ -462,7 +462,7 @@ def _local_conv(x, kernel, segment_ids, causal):
 class _QKVBase(nnx.Module, _StateCache):
   """q, k, v, o projections (head dim d_model / H) shared by the mixers below."""
 
-  def __init__(self, d_model, num_heads, *, causal, rngs, chunk_size=64, form="chunked"):
+  def __init__(self, d_model, num_heads, *, causal, rngs, chunk_size=64, form=None):
     if d_model % num_heads:
       raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
     self.h, self.d, self.causal = num_heads, d_model // num_heads, causal
@@ -826,7 +826,7 @@ class WindowLinearMixer(_QKVBase):
       self.state.set_value(st)
     else:
       o = window_linear_attention(q, k, v, pq, pk, window=self.window, window_factor=wf,
-                                  segment_ids=segment_ids, form=self.form, chunk_size=self.chunk_size)
+                                  segment_ids=segment_ids, form=self.form or "chunked", chunk_size=self.chunk_size)
     return self._out(o)
 
 
@@ -1118,7 +1118,7 @@ class SeqBoatMixer(nnx.Module, _StateCache):
   """
 
   def __init__(self, d_model, num_heads, *, causal=True, window=64, ndim=16, chunk_size=64,
-               activation="softmax", router_bias=0.0, form="chunked", rngs):
+               activation="softmax", router_bias=0.0, form=None, rngs):
     if not causal:
       raise NotImplementedError("mixer 'seqboat' is built causal only here (an EMA scanned forward)")
     if d_model % num_heads:

@@ -47,7 +47,7 @@ def _naive(q, k, v, beta, ld, s0, seg):
 def test_forms_match_naive_loop():
   q, k, v, beta, ld, s0 = _inputs(0)
   ref, ref_s = _naive(q, k, v, beta, ld, s0, SEG)
-  for form, cs in (("recurrent", 64), ("chunked", 5), ("chunked", 16), ("parallel", 64)):
+  for form, cs in (("recurrent", 64), ("chunked", 5), ("chunked", 16), ("parallel", 64), (None, 5)):
     o, s = delta_rule(*map(jnp.asarray, (q, k, v, beta)), log_decay=jnp.asarray(ld),
                       initial_state=jnp.asarray(s0), output_final_state=True,
                       segment_ids=jnp.asarray(SEG), form=form, chunk_size=cs)
@@ -76,9 +76,11 @@ def test_gradients_chunked_equal_recurrent():
                                       form=form, chunk_size=4)[0] * ct)
     return jax.jit(jax.grad(f, argnums=tuple(range(6))))(*map(jnp.asarray, (q, k, v, beta, ld, s0)))
 
-  for name, a, r in zip("q k v beta log_decay s0".split(), grads("chunked"), grads("recurrent")):
-    assert np.all(np.isfinite(a))
-    np.testing.assert_allclose(a, r, atol=5e-5, rtol=5e-5, err_msg=name)
+  ref = grads("recurrent")
+  for form in ("chunked", None):   # None: the default, the chunked form's autodiff on the CPU
+    for name, a, r in zip("q k v beta log_decay s0".split(), grads(form), ref):
+      assert np.all(np.isfinite(a))
+      np.testing.assert_allclose(a, r, atol=5e-5, rtol=5e-5, err_msg=f"{form} d{name}")
 
 
 def test_exact_recall_with_orthonormal_keys():

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from attnjax.ops.linear.engine import (init_state, linear_attention, linear_attention_step,
-                                       NORMALIZE_EPS)
+from attnjax.ops.linear import engine
+from attnjax.ops.linear.engine import (FormChoice, init_state, linear_attention, linear_attention_step,
+                                       NORMALIZE_EPS, select_form, split_forms)
 
 B, T, H, DK, DV = 2, 37, 2, 5, 3   # T=37 is a multiple of none of the chunk sizes used
 SEG = np.array([[0] * 10 + [1] * 20 + [2] * 7, [5] * 37])
@@ -114,8 +115,10 @@ def test_decay_one_is_plain_linear_attention():
   np.testing.assert_allclose(o, np.einsum("bhij,bjhe->bihe", a, v), atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("kind", ("scalar", "vector"))
+@pytest.mark.parametrize("kind", ("none", "scalar", "vector"))
 def test_gradients_agree_across_forms(kind):
+  """All forms, and the default `form=None` (on the CPU its forward is the token scan and its
+  gradient the chunked form's autodiff, through `split_forms`), give the same values and grads."""
   q, k, v, ld, s0 = _inputs(5, kind, t=19)
   seg = jnp.asarray(SEG[:, :19])
   ct = np.random.default_rng(6).normal(size=(B, 19, H, DV)).astype(np.float32)
@@ -126,12 +129,44 @@ def test_gradients_agree_across_forms(kind):
       o, s = linear_attention(q, k, v, log_decay=ld, initial_state=s0, output_final_state=True,
                               segment_ids=seg, form=form, chunk_size=cs_len)
       return jnp.sum(o * ct) + jnp.sum(s * cs)
-    return jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4)))(*map(jnp.asarray, (q, k, v, ld, s0)))
+    args = [None if x is None else jnp.asarray(x) for x in (q, k, v, ld, s0)]
+    value, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4)))(*args)
+    return [value, *grads]
 
   ref = loss("recurrent", 64)
-  for form, cs_len in (("parallel", 64), ("chunked", 6)):
-    for name, a, r in zip("q k v log_decay s0".split(), loss(form, cs_len), ref):
-      np.testing.assert_allclose(a, r, atol=5e-5, rtol=5e-5, err_msg=f"{form} d{name}")
+  for form, cs_len in (("parallel", 64), ("chunked", 6), (None, 6)):
+    for name, a, r in zip("loss q k v log_decay s0".split(), loss(form, cs_len), ref):
+      if r is not None:
+        np.testing.assert_allclose(a, r, atol=5e-5, rtol=5e-5, err_msg=f"{form} d{name}")
+
+
+def test_split_forms_runs_one_form_forward_and_the_other_under_autodiff():
+  """`split_forms(run, a, b, x)` is run("a") when not differentiated; its value and gradient under
+  `jax.grad` are run("b")'s (the two runs differ on purpose here, so either half can fail)."""
+  run = lambda form, x: jnp.sin(x) if form == "a" else x ** 2
+  x = jnp.linspace(-1.0, 2.0, 7)
+  np.testing.assert_allclose(split_forms(run, "a", "b", x), jnp.sin(x), rtol=1e-6)
+  value, grad = jax.value_and_grad(lambda x: jnp.sum(split_forms(run, "a", "b", x)))(x)
+  np.testing.assert_allclose(value, jnp.sum(x ** 2), rtol=1e-6)
+  np.testing.assert_allclose(grad, 2 * x, rtol=1e-6)
+
+
+def test_select_form_reads_the_table_and_default_calls_run_it(monkeypatch):
+  """`select_form` answers which forms a `form=None` call runs, from `FORM_TABLE` (first row with
+  T <= max_T; chunked on backends the table lacks), and a default call runs exactly those."""
+  assert select_form(100, "scalar", backend="tpu") == FormChoice("chunked", "chunked")
+  table = {"cpu": {"scalar": ((20, "parallel", "recurrent"), (None, "recurrent", "chunked"))}}
+  monkeypatch.setattr(engine, "FORM_TABLE", table)
+  assert select_form(20, "scalar", backend="cpu") == FormChoice("parallel", "recurrent")
+  assert select_form(21, "scalar", backend="cpu") == FormChoice("recurrent", "chunked")
+  assert select_form(21, "vector", backend="cpu") == FormChoice("chunked", "chunked")
+  # Which form ran is visible in the program: only the recurrent form scans over all T tokens.
+  q, k, v, ld, _ = _inputs(9, "scalar", t=T)
+  f = lambda q, k, v, ld: linear_attention(q, k, v, log_decay=ld, chunk_size=8)[0]
+  g = jax.grad(lambda q, k, v, ld: jnp.sum(f(q, k, v, ld)))
+  if jax.default_backend() == "cpu":
+    assert str(jax.make_jaxpr(f)(q, k, v, ld)).count(f"length={T}") >= 1      # recurrent forward
+    assert f"length={T}" not in str(jax.make_jaxpr(g)(q, k, v, ld))           # chunked autodiff
 
 
 def test_check_grads_chunked():
@@ -244,3 +279,26 @@ def test_bad_inputs_raise():
   with pytest.raises(ValueError, match="log_decay_t"):
     linear_attention_step(q[:, 0], k[:, 0], v[:, 0], init_state(B, H, DK, DV),
                           log_decay_t=jnp.zeros((H, 3)))
+
+
+@pytest.mark.parametrize("kind", ("none", "head", "vector", "scalar_normalize", "delta"))
+def test_benchmark_scan_baseline_is_the_same_recurrence(kind):
+  """The hand-written scan the CPU benchmark compares against computes what the engine does."""
+  from experiments.bench_linear_vs_scan import plain_scan
+  from attnjax.ops.linear.delta import delta_rule
+  rng = np.random.default_rng(11)
+  q, k, v = (rng.normal(size=(B, 13, H, DK)).astype(np.float32) for _ in range(3))
+  if kind == "scalar_normalize":
+    q, k = np.abs(q) + 0.1, np.abs(k) + 0.1
+  k = k / np.linalg.norm(k, axis=-1, keepdims=True)
+  v = v[..., :DK]
+  shape = {"none": None, "head": (H,), "vector": (B, 13, H, DK), "scalar_normalize": (B, 13, H),
+           "delta": (B, 13, H)}[kind]
+  g = None if shape is None else -rng.uniform(0, 1, size=shape).astype(np.float32)
+  beta = rng.uniform(0, 1, size=(B, 13, H)).astype(np.float32)
+  if kind == "delta":
+    ref = delta_rule(q, k, v, beta, log_decay=g, scale=1.0, form="recurrent")[0]
+  else:
+    ref = linear_attention(q, k, v, log_decay=g, scale=1.0, normalize=kind == "scalar_normalize",
+                           form="recurrent")[0]
+  np.testing.assert_allclose(plain_scan(q, k, v, g, beta, kind), ref, atol=2e-5, rtol=2e-5)

@@ -17,8 +17,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attnjax.ops.linear.engine import (_check_gate, _concrete_range, _check_state, _reverse_exclusive_cumsum,
-                                       check_causal_qkv, run_ids, segsum)
+import functools
+
+from attnjax.ops.linear.engine import (FormChoice, _check_gate, _concrete_range, _check_state,
+                                       _reverse_exclusive_cumsum, check_causal_qkv, run_ids, segsum,
+                                       select_form, split_forms)
 
 DELTA_FORMS = ("recurrent", "parallel", "chunked")
 
@@ -122,8 +125,19 @@ def _chunked(q, k, v, beta, g, s0, runs, c):
   return o, s
 
 
+def select_delta_form(t: int, *, backend: str | None = None) -> FormChoice:
+  """The forms `delta_rule(..., form=None)` runs for length `t` (the engine's table, kind "delta")."""
+  return select_form(t, "delta", backend=backend)
+
+
+def _run_form(form, q, k, v, beta, g, s0, runs, *, chunk_size):
+  if form == "recurrent":
+    return _recurrent(q, k, v, beta, g, s0, runs)
+  return _chunked(q, k, v, beta, g, s0, runs, q.shape[2] if form == "parallel" else chunk_size)
+
+
 def delta_rule(q, k, v, beta, *, log_decay=None, scale=None, initial_state=None,
-               output_final_state=False, segment_ids=None, form="chunked", chunk_size=64):
+               output_final_state=False, segment_ids=None, form=None, chunk_size=64):
   """Gated delta rule on `[B, T, H, D]`; returns `(o [B, T, H, Dv], final_state | None)`.
 
   `S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t^T v_t`, `o_t = scale q_t S_t`
@@ -134,10 +148,12 @@ def delta_rule(q, k, v, beta, *, log_decay=None, scale=None, initial_state=None,
   `[B, H, Dk, Dv]`; `segment_ids`/`initial_state` semantics as in `linear_attention` (reset at each
   segment change; the initial state feeds the first segment). Forms: "recurrent" (scan) and
   "chunked" (UT transform, any `chunk_size`, T need not be a multiple); "parallel" is the chunked
-  form with a single chunk of length T (the WY form, O(T^2)).
+  form with a single chunk of length T (the WY form, O(T^2)). `form=None` (default): the fastest
+  form measured for this backend and length (`select_delta_form`; on the CPU the token scan when not
+  differentiated and the chunked form under autodiff, through a `custom_vjp`).
   """
-  if form not in DELTA_FORMS:
-    raise ValueError(f"form must be one of {DELTA_FORMS}, got {form!r}")
+  if form is not None and form not in DELTA_FORMS:
+    raise ValueError(f"form must be None or one of {DELTA_FORMS}, got {form!r}")
   b, t, h, dk, dv = check_causal_qkv(q, k, v, segment_ids, chunk_size)
   s0, _ = _check_state(initial_state, b, h, dk, dv, False)
   g, bt = _canonical(log_decay, jnp.asarray(beta), b, t, h)
@@ -145,10 +161,12 @@ def delta_rule(q, k, v, beta, *, log_decay=None, scale=None, initial_state=None,
   tr = lambda x: jnp.transpose(x, (0, 2, 1, 3)).astype(jnp.float32)
   qf, kf, vf = tr(q), tr(k), tr(v)
   runs = None if segment_ids is None else run_ids(segment_ids)
-  if form == "recurrent":
-    o, s = _recurrent(qf, kf, vf, bt, g, s0, runs)
+  choice = select_delta_form(t) if form is None else FormChoice(form, form)
+  run = functools.partial(_run_form, chunk_size=chunk_size)
+  if choice.primal == choice.differentiated:
+    o, s = run(choice.primal, qf, kf, vf, bt, g, s0, runs)
   else:
-    o, s = _chunked(qf, kf, vf, bt, g, s0, runs, t if form == "parallel" else chunk_size)
+    o, s = split_forms(run, choice.primal, choice.differentiated, qf, kf, vf, bt, g, s0, runs)
   o = jnp.transpose(o * scale, (0, 2, 1, 3)).astype(q.dtype)
   return (o, s) if output_final_state else (o, None)
 

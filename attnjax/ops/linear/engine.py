@@ -20,6 +20,8 @@ computed element-wise.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import jax
@@ -39,6 +41,43 @@ def _concrete_range(x):
     return float(jnp.min(x)), float(jnp.max(x))
   except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Which form a call runs (`form=None`).
+
+
+@dataclasses.dataclass(frozen=True)
+class FormChoice:
+  """The forms a `form=None` call runs: `primal` when the call is not differentiated, and
+  `differentiated` under `jax.grad` / `jax.vjp` (forward and backward both run it)."""
+  primal: str
+  differentiated: str
+
+
+#: Measured on the CPU (benchmarks/linear_forms_cpu.md, `python -m experiments.bench_linear
+#: --mode=forms`): per decay kind, rows `(max_T, primal, differentiated)`, the first row with
+#: T <= max_T applies. Outside the table (other backends) the chunked form runs both passes.
+FORM_TABLE = {
+    "cpu": {kind: ((None, "recurrent", "chunked"),)
+            for kind in ("none", "head", "scalar", "vector", "delta")},
+}
+
+
+def select_form(t: int, decay: str = "none", *, backend: str | None = None) -> FormChoice:
+  """The forms `linear_attention(..., form=None)` runs for a causal call of length `t`.
+
+  `decay`: "none", "head", "scalar" or "vector" (see `decay_kind`), or "delta" for
+  `delta.delta_rule`; `backend`: a JAX platform name
+  ("cpu", "gpu", ...), default `jax.default_backend()`. On the CPU a token scan beats the chunked
+  form's matmuls for the forward pass, while its backward (which keeps every step's state) loses
+  to the chunked form's, so the two passes run different forms there (`FORM_TABLE`).
+  """
+  backend = jax.default_backend() if backend is None else backend
+  for max_t, primal, differentiated in FORM_TABLE.get(backend, {}).get(decay, ()):
+    if max_t is None or t <= max_t:
+      return FormChoice(primal, differentiated)
+  return FormChoice("chunked", "chunked")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,9 +106,10 @@ def _check_gate(name: str, g, expected: str):
 
 
 def _canonical_decay(log_decay, b: int, t: int, h: int, dk: int):
-  """Returns (g [B, H, T, Dg] float32, vector: bool) with Dg in {1, Dk}."""
+  """Returns (g [B, T, H, Dg] float32, vector: bool) with Dg in {1, Dk}; g is None for no decay
+  (the forms then skip every decay factor rather than multiply by exp(0))."""
   if log_decay is None:
-    return jnp.zeros((b, h, t, 1), jnp.float32), False
+    return None, False
   g = jnp.asarray(log_decay)
   shapes = {1: (h,), 3: (b, t, h), 4: (b, t, h, dk)}
   if g.ndim not in shapes or g.shape != shapes[g.ndim]:
@@ -78,10 +118,18 @@ def _canonical_decay(log_decay, b: int, t: int, h: int, dk: int):
   _check_gate("log_decay", g, "[H], [B, T, H] or [B, T, H, Dk]")
   g = g.astype(jnp.float32)
   if g.ndim == 1:
-    return jnp.broadcast_to(g[None, :, None, None], (b, h, t, 1)), False
+    return jnp.broadcast_to(g[None, None, :, None], (b, t, h, 1)), False
   if g.ndim == 3:
-    return jnp.transpose(g, (0, 2, 1))[..., None], False
-  return jnp.transpose(g, (0, 2, 1, 3)), True
+    return g[..., None], False
+  return g, True
+
+
+def decay_kind(log_decay) -> str:
+  """The decay kind of a `log_decay` argument: "none", "head" ([H]), "scalar" ([B, T, H]) or
+  "vector" ([B, T, H, Dk])."""
+  if log_decay is None:
+    return "none"
+  return {1: "head", 3: "scalar", 4: "vector"}.get(jnp.ndim(log_decay), "invalid")
 
 
 def _check_state(initial_state, b, h, dk, dv, normalize):
@@ -177,7 +225,8 @@ def _scores(q, k, g, vector: bool, sub: int | None):
 
 
 # ----------------------------------------------------------------------------------------------
-# The causal cores on [B, H, T, D] float32. Return (o_unscaled [B, H, T, Dv], S_final).
+# The causal cores on [B, T, H, D] float32 (gates g [B, T, H, Dg], runs [B, T] or None).
+# Each returns (o_unscaled [B, T, H, Dv], S_final [B, H, Dk, Dv]).
 
 
 def _same_run_mask(runs, t):
@@ -187,28 +236,43 @@ def _same_run_mask(runs, t):
 
 
 def _causal_recurrent(q, k, v, g, vector, s0, runs):
-  b, h, t, dk = q.shape
+  del vector  # a [Dk] or [1] gate broadcasts the same way over the state's key axis
+  b, t, h, dk = q.shape
   dv = v.shape[-1]
   s = jnp.zeros((b, h, dk, dv), jnp.float32) if s0 is None else s0
+  time_major = lambda x: jnp.moveaxis(x, 1, 0)
+  if g is None:
+    g = jnp.zeros((b, t, h, 1), jnp.float32)
+  xs = (time_major(q), time_major(k), time_major(v), time_major(g))
+
   if runs is None:
-    reset = jnp.zeros((t, b), bool)
+    # No segments: the plain recurrence, without a reset select in every step.
+    def step(s, x):
+      qt, kt, vt, gt = x
+      s = jnp.exp(gt)[..., :, None] * s + kt[..., :, None] * vt[..., None, :]
+      return s, jnp.einsum("bhd,bhde->bhe", qt, s)
   else:
     prev = jnp.concatenate([runs[:, :1], runs[:, :-1]], axis=1)
-    reset = jnp.transpose(runs != prev)
-  xs = (jnp.moveaxis(q, 2, 0), jnp.moveaxis(k, 2, 0), jnp.moveaxis(v, 2, 0),
-        jnp.moveaxis(g, 2, 0), reset)
+    xs = xs + (jnp.transpose(runs != prev),)
 
-  def step(s, x):
-    qt, kt, vt, gt, rt = x
-    decayed = jnp.exp(gt)[..., :, None] * s
-    s = jnp.where(rt[:, None, None, None], 0.0, decayed) + kt[..., :, None] * vt[..., None, :]
-    return s, jnp.einsum("bhd,bhde->bhe", qt, s)
+    def step(s, x):
+      qt, kt, vt, gt, rt = x
+      decayed = jnp.where(rt[:, None, None, None], 0.0, jnp.exp(gt)[..., :, None] * s)
+      s = decayed + kt[..., :, None] * vt[..., None, :]
+      return s, jnp.einsum("bhd,bhde->bhe", qt, s)
 
   s, o = jax.lax.scan(step, s, xs)
-  return jnp.moveaxis(o, 0, 2), s
+  return time_major(o), s
+
+
+def _to_bhtd(x):
+  return jnp.transpose(x, (0, 2, 1, 3))
 
 
 def _causal_parallel(q, k, v, g, vector, s0, runs):
+  if g is None:
+    g = jnp.zeros((*q.shape[:3], 1), jnp.float32)
+  q, k, v, g = _to_bhtd(q), _to_bhtd(k), _to_bhtd(v), _to_bhtd(g)
   b, h, t, dk = q.shape
   a = _scores(q, k, g, vector, None)
   a = jnp.where(_same_run_mask(runs, t), a, 0.0)
@@ -224,10 +288,13 @@ def _causal_parallel(q, k, v, g, vector, s0, runs):
     all_first = jnp.ones((b,), bool) if runs is None else runs[:, -1] == runs[:, 0]
     total = jnp.exp(jnp.sum(g, axis=2))[..., :, None]
     s = s + jnp.where(all_first[:, None, None, None], total * s0, 0.0)
-  return o, s
+  return _to_bhtd(o), s
 
 
 def _causal_chunked(q, k, v, g, vector, s0, runs, chunk_size):
+  decayed = g is not None
+  q, k, v = _to_bhtd(q), _to_bhtd(k), _to_bhtd(v)
+  g = _to_bhtd(g) if decayed else jnp.zeros((*q.shape[:3], 1), jnp.float32)
   b, h, t, dk = q.shape
   dv = v.shape[-1]
   c = int(chunk_size)
@@ -244,7 +311,10 @@ def _causal_chunked(q, k, v, g, vector, s0, runs, chunk_size):
   sub = None
   if vector:
     sub = max(d for d in range(1, min(SUB_CHUNK, c) + 1) if c % d == 0)
-  a = _scores(qc, kc, gc, vector, sub)                       # [b, h, n, c, c]
+  if decayed:
+    a = _scores(qc, kc, gc, vector, sub)                     # [b, h, n, c, c]
+  else:
+    a = jnp.where(jnp.tril(jnp.ones((c, c), bool)), jnp.einsum("bhnid,bhnjd->bhnij", qc, kc), 0.0)
   if runs is not None:
     rc = runs.reshape(b, n, c)
     a = jnp.where((rc[:, :, :, None] == rc[:, :, None, :])[:, None], a, 0.0)
@@ -257,10 +327,10 @@ def _causal_chunked(q, k, v, g, vector, s0, runs, chunk_size):
     in_mask = out_mask = True
     carry = jnp.ones((1, 1, n, 1, 1), bool)
   o = jnp.einsum("bhnij,bhnje->bhnie", a, vc)
-  back = _reverse_exclusive_cumsum(gc, axis=3)
-  k_dec = jnp.where(out_mask, kc * jnp.exp(back), 0.0)
+  k_dec = kc * jnp.exp(_reverse_exclusive_cumsum(gc, axis=3)) if decayed else kc
+  k_dec = jnp.where(out_mask, k_dec, 0.0)
   ds = jnp.einsum("bhnjd,bhnje->bhnde", k_dec, vc)            # [b, h, n, dk, dv]
-  total = jnp.exp(jnp.sum(gc, axis=3))[..., :, None]          # [b, h, n, Dg, 1]
+  total = jnp.exp(jnp.sum(gc, axis=3))[..., :, None] if decayed else 1.0   # [b, h, n, Dg, 1]
   keep = jnp.where(carry, total, 0.0)
   s_init = jnp.zeros((b, h, dk, dv), jnp.float32) if s0 is None else s0
 
@@ -270,10 +340,10 @@ def _causal_chunked(q, k, v, g, vector, s0, runs, chunk_size):
 
   s_fin, s_in = jax.lax.scan(step, s_init, (jnp.moveaxis(keep, 2, 0), jnp.moveaxis(ds, 2, 0)))
   s_in = jnp.moveaxis(s_in, 0, 2)                              # state entering each chunk
-  q_dec = jnp.where(in_mask, qc * jnp.exp(jnp.cumsum(gc, axis=3)), 0.0)
+  q_dec = jnp.where(in_mask, qc * jnp.exp(jnp.cumsum(gc, axis=3)) if decayed else qc, 0.0)
   o = o + jnp.einsum("bhnid,bhnde->bhnie", q_dec, s_in)
   o = o.reshape(b, h, n * c, dv)[:, :, :t]
-  return o, s_fin
+  return _to_bhtd(o), s_fin
 
 
 def _core(q, k, v, g, vector, s0, runs, form, chunk_size):
@@ -284,24 +354,64 @@ def _core(q, k, v, g, vector, s0, runs, form, chunk_size):
   return _causal_chunked(q, k, v, g, vector, s0, runs, chunk_size)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def split_forms(run, primal_form: str, differentiated_form: str, *args):
+  """`run(form, *args)` in `primal_form` when not differentiated; under `jax.grad` / `jax.vjp` the
+  forward and backward both run `differentiated_form` (through its own autodiff), so each kind of
+  call gets its fastest form. Forward-mode (`jax.jvp`) is not defined: call one form directly."""
+  del differentiated_form
+  return run(primal_form, *args)
+
+
+def _split_forms_fwd(run, primal_form, differentiated_form, *args):
+  del primal_form
+  return jax.vjp(lambda *a: run(differentiated_form, *a), *args)
+
+
+def _split_forms_bwd(run, primal_form, differentiated_form, vjp, ct):
+  del run, primal_form, differentiated_form
+  return vjp(ct)
+
+
+split_forms.defvjp(_split_forms_fwd, _split_forms_bwd)
+
+
+def _run_core(form, q, k, v, g, s0, runs, *, vector, chunk_size):
+  return _core(q, k, v, g, vector, s0, runs, form, chunk_size)
+
+
+def _causal(q, k, v, g, vector, s0, runs, choice: "FormChoice", chunk_size):
+  if choice.primal == choice.differentiated:
+    return _core(q, k, v, g, vector, s0, runs, choice.primal, chunk_size)
+  run = functools.partial(_run_core, vector=vector, chunk_size=chunk_size)
+  return split_forms(run, choice.primal, choice.differentiated, q, k, v, g, s0, runs)
+
+
 def _noncausal(q, k, v, s0, runs, form, chunk_size):
-  """`o_t = q_t (S_0 [t in first segment] + sum_{j in seg(t)} k_j^T v_j)`; S_final as causal."""
-  b, h, t, dk = q.shape
-  g = jnp.zeros((b, h, t, 1), jnp.float32)
+  """`o_t = q_t (S_0 [t in first segment] + sum_{j in seg(t)} k_j^T v_j)`; S_final as causal.
+
+  `q, k, v [B, T, H, D]` float32. Without segments every query reads the one total state, so all
+  forms but "parallel" (the quadratic oracle) compute it directly in O(T Dk Dv).
+  """
+  b, t, h, dk = q.shape
   if form == "parallel":
-    a = jnp.einsum("bhid,bhjd->bhij", q, k)
+    qb, kb, vb = _to_bhtd(q), _to_bhtd(k), _to_bhtd(v)
+    a = jnp.einsum("bhid,bhjd->bhij", qb, kb)
     a = jnp.where(_same_run_mask(runs, t), a, 0.0)
-    o = jnp.einsum("bhij,bhje->bhie", a, v)
-    _, s = _causal_parallel(q, k, v, g, False, s0, runs)
+    o = _to_bhtd(jnp.einsum("bhij,bhje->bhie", a, vb))
+    _, s = _causal_parallel(q, k, v, None, False, s0, runs)
     if s0 is not None:
-      first = jnp.ones((b, 1, t, 1), bool) if runs is None else (runs == runs[:, :1])[:, None, :, None]
-      o = o + jnp.where(first, jnp.einsum("bhid,bhde->bhie", q, s0), 0.0)
+      first = jnp.ones((b, t, 1, 1), bool) if runs is None else (runs == runs[:, :1])[:, :, None, None]
+      o = o + jnp.where(first, jnp.einsum("bthd,bhde->bthe", q, s0), 0.0)
     return o, s
+  if runs is None:
+    s = jnp.einsum("bthd,bthe->bhde", k, v) + (0.0 if s0 is None else s0)
+    return jnp.einsum("bthd,bhde->bthe", q, s), s
   # Causal prefix + strictly-later suffix (the causal form on the reversed sequence minus its diagonal).
-  fwd, s = _core(q, k, v, g, False, s0, runs, form, chunk_size)
-  flip = lambda x: jnp.flip(x, axis=2)
-  runs_r = None if runs is None else jnp.flip(runs, axis=1)
-  bwd, _ = _core(flip(q), flip(k), flip(v), g, False, None, runs_r, form, chunk_size)
+  form = "chunked" if form is None else form
+  fwd, s = _core(q, k, v, None, False, s0, runs, form, chunk_size)
+  flip = lambda x: jnp.flip(x, axis=1)
+  bwd, _ = _core(flip(q), flip(k), flip(v), None, False, None, flip(runs), form, chunk_size)
   diag = jnp.sum(q * k, axis=-1, keepdims=True) * v
   return fwd + flip(bwd) - diag, s
 
@@ -312,7 +422,7 @@ def _noncausal(q, k, v, s0, runs, form, chunk_size):
 
 def linear_attention(q, k, v, *, log_decay=None, scale=None, normalize=False, causal=True,
                      initial_state=None, output_final_state=False, segment_ids=None,
-                     form="chunked", chunk_size=64):
+                     form=None, chunk_size=64):
   """Decayed linear attention `S_t = exp(g_t) (.) S_{t-1} + k_t^T v_t`, `o_t = scale * q_t S_t`.
 
   Shapes: `q, k: [B, T, H, Dk]` (feature maps already applied), `v: [B, T, H, Dv]`; returns
@@ -332,9 +442,12 @@ def linear_attention(q, k, v, *, log_decay=None, scale=None, normalize=False, ca
   "CAB" cross pattern, `k, v` of another length Tk) is accepted only with `causal=False` and no
   segment ids. `form`: "recurrent" (scan), "parallel" (quadratic), "chunked" (any
   `chunk_size >= 1`, T need not be a multiple; O(T) memory); all agree to float32 rounding.
+  `form=None` (default) runs the fastest form measured for this backend, length and decay kind
+  (`select_form` says which; on the CPU a token scan when not differentiated and the chunked form
+  under autodiff, through a `custom_vjp`, so forward-mode `jax.jvp` needs an explicit `form`).
   """
-  if form not in FORMS:
-    raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+  if form is not None and form not in FORMS:
+    raise ValueError(f"form must be None or one of {FORMS}, got {form!r}")
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"q, k, v must be [B, T, H, D]; got {q.shape}, {k.shape}, {v.shape}")
   b, t, h, dk = q.shape
@@ -358,8 +471,7 @@ def linear_attention(q, k, v, *, log_decay=None, scale=None, normalize=False, ca
   s0, z0 = _check_state(initial_state, b, h, dk, dv, normalize)
   out_dtype = q.dtype
 
-  to_bhtd = lambda x: jnp.transpose(x, (0, 2, 1, 3)).astype(jnp.float32)
-  qf, kf, vf = to_bhtd(q), to_bhtd(k), to_bhtd(v)
+  qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))    # [B, T, H, D]
   if normalize:
     # The key sum z is the state of a constant-one value column: run both at once.
     vf = jnp.concatenate([vf, jnp.ones_like(vf[..., :1])], axis=-1)
@@ -368,18 +480,19 @@ def linear_attention(q, k, v, *, log_decay=None, scale=None, normalize=False, ca
   runs = None if segment_ids is None else run_ids(segment_ids)
 
   if tk != t:
-    s = jnp.einsum("bhjd,bhje->bhde", kf, vf) + (0.0 if s0 is None else s0)
-    o = jnp.einsum("bhid,bhde->bhie", qf, s)
+    s = jnp.einsum("bthd,bthe->bhde", kf, vf) + (0.0 if s0 is None else s0)
+    o = jnp.einsum("bthd,bhde->bthe", qf, s)
   elif causal:
     g, vector = _canonical_decay(log_decay, b, t, h, dk)
-    o, s = _core(qf, kf, vf, g, vector, s0, runs, form, chunk_size)
+    choice = (select_form(t, decay_kind(log_decay)) if form is None else FormChoice(form, form))
+    o, s = _causal(qf, kf, vf, g, vector, s0, runs, choice, chunk_size)
   else:
     o, s = _noncausal(qf, kf, vf, s0, runs, form, chunk_size)
 
   o = o * scale
   if normalize:
     o = o[..., :dv] / (o[..., dv:] + NORMALIZE_EPS)
-  o = jnp.transpose(o, (0, 2, 1, 3)).astype(out_dtype)
+  o = o.astype(out_dtype)
   if not output_final_state:
     return o, None
   if normalize:

@@ -20,7 +20,7 @@ def mala_combine(num, den, vsum, count, dk):
 
 
 def mala_attention(phi_q, phi_k, v, *, causal=True, segment_ids=None, initial_state=None,
-                   output_final_state=False, form="chunked", chunk_size=64):
+                   output_final_state=False, form=None, chunk_size=64):
   """Magnitude-Aware Linear Attention (MALA [6]) on `[B, T, H, D]` features (`phi = elu + 1`).
 
   `z_i = s phi(q_i) . mean_j phi(k_j)` with `s = Dk^{-1/2}`,
@@ -80,7 +80,7 @@ def _segment_logcumsumexp(x, runs):
 
 
 def lightnet_attention(q, k, v, *, segment_ids=None, initial_state=None, output_final_state=False,
-                       form="chunked", chunk_size=64):
+                       form=None, chunk_size=64):
   """LightNet's additive recurrence [74] on `[B, T, H, D]` (q already activated, e.g. silu).
 
   `z_t = logcumsumexp_{s<=t}(k_s)` per key dimension, `k'_t = exp(k_t - z_t)`, log gate
@@ -133,7 +133,7 @@ def _sums(phi_q, phi_k, v, causal, segment_ids, form, chunk_size):
   return o1[..., :dv], o1[..., dv:], o2[..., :dv], o2[..., dv:]
 
 
-def inline_attention(phi_q, phi_k, v, *, causal=False, segment_ids=None, form="chunked", chunk_size=64):
+def inline_attention(phi_q, phi_k, v, *, causal=False, segment_ids=None, form=None, chunk_size=64):
   """InLine (injective linear) attention [26]: weights `w_ij = phi_q_i.phi_k_j - mean_s
   phi_q_i.phi_k_s + 1/N` (rows sum to 1, may be negative), `o_i = sum_j w_ij v_j`, computed in O(N)
   as `num - den * mean(v) + mean(v)`. Means run over the segment (non-causal, the paper) or the
@@ -145,7 +145,7 @@ def inline_attention(phi_q, phi_k, v, *, causal=False, segment_ids=None, form="c
 
 
 def linfusion_attention(phi_q, phi_k, v, *, eps=1e-4, causal=False, segment_ids=None,
-                        form="chunked", chunk_size=64):
+                        form=None, chunk_size=64):
   """LinFusion's generalised linear attention [31]: `o = phi_q (phi_k^T v / N) / (phi_q . mean
   phi_k + eps)`, eps = 1e-4 (their code), phi = elu + 1 applied by the caller. `[B, T, H, D]`."""
   num, den, _, count = _sums(phi_q, phi_k, v, causal, segment_ids, form, chunk_size)
@@ -210,7 +210,7 @@ def rala_attention(phi_q, phi_k, v, *, scale=None, segment_ids=None):
 
 
 def sla_attention(q, k, v, *, eps=1e-6, causal=False, segment_ids=None, initial_state=None,
-                  output_final_state=False, form="chunked", chunk_size=64):
+                  output_final_state=False, form=None, chunk_size=64):
   """SLAB's simplified linear attention [33] (without its depth-wise conv on V, which the layer
   adds): `o = relu(Q)(relu(K)^T V) / (relu(Q) . sum relu(K) + eps)`. All-zero rows give 0.
   Causal (prefix sums, our extension for language models) with `initial_state` /
