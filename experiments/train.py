@@ -59,6 +59,7 @@ def main(argv):
     raise app.UsageError("Too many command-line arguments.")
   maybe_initialize_distributed()
   config = _CONFIG.value
+  guards.exit_on_run_error(lambda: guards.validate(config))  # before the config dump and any build
   workdir = _WORKDIR.value or os.path.join("workdirs", f"{config.task}_{config.model.mixer}")
   logging.info("config:\n%s", config)
   summary = guards.exit_on_run_error(lambda: train_and_evaluate(config, workdir, print_report=True))
