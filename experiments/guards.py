@@ -246,7 +246,7 @@ def _cross_checks(f: dict[str, Any]) -> None:
 def validate(config) -> None:
   """Raises `ConfigError` for the first field that breaks its rule (or an unknown field)."""
   fields = flat_fields(config)
-  known = sorted(RULES)
+  known = sorted(RULES) + sorted(_GROUPS)
   for name, value in fields.items():
     if name == "mesh":
       continue  # an empty mesh mapping: data parallel over every device
