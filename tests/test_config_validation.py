@@ -123,7 +123,7 @@ def test_unknown_fields_and_presets_name_the_closest_known_one():
     guards.validate(cfg)
   cfg = _BASE["mqar"]()
   cfg["optimizer"] = {"lr": 1.0}
-  with pytest.raises(guards.UnknownFieldError, match="unknown config field .optimizer.; did you mean .optim.\?"):
+  with pytest.raises(guards.UnknownFieldError, match=r"unknown config field .optimizer.; did you mean .optim.\?"):
     guards.validate(cfg)
   # Override flags are checked against the loaded config file, with difflib's nearest name.
   assert guards._override_problem(["--config=configs/mqar.py:tiny", "--config.model.d_modle=3"]) == (

@@ -78,8 +78,8 @@ def test_kill_sigterm_and_resume_reproduce_the_uninterrupted_run(reference, tmp_
   assert sorted(ref_losses) == list(range(1, tr.STEPS + 1))
   segments = []  # metrics.jsonl as each interrupted process left it
 
-  # (a) SIGKILL while the async save of step 8 is in flight (trainer test hook).
-  p = tr.start(wd, cache, "--config.checkpoint.kill_during_save_step=8", tag="a")
+  # (a) SIGKILL while the async save of step 8 is in flight (test-only entry, _train_entry.py).
+  p = tr.start(wd, cache, tag="a", kill_during_save_step=8)
   tr.finish(p, expect_rc=-tr.SIGKILL)
   assert tr.completed_steps(ck) == [4]
   incomplete = ckpt.list_incomplete(ck)
@@ -95,6 +95,7 @@ def test_kill_sigterm_and_resume_reproduce_the_uninterrupted_run(reference, tmp_
   tr.finish(p)
   out, err = tr.output(p)
   assert "ignoring incomplete checkpoint" in err and "8.orbax-checkpoint-tmp" in err
+  assert "taking over the stale lock" in err  # the killed run's lock
   summary = json.load(open(os.path.join(wd, "summary.json")))
   assert summary["resumed_from"] == 4 and summary["preempted"]
   term_step = summary["last_step"]
