@@ -308,7 +308,14 @@ def train_and_evaluate(config, workdir: str | None = None, *, print_report: bool
 
 def _train(config, workdir, ck, mesh, is_chief, print_report) -> dict[str, Any]:
   task = tasks_lib.make_task(config)
-  model = task.build_model(config, nnx.Rngs(config.seed))
+  try:
+    model = task.build_model(config, nnx.Rngs(config.seed))
+  except (TypeError, ValueError) as e:
+    # Mixer options are free-form (each mixer has its own): the builder is their rule.
+    m = config.model
+    field, value = (("model.mixer_options", m.mixer_options.to_dict()) if m.mixer_options.keys()
+                    else ("model.mixer", tasks_lib.layer_mixers(m)))
+    raise guards.ConfigError(field, value, f"rejected by the mixer: {' '.join(str(e).split())}") from None
   n_params = tasks_lib.count_params(model)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx = make_optimizer(config)

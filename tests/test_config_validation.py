@@ -144,6 +144,16 @@ def test_trainer_validates_before_building_anything(tmp_path, monkeypatch):
   assert not os.listdir(tmp_path)
 
 
+def test_mixer_options_are_checked_by_the_mixer_builder(tmp_path):
+  cfg = mqar.get_config("tiny")
+  with cfg.unlocked():
+    cfg.model.mixer = "sliding_window"
+    cfg.model.mixer_options.windw = 3
+  with pytest.raises(guards.ConfigError, match=r"model.mixer_options=\{'windw': 3\}: rejected by the "
+                                               r"mixer: .*windw"):
+    trainer.train_and_evaluate(cfg, str(tmp_path))
+
+
 def test_entry_point_prints_one_line_and_exits_2_without_traceback(tmp_path):
   """An unknown field fails inside absl's flag parsing (it used to end in an AttributeError
   traceback); `experiments.train` prints one line and exits 2. Rule errors take the
