@@ -331,8 +331,9 @@ def restore_model_for_inference(checkpoint_dir: str, model: nnx.Module, mesh, ru
   `model` is built from the same config, concretely or abstractly (`nnx.eval_shape`); its
   parameter values are replaced and its other state (e.g. RNG counters) is kept. The optimizer
   state is never read, so a checkpoint whose `opt_state` is missing or damaged still serves.
-  Raises FileNotFoundError for a missing directory or one without a completed checkpoint, and
-  ValueError naming the first parameter whose saved shape differs from `model`'s.
+  Raises FileNotFoundError for a missing directory or one without a completed checkpoint,
+  `CheckpointMismatch` (a ValueError) naming the first parameter whose saved shape differs from
+  `model`'s, and `CheckpointCorrupt` when the parameters are partial or fail their checksums.
   """
   if not os.path.isdir(checkpoint_dir):
     raise FileNotFoundError(f"checkpoint directory {checkpoint_dir!r} does not exist")

@@ -434,7 +434,7 @@ def test_checksums_catch_changed_arrays_and_metadata(tmp_path):
   d = str(tmp_path / "ck")
   mngr = ckpt.open_manager(d, async_save=False, max_to_keep=10)
   params = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32)}
-  for step in (1, 2, 3, 4):
+  for step in (1, 2, 3, 4, 5):
     ckpt.save(mngr, step, jax.tree.map(lambda x: x * step, params), {"count": np.int32(step)},
               {"step": step, "loader": {"index": 8 * step}})
   mngr.close()
@@ -443,7 +443,7 @@ def test_checksums_catch_changed_arrays_and_metadata(tmp_path):
   restored = ckpt.restore_latest_intact(lambda: ckpt.open_manager(d, create=False), abstract,
                                         abstract_opt)
   restored[0].close()
-  assert restored[1] == 4 and restored[2][2] == {"step": 4, "loader": {"index": 32}}
+  assert restored[1] == 5 and restored[2][2] == {"step": 5, "loader": {"index": 40}}
   # One changed element (a flipped low bit) changes the checksum; so does a changed loader position.
   meta = {"step": 1, "loader": {"index": 8}}
   saved = {"integrity": {"arrays": {"params": ckpt.array_checksums(params)}}, **meta}
@@ -455,8 +455,11 @@ def test_checksums_catch_changed_arrays_and_metadata(tmp_path):
     ckpt.verify(saved, {"params": {"w": w, "b": params["b"]}})
   with pytest.raises(ckpt.CheckpointCorrupt, match="checksum of meta"):
     ckpt.verify({**saved, "loader": {"index": 9}}, {"params": params})
-  # On disk: step 4's meta edited (valid JSON), step 3's params/_METADATA removed, step 2's meta
-  # file garbled, step 1's params folder removed.
+  # On disk: step 5's largest params file truncated, step 4's meta edited (valid JSON), step 3's
+  # params/_METADATA removed, step 2's meta file garbled, step 1's params folder removed.
+  files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(d, "5", "params")) for f in fs]
+  big = max(files, key=os.path.getsize)
+  open(big, "r+b").truncate(os.path.getsize(big) // 2)
   meta_file = os.path.join(d, "4", "meta", "metadata")
   m = json.load(open(meta_file))
   m["loader"]["index"] = 0
@@ -465,12 +468,13 @@ def test_checksums_catch_changed_arrays_and_metadata(tmp_path):
   open(os.path.join(d, "2", "meta", "metadata"), "w").write('{"step": 2, "loa')
   shutil.rmtree(os.path.join(d, "1", "params"))
   with pytest.warns(RuntimeWarning) as record:
-    with pytest.raises(ckpt.NoIntactCheckpoint, match=r"damaged steps \[4, 3, 2, 1\]"):
+    with pytest.raises(ckpt.NoIntactCheckpoint, match=r"damaged steps \[5, 4, 3, 2, 1\]"):
       ckpt.restore_latest_intact(lambda: ckpt.open_manager(d, create=False), abstract, abstract_opt)
   msgs = [str(w.message) for w in record]
-  assert "checksum of meta" in msgs[0] and "step 3 is damaged" in msgs[1]
-  assert "step 1 is damaged (item 'params' is missing or empty)" in msgs[3]
-  assert sorted(os.listdir(d)) == ["1.corrupt", "2.corrupt", "3.corrupt", "4.corrupt"]
+  assert "step 5 is damaged" in msgs[0]
+  assert "checksum of meta" in msgs[1] and "step 3 is damaged" in msgs[2]
+  assert "step 1 is damaged (item 'params' is missing or empty)" in msgs[4]
+  assert sorted(os.listdir(d)) == ["1.corrupt", "2.corrupt", "3.corrupt", "4.corrupt", "5.corrupt"]
 
 
 def test_run_with_only_damaged_checkpoints_stops_instead_of_restarting(tmp_path):
