@@ -11,6 +11,7 @@ traceback: 2 for bad input, 1 for a run that had to stop.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import difflib
 import errno
@@ -316,15 +317,43 @@ def _last_line(text: str) -> str:
   return lines[-1] if lines else str(text)
 
 
+_FREE_FORM = "--config.model.mixer_options."  # each mixer has its own options: new keys allowed
+
+
+def _literal(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text  # a bare string such as a mode name
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """`app.run(main, flags_parser=parse_flags)`: flag and config-file errors (an unknown field, an
-  unknown preset, a value of the wrong type) become one line and exit 2 instead of a traceback."""
+  unknown preset, a missing config file, a value of the wrong type) become one line and exit 2
+  instead of a traceback. `--config.model.mixer_options.<name>=<value>` may add options the
+  config does not list (the locked config would refuse them); the mixer's builder checks them."""
+  free = [a for a in argv[1:] if a.startswith(_FREE_FORM) and "=" in a]
+  rest = [a for a in argv if a not in free]
+  saved_argv, sys.argv = sys.argv, rest  # config_flags reads its override flags from sys.argv
   try:
-    return flags.FLAGS(argv)
+    out = flags.FLAGS(rest)
   except Exception as e:  # noqa: BLE001 - every parse failure is the user's input
-    problem = _override_problem(argv[1:])
+    problem = _override_problem(rest[1:])
     _fail(problem or _last_line(str(e)).removeprefix("ValueError: "), 2)
-  return []
+  finally:
+    sys.argv = saved_argv
+  if "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:
+    cfg = flags.FLAGS["config"].value
+    try:
+      cfg.keys()  # config_flags defers a failed load to the first access
+    except Exception as e:  # noqa: BLE001
+      lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+      _fail(f"{lines[0]}: {lines[-1]}" if len(lines) > 1 else str(e), 2)
+    for a in free:
+      key, value = a[len(_FREE_FORM):].split("=", 1)
+      with cfg.unlocked():
+        cfg.model.mixer_options[key] = _literal(value)
+  return out
 
 
 def exit_on_run_error(fn: Callable[[], Any]) -> Any:

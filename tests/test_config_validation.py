@@ -156,11 +156,12 @@ def test_mixer_options_are_checked_by_the_mixer_builder(tmp_path):
 
 def test_entry_point_prints_one_line_and_exits_2_without_traceback(tmp_path):
   """An unknown field fails inside absl's flag parsing (it used to end in an AttributeError
-  traceback); `experiments.train` prints one line and exits 2. Rule errors take the
-  `exit_on_run_error` path, checked in-process below."""
+  traceback); `experiments.train` prints one line and exits 2. A new mixer option before it is
+  accepted (README's `--config.model.mixer_options.window=32`; the locked config refused it).
+  Rule errors take the `exit_on_run_error` path, checked in-process below."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   p = subprocess.run([sys.executable, "-m", "experiments.train", "--config=configs/mqar.py:tiny",
-                      "--config.model.d_modle=3", f"--workdir={tmp_path / 'w'}"], cwd=root,
+                      "--config.model.mixer_options.window=32", "--config.model.d_modle=3", f"--workdir={tmp_path / 'w'}"], cwd=root,
                      capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
                      timeout=300)
   assert p.returncode == 2, p.stderr[-2000:]
