@@ -39,4 +39,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.d_model, c.model.num_heads, c.model.mlp_ratio = 32, 2, 2.0
     c.train.steps, c.train.eval_every, c.train.batch_size = 30, 15, 8
     c.train.progress = False
+  elif arg:
+    raise ValueError(f"unknown preset {arg!r} for configs/lm_tiny.py; known: 'tiny'")
   return c

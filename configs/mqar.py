@@ -59,6 +59,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.eval_every = 50
   c.train.log_every = 20
   c.train.progress = True
+  # A non-finite loss or gradient norm: "stop" (exit non-zero naming the step; nothing non-finite
+  # is checkpointed) or "skip" (optax.apply_if_finite drops the update; metrics count skipped_steps).
+  c.train.nonfinite = "stop"
 
   if arg == "tiny":  # for tests: a few seconds
     c.data.num_train, c.data.num_test = 512, 128
@@ -66,4 +69,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.d_model = 32
     c.train.steps, c.train.eval_every, c.train.batch_size = 20, 10, 32
     c.train.progress = False
+  elif arg:
+    raise ValueError(f"unknown preset {arg!r} for configs/mqar.py; known: 'tiny'")
   return c

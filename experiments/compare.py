@@ -23,6 +23,7 @@ from flax import nnx
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments import guards
 from experiments import tasks as tasks_lib
 from experiments import trainer as train_lib
 
@@ -118,40 +119,48 @@ def _result_row(mixer: str, width, summary: dict, model, seq_len: int) -> dict:
           "history": summary["history"]}
 
 
-def collect(config, mixers, widths, workdir) -> list[dict]:
-  """The results of finished runs in `workdir` (missing ones are reported and left out)."""
-  task = tasks_lib.make_task(config)
-  results = []
+def sweep_configs(config, mixers, widths) -> list[tuple[str, int, object]]:
+  """`(mixer, width, config)` per run, each validated before any run starts (`guards.ConfigError`)."""
+  out = []
   for width in widths or [config.model.d_model]:
+    if not str(width).strip().isdigit():
+      raise guards.ConfigError("--widths", width, "must be positive integers (d_model values)")
     for mixer in mixers:
-      path = os.path.join(workdir, f"{mixer}_d{width}", "summary.json")
-      if not os.path.exists(path):
-        print(f"  {mixer:>20s} d={width}: no finished run ({path})", flush=True)
-        continue
-      with open(path) as f:
-        s = json.load(f)
       cfg = copy.deepcopy(config)
       with cfg.unlocked():
         cfg.model.mixer = mixer
         cfg.model.d_model = int(width)
-      model = task.build_model(cfg, nnx.Rngs(cfg.seed))
-      results.append(_result_row(mixer, width, s, model, cfg.data.seq_len))
+      guards.validate(cfg)
+      out.append((mixer, int(width), cfg))
+  return out
+
+
+def collect(config, mixers, widths, workdir) -> list[dict]:
+  """The results of finished runs in `workdir` (missing ones are reported and left out)."""
+  runs = sweep_configs(config, mixers, widths)
+  task = tasks_lib.make_task(config)
+  results = []
+  for mixer, width, cfg in runs:
+    path = os.path.join(workdir, f"{mixer}_d{width}", "summary.json")
+    if not os.path.exists(path):
+      print(f"  {mixer:>20s} d={width}: no finished run ({path})", flush=True)
+      continue
+    with open(path) as f:
+      s = json.load(f)
+    model = task.build_model(cfg, nnx.Rngs(cfg.seed))
+    results.append(_result_row(mixer, width, s, model, cfg.data.seq_len))
   return results
 
 
 def run(config, mixers, widths, workdir) -> list[dict]:
-  os.makedirs(workdir, exist_ok=True)
+  runs = sweep_configs(config, mixers, widths)
+  guards.check_writable(workdir)
   results = []
-  for width in widths or [config.model.d_model]:
-    for mixer in mixers:
-      cfg = copy.deepcopy(config)
-      with cfg.unlocked():
-        cfg.model.mixer = mixer
-        cfg.model.d_model = int(width)
-      s = train_lib.train_and_evaluate(cfg, os.path.join(workdir, f"{mixer}_d{width}"))
-      results.append(_result_row(mixer, width, s, s["model"], cfg.data.seq_len))
-      print(f"  {mixer:>20s} d={width}: accuracy {results[-1]['accuracy']:.4f}  "
-            f"({s['steps_per_s']:.1f} steps/s)", flush=True)
+  for mixer, width, cfg in runs:
+    s = train_lib.train_and_evaluate(cfg, os.path.join(workdir, f"{mixer}_d{width}"))
+    results.append(_result_row(mixer, width, s, s["model"], cfg.data.seq_len))
+    print(f"  {mixer:>20s} d={width}: accuracy {results[-1]['accuracy']:.4f}  "
+          f"({s['steps_per_s']:.1f} steps/s)", flush=True)
   return results
 
 
@@ -159,7 +168,8 @@ def main(argv):
   del argv
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join("workdirs", f"compare_{config.task}")
-  results = (collect if _COLLECT.value else run)(config, _MIXERS.value, _WIDTHS.value, workdir)
+  results = guards.exit_on_run_error(
+      lambda: (collect if _COLLECT.value else run)(config, _MIXERS.value, _WIDTHS.value, workdir))
   table = markdown_table(results)
   print("\n" + table)
   d = config.data
@@ -180,4 +190,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=guards.parse_flags)

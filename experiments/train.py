@@ -4,6 +4,9 @@ r"""Trains a model on a task from an ml_collections config.
       --workdir=workdirs/mqar_softmax
 
 Writes `metrics.jsonl` (one JSON object per log/eval step) and `summary.json` into the workdir.
+A bad config value, a workdir another run holds, a non-finite loss, a failed save or checkpoints
+that are all damaged end the run with one `error: ...` line on stderr and exit code 2 (bad input)
+or 1 (a run that had to stop); see README "Training runs: what is guaranteed".
 
 Sharded / multi-process (see `configs/mqar_sharded.py`):
   XLA_FLAGS=--xla_force_host_platform_device_count=8 .venv/bin/python -m experiments.train \
@@ -21,10 +24,12 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments import guards
 from experiments.trainer import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                           lock_config=True)
+flags.mark_flag_as_required("config")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics (created if missing).")
 _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs); "
                              "default: $JAX_COORDINATOR_ADDRESS.")
@@ -54,9 +59,10 @@ def main(argv):
     raise app.UsageError("Too many command-line arguments.")
   maybe_initialize_distributed()
   config = _CONFIG.value
+  guards.exit_on_run_error(lambda: guards.validate(config))  # before the config dump and any build
   workdir = _WORKDIR.value or os.path.join("workdirs", f"{config.task}_{config.model.mixer}")
   logging.info("config:\n%s", config)
-  summary = train_and_evaluate(config, workdir, print_report=True)
+  summary = guards.exit_on_run_error(lambda: train_and_evaluate(config, workdir, print_report=True))
   if jax.process_index() != 0:  # process 0 reports for all (and alone writes metrics/summary)
     return
   ev = summary["final_eval"]
@@ -67,4 +73,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=guards.parse_flags)

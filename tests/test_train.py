@@ -77,7 +77,8 @@ def test_train_step_adds_sown_aux_losses():
     graphdef, params, rest = nnx.split(task.build_model(cfg, nnx.Rngs(0)), nnx.Param, ...)
     tx = optax.sgd(0.0)
     train_step, _ = train.make_steps(graphdef, task, tx)
-    *_, metrics = train_step(params, rest, tx.init(params), next(task.train_loader))
+    *_, metrics, _ = train_step(params, rest, tx.init(params), next(task.train_loader),
+                                train.init_guard(0))
     aux[mixer] = float(jax.device_get(metrics["aux_loss"]))
   # MoH's balance loss is aux_weight (0.01) x Hr sum_i f_i P_i per layer: positive, O(0.01).
   assert 0.0 < aux["moh"] < 1.0

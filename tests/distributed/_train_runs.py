@@ -32,15 +32,20 @@ def run_env(cache_dir: str, num_devices: int = 8) -> dict[str, str]:
   return env
 
 
-def start(workdir: str, cache_dir: str, *flags: str, num_devices: int = 8, tag: str = "run"
-          ) -> subprocess.Popen:
+def start(workdir: str, cache_dir: str, *flags: str, num_devices: int = 8, tag: str = "run",
+          kill_during_save_step: int = 0) -> subprocess.Popen:
   """Launches `python -m experiments.train --config=CONFIG --workdir=workdir *flags`.
+
+  `kill_during_save_step=N` runs it through the test-only `_train_entry.py` instead, which
+  SIGKILLs the process once the save of step N has started.
 
   stdout/stderr go to `<workdir>.<tag>.out/.err` (not pipes, which could fill and block).
   """
   os.makedirs(os.path.dirname(os.path.abspath(workdir)), exist_ok=True)
-  cmd = [sys.executable, "-m", "experiments.train", f"--config={CONFIG}", f"--workdir={workdir}",
-         *flags]
+  entry = (["-m", "experiments.train"] if not kill_during_save_step else
+           [os.path.join(os.path.dirname(os.path.abspath(__file__)), "_train_entry.py"),
+            f"--kill_during_save_step={kill_during_save_step}"])
+  cmd = [sys.executable, *entry, f"--config={CONFIG}", f"--workdir={workdir}", *flags]
   out = open(f"{workdir}.{tag}.out", "w")
   err = open(f"{workdir}.{tag}.err", "w")
   proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=run_env(cache_dir, num_devices), stdout=out,

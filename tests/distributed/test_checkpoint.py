@@ -78,8 +78,8 @@ def test_kill_sigterm_and_resume_reproduce_the_uninterrupted_run(reference, tmp_
   assert sorted(ref_losses) == list(range(1, tr.STEPS + 1))
   segments = []  # metrics.jsonl as each interrupted process left it
 
-  # (a) SIGKILL while the async save of step 8 is in flight (trainer test hook).
-  p = tr.start(wd, cache, "--config.checkpoint.kill_during_save_step=8", tag="a")
+  # (a) SIGKILL while the async save of step 8 is in flight (test-only entry, _train_entry.py).
+  p = tr.start(wd, cache, tag="a", kill_during_save_step=8)
   tr.finish(p, expect_rc=-tr.SIGKILL)
   assert tr.completed_steps(ck) == [4]
   incomplete = ckpt.list_incomplete(ck)
@@ -95,6 +95,7 @@ def test_kill_sigterm_and_resume_reproduce_the_uninterrupted_run(reference, tmp_
   tr.finish(p)
   out, err = tr.output(p)
   assert "ignoring incomplete checkpoint" in err and "8.orbax-checkpoint-tmp" in err
+  assert "taking over the stale lock" in err  # the killed run's lock
   summary = json.load(open(os.path.join(wd, "summary.json")))
   assert summary["resumed_from"] == 4 and summary["preempted"]
   term_step = summary["last_step"]
@@ -348,3 +349,177 @@ def test_missing_workdir_or_checkpoint_directory_is_an_error(tmp_path):
       ckpt.restore_model_for_inference(str(tmp_path / "partial"), model, mesh, step=9)
   shutil.rmtree(tmp_path / "partial" / "4.orbax-checkpoint-tmp")
   assert ckpt.list_incomplete(str(tmp_path / "partial")) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Integrity: checksums, damaged steps moved aside, a failed save, non-finite steps (one device).
+# ----------------------------------------------------------------------------------------------
+
+def _short_config(steps=8, every=2, **train):
+  cfg = _one_device_config()
+  with cfg.unlocked():
+    cfg.train.steps, cfg.train.eval_every = steps, steps
+    cfg.checkpoint.every, cfg.checkpoint.max_to_keep = every, 10
+    for k, v in train.items():
+      cfg.train[k] = v
+  return cfg
+
+
+def _losses(workdir):
+  return tr.train_losses(tr.read_metrics(str(workdir)))
+
+
+def _garble_largest_file(folder):
+  """XORs 16 bytes in the middle of the largest file under `folder` (a chunk of array data)."""
+  files = [os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs]
+  path = max(files, key=os.path.getsize)
+  data = bytearray(open(path, "rb").read())
+  mid = len(data) // 2
+  data[mid:mid + 16] = bytes(b ^ 0x5A for b in data[mid:mid + 16])
+  open(path, "wb").write(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def short_reference(tmp_path_factory):
+  """An uninterrupted 8-step one-device run with checkpoints at 2, 4, 6, 8."""
+  wd = tmp_path_factory.mktemp("short_reference")
+  trainer.train_and_evaluate(_short_config(), str(wd))
+  assert tr.completed_steps(str(wd / "checkpoints")) == [2, 4, 6, 8]
+  return wd
+
+
+def test_damaged_steps_are_moved_aside_resume_matches_and_a_full_disk_keeps_earlier_steps(
+    short_reference, tmp_path, monkeypatch):
+  """Garbled params (step 8), garbled optimizer state (step 6) and an empty newer step (10): each
+  is warned about by step and moved to <step>.corrupt; the run resumes from step 4 and its losses
+  equal the uninterrupted run's bit for bit. Its save of step 8 then fails with ENOSPC inside
+  orbax's async writer: the run stops naming the step, and steps 2, 4 and 6 stay restorable."""
+  import errno
+  import orbax.checkpoint as ocp
+  from experiments import guards
+  wd = tmp_path / "run"
+  shutil.copytree(short_reference, wd)
+  ck = wd / "checkpoints"
+  _garble_largest_file(ck / "8" / "params")
+  _garble_largest_file(ck / "6" / "opt_state")
+  os.makedirs(ck / "10")
+  original = ocp.JsonCheckpointHandler._save_fn
+
+  async def full_disk_at_step_8(self, x, directory):
+    if x.get("step") == 8:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return await original(self, x, directory)
+
+  monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", full_disk_at_step_8)
+  with pytest.warns(RuntimeWarning) as record:
+    with pytest.raises(guards.DiskError, match=r"saving checkpoint step 8 failed.*No space left on "
+                                               r"device.*earlier checkpoints \[2, 4, 6\] are intact"):
+      trainer.train_and_evaluate(_short_config(), str(wd))
+  monkeypatch.undo()
+  msgs = " ".join(str(w.message) for w in record)
+  assert "step 10 is damaged (its folder is empty)" in msgs
+  assert "step 8 is damaged" in msgs and "step 6 is damaged" in msgs
+  assert sorted(n for n in os.listdir(ck) if "tmp" not in n) == [
+      "10.corrupt", "2", "4", "6", "6.corrupt", "8.corrupt"]
+  ref = _losses(short_reference)
+  assert _losses(wd) == ref and sorted(ref) == list(range(1, 9))  # steps 5-8 logged before the save
+  with pytest.warns(RuntimeWarning, match="8.orbax-checkpoint-tmp"):  # the failed save's leftovers
+    params, _, meta = _restore_on_one_device(str(ck), 6)
+  assert meta["step"] == 6 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_checksums_catch_changed_arrays_and_metadata(tmp_path):
+  """Silent damage (values that still read back) fails the checksum; damaged metadata, a removed
+  item and an unreadable meta file are caught too; all damaged -> NoIntactCheckpoint."""
+  d = str(tmp_path / "ck")
+  mngr = ckpt.open_manager(d, async_save=False, max_to_keep=10)
+  params = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32)}
+  for step in (1, 2, 3, 4, 5):
+    ckpt.save(mngr, step, jax.tree.map(lambda x: x * step, params), {"count": np.int32(step)},
+              {"step": step, "loader": {"index": 8 * step}})
+  mngr.close()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  abstract_opt = {"count": jax.ShapeDtypeStruct((), np.int32)}
+  restored = ckpt.restore_latest_intact(lambda: ckpt.open_manager(d, create=False), abstract,
+                                        abstract_opt)
+  restored[0].close()
+  assert restored[1] == 5 and restored[2][2] == {"step": 5, "loader": {"index": 40}}
+  # One changed element (a flipped low bit) changes the checksum; so does a changed loader position.
+  meta = {"step": 1, "loader": {"index": 8}}
+  saved = {"integrity": {"arrays": {"params": ckpt.array_checksums(params)}}, **meta}
+  saved["integrity"]["meta"] = ckpt.meta_checksum(saved)
+  ckpt.verify(saved, {"params": params})
+  w = params["w"].copy()
+  w.view(np.uint32)[1, 2] ^= 1
+  with pytest.raises(ckpt.CheckpointCorrupt, match="checksum of params/w"):
+    ckpt.verify(saved, {"params": {"w": w, "b": params["b"]}})
+  with pytest.raises(ckpt.CheckpointCorrupt, match="checksum of meta"):
+    ckpt.verify({**saved, "loader": {"index": 9}}, {"params": params})
+  # On disk: step 5's largest params file truncated, step 4's meta edited (valid JSON), step 3's
+  # params/_METADATA removed, step 2's meta file garbled, step 1's params folder removed.
+  files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(d, "5", "params")) for f in fs]
+  big = max(files, key=os.path.getsize)
+  open(big, "r+b").truncate(os.path.getsize(big) // 2)
+  meta_file = os.path.join(d, "4", "meta", "metadata")
+  m = json.load(open(meta_file))
+  m["loader"]["index"] = 0
+  json.dump(m, open(meta_file, "w"))
+  os.remove(os.path.join(d, "3", "params", "_METADATA"))
+  open(os.path.join(d, "2", "meta", "metadata"), "w").write('{"step": 2, "loa')
+  shutil.rmtree(os.path.join(d, "1", "params"))
+  with pytest.warns(RuntimeWarning) as record:
+    with pytest.raises(ckpt.NoIntactCheckpoint, match=r"damaged steps \[5, 4, 3, 2, 1\]"):
+      ckpt.restore_latest_intact(lambda: ckpt.open_manager(d, create=False), abstract, abstract_opt)
+  msgs = [str(w.message) for w in record]
+  assert "step 5 is damaged" in msgs[0]
+  assert "checksum of meta" in msgs[1] and "step 3 is damaged" in msgs[2]
+  assert "step 1 is damaged (item 'params' is missing or empty)" in msgs[4]
+  assert sorted(os.listdir(d)) == ["1.corrupt", "2.corrupt", "3.corrupt", "4.corrupt", "5.corrupt"]
+
+
+def test_run_with_only_damaged_checkpoints_stops_instead_of_restarting(tmp_path):
+  from experiments import guards
+  os.makedirs(tmp_path / "checkpoints" / "4")
+  with pytest.warns(RuntimeWarning, match="step 4 is damaged"):
+    with pytest.raises(guards.RunError, match="no intact checkpoint left .* not restarting from step 0"):
+      trainer.train_and_evaluate(_short_config(), str(tmp_path))
+  assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def _poison_batch(monkeypatch, at_call: int):
+  """The `at_call`-th training batch of every loader gets token ids past the vocabulary: the
+  embedding lookup fills them with NaN, so that step's loss and gradients are NaN."""
+  from attnjax.data import mqar as mqar_data
+  original = mqar_data.MQARLoader.__next__
+
+  def poisoned(self):
+    batch = original(self)
+    self._calls = getattr(self, "_calls", 0) + 1
+    if self._calls == at_call:
+      batch = mqar_data.MQARBatch(np.full_like(batch.inputs, 10**6), batch.query_positions, batch.targets)
+    return batch
+
+  monkeypatch.setattr(mqar_data.MQARLoader, "__next__", poisoned)
+
+
+def test_non_finite_step_stops_the_run_before_any_save_of_it(tmp_path, monkeypatch):
+  """A NaN at step 3, first read at step 4's save (log_every=100): the run stops naming step 3
+  and the quantity, and only step 2 is checkpointed."""
+  from experiments import guards
+  _poison_batch(monkeypatch, 3)
+  with pytest.raises(trainer.NonFiniteError,
+                     match=r"non-finite loss and grad_norm at step 3: training stopped; the last "
+                           r"checkpoint \(step 2\) holds finite state"):
+    trainer.train_and_evaluate(_short_config(steps=6, log_every=100), str(tmp_path))
+  assert tr.completed_steps(str(tmp_path / "checkpoints")) == [2]
+  assert isinstance(trainer.NonFiniteError("x"), guards.RunError)
+
+
+def test_skip_mode_drops_non_finite_updates_and_counts_them(tmp_path, monkeypatch):
+  _poison_batch(monkeypatch, 3)
+  s = trainer.train_and_evaluate(_short_config(steps=4, every=4, nonfinite="skip"), str(tmp_path))
+  records = tr.read_metrics(str(tmp_path))
+  skipped = {r["step"]: r["train_skipped_steps"] for r in records if "train_loss" in r}
+  assert skipped == {1: 0, 2: 0, 3: 1, 4: 1}
+  assert np.isnan(_losses(tmp_path)[3]) and np.isfinite(_losses(tmp_path)[4])
+  assert np.isfinite(s["final_eval"]["loss"])
