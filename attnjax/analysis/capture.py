@@ -155,7 +155,7 @@ def weights_and_grads(model, loss: Callable[[jax.Array], jax.Array], *args, **kw
   """
   call = lambda m, *a: m(*a, **kwargs)
   with capturing(model, ("weights", "perturb_weights")):
-    _, *states = nnx.capture(call, nnx.Intermediate, nnx.Perturbation)(model, *args)
+    _, *states = nnx.jit(nnx.capture(call, nnx.Intermediate, nnx.Perturbation))(model, *args)
     state = nnx.merge_state(*states)
     perts = nnx.filter_state(state, nnx.Perturbation)
 
@@ -163,5 +163,5 @@ def weights_and_grads(model, loss: Callable[[jax.Array], jax.Array], *args, **kw
       out, _ = nnx.capture(call, nnx.Perturbation, init=perts)(model, *args)
       return loss(out)
 
-    grads = nnx.grad(f, argnums=0)(perts, model)
+    grads = nnx.jit(nnx.grad(f, argnums=0))(perts, model)
   return stack(state, "weights"), stack(grads, "attn_weights")
