@@ -30,6 +30,10 @@ def test_sink_rate_oracles():
   assert float(sinks.sink_rate(uni, eps=0.3)) == 0.0
   assert float(sinks.sink_rate(uni, eps=harmonic - 1e-4)) == 1.0
   assert float(sinks.sink_rate(uni, eps=harmonic + 1e-4)) == 0.0
+  # k > 0: the paper divides by T, not by the T - k queries that can see the key.
+  imp3 = sum(1 / (i + 1) for i in range(3, t)) / t
+  assert float(sinks.sink_rate(uni, k=3, eps=imp3 - 1e-4)) == 1.0
+  assert float(sinks.sink_rate(uni, k=3, eps=imp3 + 1e-4)) == 0.0
   # Half the heads one-hot: rate 1/2.
   mix = np.concatenate([onehot[:, :, :2], np.asarray(uni)[:, :, :2]], 2)
   assert float(sinks.sink_rate(mix)) == 0.5
