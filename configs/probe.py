@@ -1,0 +1,34 @@
+r"""Probe a tiny trained LM: train with the project's trainer, then run attention probes.
+
+Command (trains the byte-level LM of `configs/lm_tiny.py` for 300 steps, then probes it):
+  .venv/bin/python -m experiments.probe --config=configs/probe.py --workdir=workdirs/probe_lm
+MQAR instead of text: `--config=configs/probe.py:mqar`. Probe a saved checkpoint (written by
+`experiments.train` with `--config.checkpoint.every=N`) instead of training:
+`--config.probe.checkpoint=workdirs/<run>/checkpoints`.
+
+Writes `probes.json` (every metric, per layer x head where it has one) and one PNG heat map per
+per-head metric (`<metric>.png`, layers down, heads across) into the workdir.
+Probes (`probe.probes`, comma separated): sink_mass, sink_rate, dormant, entropy,
+attention_distance, value_drain, act_sinks, head_importance, key_mass_first.
+"""
+
+import ml_collections
+
+from configs import lm_tiny, mqar
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  base, _, size = (arg or "lm").partition(",")
+  if base not in ("lm", "mqar"):
+    raise ValueError(f"configs/probe.py: base must be 'lm' or 'mqar', got {base!r}")
+  c = lm_tiny.get_config(size or None) if base == "lm" else mqar.get_config(size or None)
+  c.probe = ml_collections.ConfigDict()
+  c.probe.checkpoint = ml_collections.config_dict.placeholder(str)
+  c.probe.probes = ("sink_mass,sink_rate,dormant,entropy,attention_distance,value_drain,act_sinks,"
+                    "head_importance,key_mass_first")
+  c.probe.num_batches = 2          # eval batches the probes average over
+  c.probe.sink_eps = 0.3           # [32] sink-rate threshold
+  c.probe.dormant_threshold = 0.9  # [99] sink mass above which a head counts as dormant
+  c.probe.act_threshold = 0.1      # [15] ACT's THRES
+  c.probe.figures = True
+  return c
