@@ -9,6 +9,7 @@ captures attention on `config.probe.num_batches` eval batches in one forward eac
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -54,6 +55,36 @@ def get_model(config, workdir: str | None):
   return summary.pop("model"), task, summary
 
 
+@functools.partial(jax.jit, static_argnames=("names", "eps", "dormant", "act"))
+def _array_metrics(a, values, key_mass, *, names, eps, dormant, act):
+  """The attention-weight probes of one batch, in one compiled program.
+
+  `a`: `[L, B, H, T, T]` weights, `values`: `[L, B, T, Hk, D]`, `key_mass`: `[L, B, H, T]`.
+  """
+  t = a.shape[-1]
+  per_layer = lambda f: jnp.stack([f(al) for al in a])
+  out = {}
+  for name in names:
+    if name == "sink_mass":
+      out[name] = sinks.sink_mass(a).mean(1)
+    elif name == "sink_rate":
+      out[name] = sinks.sink_rate(a, eps=eps)
+    elif name == "dormant":
+      out[name] = jnp.mean(sinks.dormant_heads(a, threshold=dormant), 1)
+    elif name == "entropy":  # as a fraction of log T
+      out[name] = per_layer(heads.head_entropy) / jnp.log(t)
+    elif name == "attention_distance":
+      pos = heads.grid_positions(1, t)
+      out[name] = per_layer(lambda al: heads.mean_attention_distance(al, pos))
+    elif name == "value_drain":
+      out[name] = jnp.stack([sinks.value_drain(v).mean(0) for v in values])
+    elif name == "act_sinks":  # hidden (non-initial) sinks per head, mean count per input
+      out[name] = per_layer(lambda al: jnp.sum(sinks.act_sink_mask(al, threshold=act), -1).mean(0))
+    elif name == "key_mass_first":  # streamed: attention mass on token 0 per query
+      out[name] = key_mass[..., 0].mean(1) / t
+  return out
+
+
 def run_probes(model, task, config) -> dict[str, Any]:
   """Every probe in `config.probe.probes` on the first `num_batches` eval batches."""
   names = [s.strip() for s in str(config.probe.probes).split(",") if s.strip()]
@@ -61,44 +92,31 @@ def run_probes(model, task, config) -> dict[str, Any]:
   if bad:
     raise ValueError(f"probe.probes: unknown {bad}; known: {PROBES}")
   batches = task.eval_batches[: config.probe.num_batches]
-  kinds = ("weights", "values") if set(names) - {"key_mass_first", "head_importance"} else ()
+  array_names = tuple(n for n in names if n != "head_importance")
+  kinds = ("weights", "values") if set(array_names) - {"key_mass_first"} else ()
   if "key_mass_first" in names:
     kinds = kinds + ("key_mass",)
   run = nnx.jit(lambda m, x: cap.run(m, x))
-  loss = nnx.jit(lambda m, b: task.loss(m, b)[0])
+  layers = cap.attention_layers(model)
   per_batch: dict[str, list] = {n: [] for n in names}
-  bar = tqdm(total=len(batches) * len(names), desc="probes", dynamic_ncols=True,
-             disable=not config.train.get("progress", True))
+  bar = tqdm(total=len(batches) * (1 + ("head_importance" in names)), desc="probes",
+             dynamic_ncols=True, disable=not config.train.get("progress", True))
   for batch in batches:
-    x = _inputs(batch)
-    with cap.capturing(model, kinds):
-      _, inter = run(model, x) if kinds else (None, None)
-    a = cap.stack(inter, "weights") if "weights" in kinds else None       # [L, B, H, T, T]
-    t = x.shape[1]
-    for name in names:
-      if name == "sink_mass":
-        val = sinks.sink_mass(a).mean(1)
-      elif name == "sink_rate":
-        val = sinks.sink_rate(a, eps=config.probe.sink_eps)
-      elif name == "dormant":
-        val = jnp.mean(sinks.dormant_heads(a, threshold=config.probe.dormant_threshold), 1)
-      elif name == "entropy":
-        val = jnp.stack([heads.head_entropy(al) for al in a]) / jnp.log(t)  # fraction of log T
-      elif name == "attention_distance":
-        pos = heads.grid_positions(1, t)
-        val = jnp.stack([heads.mean_attention_distance(al, pos) for al in a])
-      elif name == "value_drain":
-        val = jnp.stack([sinks.value_drain(v).mean(0) for v in cap.stack(inter, "values")])
-      elif name == "act_sinks":  # hidden (non-initial) sinks per head, mean count per input
-        val = jnp.stack([jnp.sum(sinks.act_sink_mask(al, threshold=config.probe.act_threshold), -1).mean(0)
-                         for al in a])
-      elif name == "key_mass_first":  # streamed: attention mass on token 0 / number of queries
-        val = cap.stack(inter, "key_mass")[..., 0].mean(1) / t
-      elif name == "head_importance":
-        layers = cap.attention_layers(model)
-        val = heads.head_importance(cap.with_head_scale(model, lambda m: loss(m, batch)),
-                                    len(layers), layers[0][1].num_heads)
-      per_batch[name].append(np.asarray(val, np.float64))
+    if array_names:
+      with cap.capturing(model, kinds):
+        _, inter = run(model, _inputs(batch))
+      get = lambda k: cap.stack(inter, k) if k in kinds else None
+      vals = _array_metrics(get("weights"), get("values"), get("key_mass"), names=array_names,
+                            eps=float(config.probe.sink_eps),
+                            dormant=float(config.probe.dormant_threshold),
+                            act=float(config.probe.act_threshold))
+      for n, v in vals.items():
+        per_batch[n].append(np.asarray(v, np.float64))
+      bar.update(1)
+    if "head_importance" in names:
+      with cap.head_scaling(model, lambda m: task.loss(m, batch)[0]) as loss_fn:
+        imp = heads.head_importance(loss_fn, len(layers), layers[0][1].num_heads)
+      per_batch["head_importance"].append(np.asarray(imp, np.float64))
       bar.update(1)
   bar.close()
   return {n: np.mean(np.stack(v), 0).tolist() for n, v in per_batch.items()}

@@ -165,3 +165,25 @@ def weights_and_grads(model, loss: Callable[[jax.Array], jax.Array], *args, **kw
 
     grads = nnx.jit(nnx.grad(f, argnums=0))(perts, model)
   return stack(state, "weights"), stack(grads, "attn_weights")
+
+
+@contextlib.contextmanager
+def head_scaling(model, loss: Callable):
+  """Context manager yielding a compiled `loss_fn(head_scale [L, H])` (one trace for all calls).
+
+  Installs `HeadScale` ones on every attention layer for the duration (so changing the scales
+  changes state values, not the program), removes them on exit. `loss(model)` must be traceable.
+  """
+  layers = attention_layers(model)
+  set_head_scale(model, jnp.ones((len(layers), layers[0][1].num_heads)))
+
+  def body(m, scales):
+    for (_, layer), row in zip(attention_layers(m), scales):
+      layer.head_scale[...] = row
+    return loss(m)
+
+  step = nnx.jit(body)
+  try:
+    yield lambda scales: step(model, jnp.asarray(scales, jnp.float32))
+  finally:
+    set_head_scale(model, None)

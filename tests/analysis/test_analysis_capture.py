@@ -174,3 +174,20 @@ def test_residual_states_are_block_outputs(lm):
   assert res.shape == (2, 2, 10, 12)
   head = nnx.jit(lambda m, h: m.logits(m.final_norm(h)))(lm, res[-1])
   np.testing.assert_allclose(np.asarray(head), np.asarray(_call(lm, _TOK)), rtol=1e-5, atol=1e-5)
+
+
+def test_head_scaling_context_matches_masked_model(lm):
+  """The compiled loss_fn(scales) of `head_scaling` equals setting the scales by hand; the
+  scales are removed on exit."""
+  loss = lambda m: jnp.sum(m(_TOK) ** 2)
+  scales = np.ones((2, 3), np.float32); scales[0, 1] = 0.0; scales[1, 0] = 2.0
+  cap.set_head_scale(lm, scales)
+  ref = float(loss_call(lm))
+  cap.set_head_scale(lm, None)
+  with cap.head_scaling(lm, loss) as loss_fn:
+    np.testing.assert_allclose(float(loss_fn(scales)), ref, rtol=1e-5)
+    np.testing.assert_allclose(float(loss_fn(np.ones((2, 3)))), float(loss_call(lm)), rtol=1e-5)
+  assert all(layer.head_scale is None for _, layer in cap.attention_layers(lm))
+
+
+loss_call = nnx.jit(lambda m: jnp.sum(m(_TOK) ** 2))
