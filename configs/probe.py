@@ -8,6 +8,13 @@ MQAR instead of text: `--config=configs/probe.py:mqar`. Probe a saved checkpoint
 
 Writes `probes.json` (every metric, per layer x head where it has one) and one PNG heat map per
 per-head metric (`<metric>.png`, layers down, heads across) into the workdir.
+Measured (2026-12-03, 2-core CPU under load, ~9 min of which 8 training): eval next-byte accuracy
+0.609 (loss 1.50) after 300 steps; sink rate 0.0 at eps=0.3 (the windows are random crops of the
+corpus, so token 0 is no BOS and no head parks on it: sink mass 0.017-0.033 per head); no dormant
+head; head importance (loss increase when masked) 0.05-0.72, largest for layer 1 head 3; mean
+attention distance 2.8-14.3 tokens (layer 1 holds the local heads); the streamed key mass of
+token 0 equals the explicit sink mass.
+
 Probes (`probe.probes`, comma separated): sink_mass, sink_rate, dormant, entropy,
 attention_distance, value_drain, act_sinks, head_importance, key_mass_first.
 """
