@@ -191,3 +191,31 @@ def test_head_scaling_context_matches_masked_model(lm):
 
 
 loss_call = nnx.jit(lambda m: jnp.sum(m(_TOK) ** 2))
+
+
+def test_explicit_path_segments_and_decode_match_default():
+  """The explicit-weights path honours segment ids (no cross-segment weight, same output) and
+  the decode mask (a cached step's weights are the full forward's last row)."""
+  x = jax.random.normal(jax.random.key(8), (1, 8, 12))
+  seg = jnp.array([[0, 0, 0, 1, 1, 1, 1, 2]])
+  layer = _layer(num_kv_heads=1)
+  seg_call = nnx.jit(lambda m, x, s: cap.run(m, x, segment_ids=s))
+  base, _ = seg_call(layer, x, seg)
+  with cap.capturing(layer, ("weights",)):
+    out, inter = seg_call(layer, x, seg)
+    full, inter_full = _run(layer, x)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(base), rtol=1e-4, atol=1e-5)
+  w = np.asarray(cap.stack(inter, "weights")[0])
+  cross = np.asarray(seg)[0][:, None] != np.asarray(seg)[0][None]
+  assert np.all(w[..., cross] == 0) and np.allclose(w.sum(-1), 1, rtol=1e-5)
+
+  decode = nnx.jit(lambda m, x: cap.run(m, x, decode=True))
+  layer.init_cache(1, 10)                # two unwritten slots the decode mask must hide
+  decode(layer, x[:, :7])
+  with cap.capturing(layer, ("weights",)):
+    step, inter_step = decode(layer, x[:, 7:])
+  np.testing.assert_allclose(np.asarray(step)[:, 0], np.asarray(full)[:, 7], rtol=1e-4, atol=1e-5)
+  ws = np.asarray(cap.stack(inter_step, "weights")[0])[:, :, 0]
+  assert ws.shape[-1] == 10 and np.all(ws[..., 8:] == 0)
+  np.testing.assert_allclose(ws[..., :8], np.asarray(cap.stack(inter_full, "weights")[0])[:, :, 7],
+                             rtol=1e-4, atol=1e-6)
