@@ -27,12 +27,14 @@ from attnjax.analysis._checks import check_attention, check_ndim, check_range
 
 
 def sink_rate(attn, *, eps: float = 0.3, k: int = 0):
-  """Sink_k^eps = (1/LH) sum_{l,h} 1[(1/T) sum_i A^{l,h}_{i,k} > eps], averaged over the batch.
+  """Sink_k^eps = (1/LH) sum_{l,h} 1[alpha^{l,h}_k > eps], averaged over the batch.
 
   `attn`: `[L, B, H, T, T]` (or `[B, H, T, T]` for one layer) attention weights of a causal LM.
   `k`: the 0-based key position whose sink-ness is measured (the paper's k=1 is the first token,
-  `k=0` here). The importance `(1/T) sum_i A_{ik}` averages over all `T` queries, the paper's
-  normalisation (queries that cannot see `k` contribute 0). Returns a scalar in [0, 1].
+  `k=0` here). The importance `alpha_k = sum_i A_ik / (T - k)` averages over the `T - k` queries
+  that can see key `k`, as the authors' code does (sail-sg/Attention-Sink,
+  eval_sink_open_source.py `compute_attention_sink`: `ratios = arange(T, 0, -1)` over keys);
+  for k=0 this is the paper's `(1/T) sum_i`. Returns a scalar in [0, 1] (the code reports %).
   Uniform causal attention at T=64 gives (1/64) sum_{i=1}^{64} 1/i ~= 0.074 for k=0, so 0 at
   eps=0.3; a one-hot on token 0 gives 1.
   """
@@ -44,7 +46,7 @@ def sink_rate(attn, *, eps: float = 0.3, k: int = 0):
   t = a.shape[-2]
   if not 0 <= k < a.shape[-1]:
     raise ValueError(f"k must be in [0, {a.shape[-1]}), got {k}")
-  importance = jnp.sum(a[..., :, k], axis=-1) / t          # [L, B, H]
+  importance = jnp.sum(a[..., :, k], axis=-1) / (t - k)    # [L, B, H]
   return jnp.mean((importance > eps).astype(jnp.float32))
 
 

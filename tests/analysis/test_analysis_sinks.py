@@ -19,7 +19,7 @@ def _random_causal(rng, b, h, t):
 
 
 def test_sink_rate_oracles():
-  """[32] Gu et al.: one-hot on the first token -> 1; uniform causal T=64 -> importance
+  """[32] Gu et al. (oracle: sail-sg/Attention-Sink eval_sink_open_source.py): one-hot on the first token -> 1; uniform causal T=64 -> importance
   H_64/64 ~= 0.0741 -> 0 at eps=0.3, but 1 at eps=0.07 (the threshold is really applied)."""
   t = 64
   onehot = np.zeros((2, 1, 3, t, t)); onehot[..., 0] = 1
@@ -30,8 +30,8 @@ def test_sink_rate_oracles():
   assert float(sinks.sink_rate(uni, eps=0.3)) == 0.0
   assert float(sinks.sink_rate(uni, eps=harmonic - 1e-4)) == 1.0
   assert float(sinks.sink_rate(uni, eps=harmonic + 1e-4)) == 0.0
-  # k > 0: the paper divides by T, not by the T - k queries that can see the key.
-  imp3 = sum(1 / (i + 1) for i in range(3, t)) / t
+  # k > 0: sail-sg/Attention-Sink compute_attention_sink divides by the T - k queries that see k.
+  imp3 = sum(1 / (i + 1) for i in range(3, t)) / (t - 3)
   assert float(sinks.sink_rate(uni, k=3, eps=imp3 - 1e-4)) == 1.0
   assert float(sinks.sink_rate(uni, k=3, eps=imp3 + 1e-4)) == 0.0
   # Half the heads one-hot: rate 1/2.
