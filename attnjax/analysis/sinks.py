@@ -2,7 +2,7 @@
 
 * [32] Gu et al., "When Attention Sink Emerges in Language Models": `sink_rate`.
 * [24] "On the Existence and Behaviour of Secondary Attention Sinks": `sink_scores`,
-  `secondary_sinks`, `bos_alignment`.
+  `secondary_sinks`, `bos_alignment`, `sinks_by_bos_alignment` (the authors' detector).
 * [99] Guo et al., "Active-Dormant Attention Heads": `sink_mass`, `value_drain`,
   `residual_peak`, `dormant_heads`.
 * [15] Yu et al., "Unveiling and Harnessing Hidden Attention Sinks" (ACT): `act_sink_mask`,
@@ -89,6 +89,18 @@ def bos_alignment(hidden, *, bos: int = 0):
   num = jnp.sum(h * ref, -1)
   den = jnp.linalg.norm(h, axis=-1) * jnp.linalg.norm(ref, axis=-1)
   return num / jnp.maximum(den, 1e-12)
+
+
+def sinks_by_bos_alignment(hidden, *, bos: int = 0, threshold: float = 0.9):
+  """Secondary sinks of one layer: tokens after BOS with `|cos(h_j, h_bos)| > threshold`.
+
+  `hidden`: `[B, T, D]` residual states -> `[B, T]` bool. Transcribes the authors' detector
+  (JeffreyWong20/Secondary-Attention-Sinks, src/hidden_state_base.py
+  `hidden_state_norm_detection`, threshold 0.9, positions after the BOS sink only); run it per
+  layer (their "sink clipper" restricts it to the layers between the BOS norm's jump and drop).
+  """
+  cos = bos_alignment(hidden, bos=bos)
+  return (jnp.abs(cos) > threshold) & (jnp.arange(cos.shape[1]) > bos)[None]
 
 
 # --- [99] active-dormant heads --------------------------------------------------------------

@@ -64,6 +64,19 @@ def test_sink_scores_bos_twin_and_loop_oracle():
   assert not sec[:, 0].any() and sec[:, 1:-1].all()
 
 
+def test_sinks_by_bos_alignment():
+  """[24] JeffreyWong20/Secondary-Attention-Sinks hidden_state_norm_detection: |cos| > 0.9 with
+  the BOS state, positions after BOS only (anti-aligned counts too)."""
+  rng = np.random.default_rng(5)
+  h = rng.normal(size=(1, 6, 16))
+  h[0, 3] = 2.0 * h[0, 0] + 0.01 * rng.normal(size=16)
+  h[0, 5] = -h[0, 0]
+  got = np.asarray(sinks.sinks_by_bos_alignment(h))
+  np.testing.assert_array_equal(got[0], [False, False, False, True, False, True])
+  hn = h[0] / np.linalg.norm(h[0], axis=-1, keepdims=True)
+  np.testing.assert_allclose(np.asarray(sinks.bos_alignment(h))[0], hn @ hn[0], rtol=1e-5)
+
+
 def test_active_dormant_metrics():
   """[99]: one-hot on token 0 -> sink mass 1 (dormant); value drain and residual peak are the
   norm ratio of token 0 to the mean of the others."""
