@@ -4,6 +4,6 @@ Pure functions on arrays (`sinks`, `heads`, `saliency`, `multimodal`, `quantizat
 capture helpers that get those arrays out of a model (`capture`).
 """
 
-from attnjax.analysis import heads, multimodal, quantization, saliency, sinks
+from attnjax.analysis import capture, heads, multimodal, quantization, saliency, sinks
 
-__all__ = ["heads", "multimodal", "quantization", "saliency", "sinks"]
+__all__ = ["capture", "heads", "multimodal", "quantization", "saliency", "sinks"]

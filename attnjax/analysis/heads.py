@@ -40,22 +40,35 @@ def head_entropy(attn, *, query_mask=None):
   return jnp.sum(jnp.where(m, ent, 0.0), axis=(0, 2)) / jnp.maximum(jnp.sum(m, axis=(0, 2)), 1)
 
 
-def entropy_regularizer(entropy, theta, *, seq_len: int, lam: float = 1e-5, gamma: float = 0.2):
-  """`lam * mean_{l,h} max(0, |H^{l,h} - theta^{l,h}| - gamma * log T)^2`.
+def entropy_regularizer(attn, theta, *, lam: float = 1e-5, gamma: float = 0.2,
+                        context_size: int | None = None):
+  """Entropy regulariser of [34], as the authors' code computes it.
 
-  `entropy`, `theta`: `[L, H]` (theta learnable per head). The band half-width is `gamma * H_max`
-  with `H_max = log seq_len`. Defaults lam=1e-5, gamma=0.2 from the catalog entry (partly from
-  Nandan91/transformer-entropy-regularization; the exact tolerance form is from the paper text
-  as summarised there). Zero inside the band.
+  Transcribes `EntropyRegularization.compute_loss` (Nandan91/transformer-entropy-regularization):
+  per query row, the deviation `d = H_i - theta^{l,h} H_max` of the row entropy from the head's
+  learnable threshold (a fraction of `H_max = log(context_size)`, default `log Tk`) is penalised
+  by `d^2` where `|d| > gamma H_max` and 0 inside the band; summed over batch and queries,
+  averaged over heads and layers, times `lam`. (The catalog writes `max(0, |d| - gamma H_max)^2`
+  with a mean over rows; the code squares the whole deviation and sums rows.)
+
+  `attn`: `[L, B, H, Tq, Tk]` (or `[B, H, Tq, Tk]` for one layer); `theta`: `[L, H]` or `[H]`
+  (shared across layers, as in the code). Returns a scalar; differentiable in `attn`, `theta`.
   """
-  e = jnp.asarray(entropy, jnp.float32)
+  a = check_attention(attn, "attn", shape_doc="[L, B, H, Tq, Tk] or [B, H, Tq, Tk]")
+  if a.ndim == 4:
+    a = a[None]
+  if a.ndim != 5:
+    raise ValueError(f"attn must be [L, B, H, Tq, Tk] or [B, H, Tq, Tk], got shape {a.shape}")
   th = jnp.asarray(theta, jnp.float32)
-  if e.shape != th.shape:
-    raise ValueError(f"theta must have the entropy's shape {e.shape} ([L, H]), got {th.shape}")
-  if seq_len < 1:
-    raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-  excess = jnp.maximum(jnp.abs(e - th) - gamma * jnp.log(float(seq_len)), 0.0)
-  return lam * jnp.mean(excess ** 2)
+  th = jnp.broadcast_to(th, (a.shape[0], a.shape[2])) if th.shape in ((a.shape[2],), (a.shape[0], a.shape[2])) \
+      else None
+  if th is None:
+    raise ValueError(f"theta must be [L, H]=({a.shape[0]}, {a.shape[2]}) or [H], got {jnp.shape(theta)}")
+  h_max = jnp.log(float(context_size or a.shape[-1]))
+  ent = -jnp.sum(xlogx(a.astype(jnp.float32)), axis=-1)      # [L, B, H, Tq]
+  dev = ent - (th * h_max)[:, None, :, None]
+  pen = jnp.where(jnp.abs(dev) > gamma * h_max, dev, 0.0) ** 2
+  return lam * jnp.mean(jnp.sum(pen, axis=(1, 3)))
 
 
 # --- [39] sigmaReparam ----------------------------------------------------------------------

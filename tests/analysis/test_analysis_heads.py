@@ -6,22 +6,40 @@ import pytest
 from attnjax.analysis import heads
 
 
-def test_head_entropy_uniform_onehot_and_regulariser_band():
-  """[34]: uniform rows -> log T, one-hot -> 0 (no NaN); the regulariser is 0 inside the band
-  |H - theta| <= gamma log T and lam * excess^2 outside."""
+def _entropy_reg_oracle(attn_layers, theta, lam, gamma):
+  """Loop transcription of Nandan91/transformer-entropy-regularization EntropyRegularization.compute_loss."""
+  h_max = np.log(attn_layers[0].shape[-1])
+  total = 0.0
+  for layer, a in enumerate(attn_layers):
+    ent = -np.nansum(a * np.log(a + 1e-9), axis=-1)
+    lay = 0.0
+    for h in range(a.shape[1]):
+      dev = ent[:, h] - theta[layer, h] * h_max
+      lay += np.sum(np.where(np.abs(dev) > gamma * h_max, dev, 0.0) ** 2)
+    total += lay / a.shape[1]
+  return lam * total / len(attn_layers)
+
+
+def test_head_entropy_uniform_onehot_and_regulariser():
+  """[34]: uniform rows -> log T, one-hot -> 0 (no NaN); the regulariser matches the authors'
+  loop, is 0 when every row is inside the band and grows with the full squared deviation."""
   t = 16
   uni = np.full((2, 3, 5, t), 1.0 / t)
   np.testing.assert_allclose(np.asarray(heads.head_entropy(uni)), np.log(t), rtol=1e-6)
   oh = np.zeros((2, 3, 5, t)); oh[..., 2] = 1
-  e = np.asarray(heads.head_entropy(oh))
-  np.testing.assert_allclose(e, 0.0, atol=1e-7)
-  ent = np.array([[1.0, 2.0]]); theta = np.array([[1.0 + 0.1, 0.5]])
-  band = 0.2 * np.log(t)
-  assert float(heads.entropy_regularizer(ent[:, :1], theta[:, :1], seq_len=t)) == 0.0
-  expect = 1e-5 * np.mean(np.maximum(np.abs(ent - theta) - band, 0) ** 2)
-  got = float(heads.entropy_regularizer(ent, theta, seq_len=t))
+  np.testing.assert_allclose(np.asarray(heads.head_entropy(oh)), 0.0, atol=1e-7)
+  rng = np.random.default_rng(0)
+  s = rng.normal(size=(2, 2, 3, 5, t)) * 3
+  a = np.exp(s) / np.exp(s).sum(-1, keepdims=True)
+  theta = rng.uniform(0.2, 0.9, size=(2, 3))
+  got = float(heads.entropy_regularizer(a, theta, lam=1e-2, gamma=0.1))
   assert got > 0
-  np.testing.assert_allclose(got, expect, rtol=1e-6)
+  np.testing.assert_allclose(got, _entropy_reg_oracle(list(a), theta, 1e-2, 0.1), rtol=1e-4)
+  assert float(heads.entropy_regularizer(uni, np.ones(3), gamma=0.2)) == 0.0
+  # Just outside the band the penalty is the full deviation squared (not the excess).
+  th = np.full(3, 1.0 - 0.25)
+  np.testing.assert_allclose(float(heads.entropy_regularizer(uni, th, lam=1.0, gamma=0.2)),
+                             2 * 5 * (0.25 * np.log(t)) ** 2, rtol=1e-5)
 
 
 def test_spectral_norm_converges_to_svd_and_reparam_norm_is_gamma():
