@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from attnjax.analysis import capture as cap
-from attnjax.analysis import sinks
+from attnjax.analysis import saliency, sinks
+from attnjax import build_mixer
 from attnjax.models import DecoderLM
 from attnjax.nn.attention import MultiHeadAttention
 
@@ -105,6 +106,10 @@ def test_default_path_unchanged_and_sows_nothing():
   assert layer.capture == ()
   with pytest.raises(ValueError, match="kinds"):
     cap.set_capture(layer, ("attention",))
+  # A mixer whose attn_fn is not plain softmax refuses weights instead of returning wrong ones.
+  moba = build_mixer("moba", d_model=12, num_heads=3, causal=True, rngs=nnx.Rngs(0))
+  with cap.capturing(moba, ("weights",)), pytest.raises(ValueError, match="attn_fn"):
+    _run(moba, x)
 
 
 @pytest.fixture(scope="module")
@@ -136,11 +141,14 @@ def test_head_scale_zero_equals_zeroing_output_projection_rows(lm):
 
 
 def test_weights_transform_noop_and_act_calibration_in_model(lm):
-  """ACT with beta=1 (no-op) leaves the logits; beta=0.4 on layer 2 changes them."""
+  """ACT with beta=1 and LocoRE with gamma=0 (no-ops) leave the logits; ACT beta=0.4 on layer 2
+  changes them."""
   base = _call(lm, _TOK)
   act = lambda beta: (lambda a: sinks.act_calibrate(a, sinks.act_sink_mask(a, threshold=0.05), beta=beta))
   cap.set_weights_transform(lm, act(1.0))
   try:
+    np.testing.assert_allclose(np.asarray(_call(lm, _TOK)), np.asarray(base), rtol=1e-4, atol=1e-5)
+    cap.set_weights_transform(lm, lambda a: saliency.locore(a, window=3, gamma=0.0))  # LocoRE no-op
     np.testing.assert_allclose(np.asarray(_call(lm, _TOK)), np.asarray(base), rtol=1e-4, atol=1e-5)
     cap.set_weights_transform(lm, [None, act(0.4)])
     changed = _call(lm, _TOK)
