@@ -49,15 +49,16 @@ def test_gptq_matches_loop_oracle_and_beats_rtn():
   mix = rng.normal(size=(d_in, d_in))
   x = rng.normal(size=(n_tok, d_in)) @ mix
   w = rng.normal(size=(d_out, d_in)).astype(np.float32)
-  h = x.T @ x
-  q = np.asarray(jax.jit(lambda w, h: qz.gptq(w, h, bits=4))(w, h))
+  h = (x.T @ x).astype(np.float32)
+  gptq4 = jax.jit(lambda w, h: qz.gptq(w, h, bits=4))   # one compile for the three calls
+  q = np.asarray(gptq4(w, h))
   np.testing.assert_allclose(q, _gptq_oracle(w, h, 4), rtol=1e-4, atol=1e-4)
   rtn = np.asarray(qz.quantize_rtn(w, bits=4))
   assert float(qz.quantization_error(w, q, x)) < float(qz.quantization_error(w, rtn, x))
   imp = rng.uniform(1, 3, size=n_tok) ** 4
-  q_rsq = np.asarray(qz.gptq(w, qz.weighted_hessian(x, imp), bits=4))
+  q_rsq = np.asarray(gptq4(w, qz.weighted_hessian(x, imp)))
   assert float(qz.quantization_error(w, q_rsq, x, imp)) < float(qz.quantization_error(w, q, x, imp))
   # Diagonal Hessian: no error propagation, GPTQ reduces to RTN.
-  np.testing.assert_allclose(np.asarray(qz.gptq(w, np.diag(rng.uniform(1, 2, d_in)), bits=4)), rtn, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(gptq4(w, np.diag(rng.uniform(1, 2, d_in)).astype(np.float32))), rtn, atol=1e-6)
   with pytest.raises(ValueError, match="hessian"):
     qz.gptq(w, np.eye(3))
