@@ -14,11 +14,24 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnjax.nn.layers import RMSNorm, dense
+from attnjax.ops import masks as masks_lib
 from attnjax.ops.rope import apply_rope
 from attnjax.ops.softmax import dot_product_attention
 from attnjax.registry import register_mixer
 
 AttnFn = Callable[..., jax.Array]
+
+# What `MultiHeadAttention.capture` may name (see its docstring); sown as nnx.Intermediate.
+CAPTURE_KINDS = ("weights", "scores", "key_mass", "head_outputs", "values", "queries", "keys",
+                 "inputs", "perturb_weights")
+# attn_options the explicit-weights path reproduces (the rest change the weights' definition).
+_EXPLICIT_OPTIONS = ("scale", "softcap", "sinks", "implementation", "block_size",
+                     "query_block_size")
+_KEY_MASS_CHUNK = 128
+
+
+class HeadScale(nnx.Variable):
+  """Per-head multipliers `[H]` on a `MultiHeadAttention`'s per-head outputs (ablation, VHR)."""
 
 
 class MultiHeadAttention(nnx.Module):
@@ -38,6 +51,23 @@ class MultiHeadAttention(nnx.Module):
   * Decoding: `init_cache(batch, max_len)`, then calls with `decode=True` append the new tokens'
     keys/values to the cache and attend to every cached position <= their own. A prefill of T
     tokens followed by one-token steps equals the full causal forward.
+
+  Probing (all off by default; the default program is unchanged and never forms `[T, T]`):
+  * `capture`: a tuple of `CAPTURE_KINDS`, sown with `self.sow(nnx.Intermediate, kind, ...)`
+    and collected by `nnx.capture(fn, nnx.Intermediate)` (`attnjax.analysis.capture`):
+    `weights [B, H, Tq, Tk]` (float32 softmax weights), `scores [B, H, Tq, Tk]` (pre-softmax
+    logits, -inf where hidden), `key_mass [B, H, Tk]` (attention each key receives, summed over
+    queries, streamed over query chunks of 128 from the kernel's log-sum-exp, so long sequences
+    need not materialise `T^2`), `head_outputs [B, Tq, H, D]` (after the output gate, before
+    `head_scale`), `values` / `keys` `[B, Tk, Hk, D]` (keys after RoPE), `queries [B, Tq, H, D]`,
+    `inputs [B, Tq, d_model]`. `perturb_weights` routes the weights through
+    `self.perturb("attn_weights", ...)` so `nnx.capture(..., init=...)` + grad gives `dL/dA`.
+    Asking for weights/scores (or a `weights_transform`) computes the output from the explicit
+    weights, which needs the default softmax `attn_fn` (options: scale, softcap, sinks).
+  * `weights_transform`: `None` or `fn(A [B, H, Tq, Tk]) -> A'`, applied to the weights before
+    they meet the values (ACT calibration, VAR redistribution, LocoRE).
+  * `head_scale`: `None` or a `HeadScale` `[H]` multiplying each head's output before `o_proj`
+    (0 masks a head: equal to zeroing its rows of `o_proj`).
   """
 
   def __init__(self, d_model: int, num_heads: int, *, num_kv_heads: int | None = None,
@@ -75,6 +105,9 @@ class MultiHeadAttention(nnx.Module):
     self.cache_k = nnx.data(None)  # nnx.Cache arrays once init_cache() runs
     self.cache_v = nnx.data(None)
     self.cache_index = nnx.data(None)
+    self.capture: tuple[str, ...] = ()
+    self.weights_transform: Callable[[jax.Array], jax.Array] | None = None
+    self.head_scale = nnx.data(None)  # a HeadScale [H] once set from outside
 
   def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> None:
     shape = (batch_size, max_len, self.num_kv_heads, self.head_dim)
@@ -123,8 +156,11 @@ class MultiHeadAttention(nnx.Module):
       mask = k_pos[None, :] <= q_pos[:, None]
       if self.window is not None:
         mask &= k_pos[None, :] >= q_pos[:, None] - self.window
-      o = self.attn_fn(q, self.cache_k[...].astype(q.dtype), self.cache_v[...].astype(q.dtype),
-                       causal=False, mask=mask[None, None], **self.attn_options)
+      k_all = self.cache_k[...].astype(q.dtype)
+      v_all = self.cache_v[...].astype(q.dtype)
+      rules = dict(causal=False, mask=mask[None, None])
+      o = self._attend(q, k_all, v_all, rules, x) if self.capture or self.weights_transform \
+          else self.attn_fn(q, k_all, v_all, causal=False, mask=mask[None, None], **self.attn_options)
     else:
       if self.rope and context is None:
         pos = jnp.arange(t)
@@ -136,14 +172,123 @@ class MultiHeadAttention(nnx.Module):
       extra = {}
       if self.window is not None:
         extra["window"] = (self.window, 0 if self.causal else self.window)
-      o = self.attn_fn(q, k, v, causal=self.causal, q_segment_ids=segment_ids,
-                       kv_segment_ids=kv_seg, **extra, **self.attn_options)
+      if self.capture or self.weights_transform is not None:
+        rules = dict(causal=self.causal, q_segment_ids=segment_ids, kv_segment_ids=kv_seg, **extra)
+        o = self._attend(q, k, v, rules, x)
+      else:
+        o = self.attn_fn(q, k, v, causal=self.causal, q_segment_ids=segment_ids,
+                         kv_segment_ids=kv_seg, **extra, **self.attn_options)
 
     if self.gate_proj is not None:
       g = jax.nn.sigmoid(self.gate_proj(x).astype(jnp.float32))
       g = g[..., None] if self.output_gate == "headwise" else g.reshape(b, t, self.num_heads, self.head_dim)
       o = (o.astype(jnp.float32) * g).astype(o.dtype)
+    if "head_outputs" in self.capture:
+      self.sow(nnx.Intermediate, "head_outputs", o, capture_noop=True)
+    if self.head_scale is not None:
+      o = (o * self.head_scale[...].astype(o.dtype)[:, None]).astype(o.dtype)
     return self.o_proj(o.reshape(b, t, self.num_heads * self.head_dim))
+
+  # --- probing path (only traced when `capture` or `weights_transform` is set) ---------------
+
+  def _check_probe_options(self, what: str) -> None:
+    if self.attn_fn is not dot_product_attention:
+      raise ValueError(f"MultiHeadAttention: capturing {what} needs the default softmax attn_fn "
+                       f"(dot_product_attention), got {getattr(self.attn_fn, '__name__', self.attn_fn)!r}")
+    extra = sorted(set(self.attn_options) - set(_EXPLICIT_OPTIONS))
+    if extra:
+      raise ValueError(f"MultiHeadAttention: capturing {what} supports attn_options "
+                       f"{_EXPLICIT_OPTIONS}, got {extra}")
+
+  def _logits(self, q, k, rules, rows=None):
+    """Float32 scores `[B, H, Tq|len(rows), Tk]` and visibility, as `dot_product_attention` forms them."""
+    tq, tk = q.shape[1], k.shape[1]
+    if rows is not None:
+      q = q[:, rows]
+    scale = self.attn_options.get("scale") or self.head_dim ** -0.5
+    kf = jnp.repeat(k.astype(jnp.float32), self.num_heads // self.num_kv_heads, axis=2)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), kf,
+                   precision=jax.lax.Precision.HIGHEST) * scale
+    cap = self.attn_options.get("softcap")
+    if cap is not None:
+      s = cap * jnp.tanh(s / cap)
+    rows = jnp.arange(tq) if rows is None else rows
+    q_pos = rows[:, None] + (tk - tq)
+    k_pos = jnp.arange(tk)[None, :]
+    valid = jnp.ones((1, 1, rows.shape[0], tk), bool)
+    if rules.get("mask") is not None:
+      valid = valid & jnp.broadcast_to(rules["mask"], (1, 1, tq, tk))[:, :, rows]
+    if rules.get("causal"):
+      valid = valid & (k_pos <= q_pos)
+    if rules.get("window") is not None:
+      left, right = rules["window"]
+      valid = valid & (k_pos >= q_pos - left) & (k_pos <= q_pos + right)
+    if rules.get("q_segment_ids") is not None:
+      seg = masks_lib.segment_mask(rules["q_segment_ids"][:, rows], rules["kv_segment_ids"])
+      valid = valid & seg[:, None]
+    return jnp.where(valid, s, -jnp.inf), valid
+
+  def _softmax(self, s, valid):
+    m = jnp.max(s, axis=-1, keepdims=True)
+    sinks = self.attn_options.get("sinks")
+    if sinks is not None:
+      sink = jnp.asarray(sinks, jnp.float32)[None, :, None, None]
+      m = jnp.maximum(m, sink)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.where(valid, jnp.exp(s - m), 0.0)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    if sinks is not None:
+      l = l + jnp.exp(sink - m)
+    return p / jnp.where(l > 0, l, 1.0)
+
+  def _key_mass(self, q, k, lse, rules):
+    """Sum over queries of the weights each key receives, `[B, H, Tk]`, in query chunks."""
+    tq = q.shape[1]
+    c = min(_KEY_MASS_CHUNK, tq)
+    n = -(-tq // c)
+
+    def chunk(i):
+      rows = jnp.minimum(i * c + jnp.arange(c), tq - 1)
+      s, valid = self._logits(q, k, rules, rows)
+      lse_c = jnp.take(lse, rows, axis=2)[..., None]
+      keep = (i * c + jnp.arange(c) < tq)[None, None, :, None] & valid & jnp.isfinite(lse_c)
+      return jnp.sum(jnp.where(keep, jnp.exp(s - jnp.where(keep, lse_c, 0.0)), 0.0), axis=2)
+
+    return jnp.sum(jax.lax.map(chunk, jnp.arange(n)), axis=0)
+
+  def _attend(self, q, k, v, rules, x):
+    """The attention call with the requested captures (and weights transform)."""
+    cap = set(self.capture)
+    unknown = sorted(cap - set(CAPTURE_KINDS))
+    if unknown:
+      raise ValueError(f"MultiHeadAttention.capture: unknown kinds {unknown}; expected some of {CAPTURE_KINDS}")
+    for kind, val in (("inputs", x), ("queries", q), ("keys", k), ("values", v)):
+      if kind in cap:
+        self.sow(nnx.Intermediate, kind, val, capture_noop=True)
+    explicit = bool(cap & {"weights", "scores", "perturb_weights"}) or self.weights_transform is not None
+    if not explicit:
+      if "key_mass" not in cap:
+        return self.attn_fn(q, k, v, **rules, **self.attn_options)
+      self._check_probe_options("key_mass")
+      o, lse = self.attn_fn(q, k, v, **rules, return_lse=True, **self.attn_options)
+      self.sow(nnx.Intermediate, "key_mass", self._key_mass(q, k, lse, rules), capture_noop=True)
+      return o
+    self._check_probe_options("attention weights")
+    s, valid = self._logits(q, k, rules)
+    a = self._softmax(s, valid)
+    if self.weights_transform is not None:
+      a = self.weights_transform(a)
+    if "perturb_weights" in cap:
+      a = self.perturb("attn_weights", a, capture_noop=True)
+    if "scores" in cap:
+      self.sow(nnx.Intermediate, "scores", s, capture_noop=True)
+    if "weights" in cap:
+      self.sow(nnx.Intermediate, "weights", a, capture_noop=True)
+    if "key_mass" in cap:
+      self.sow(nnx.Intermediate, "key_mass", jnp.sum(a, axis=2), capture_noop=True)
+    vf = jnp.repeat(v.astype(jnp.float32), self.num_heads // self.num_kv_heads, axis=2)
+    o = jnp.einsum("bhqk,bkhd->bqhd", a, vf, precision=jax.lax.Precision.HIGHEST)
+    return o.astype(q.dtype)
 
 
 @register_mixer("softmax", "Softmax multi-head attention (RoPE; GQA, QK-norm, output gate options).")
