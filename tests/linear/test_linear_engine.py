@@ -302,3 +302,21 @@ def test_benchmark_scan_baseline_is_the_same_recurrence(kind):
     ref = linear_attention(q, k, v, log_decay=g, scale=1.0, normalize=kind == "scalar_normalize",
                            form="recurrent")[0]
   np.testing.assert_allclose(plain_scan(q, k, v, g, beta, kind), ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("name", ("gla", "retnet", "lightning", "deltanet", "gated_deltanet"))
+def test_registry_linear_mixers_run_the_selected_forms(name):
+  """Mixers built by name get `form=None`: on the CPU their forward scans every token (the
+  recurrent form) and their gradient runs the chunked form (no token-length scan)."""
+  from flax import nnx
+  from attnjax import build_mixer
+  m = build_mixer(name, d_model=16, num_heads=2, causal=True, rngs=nnx.Rngs(0))
+  assert m.form is None
+  t = 21
+  x = jax.random.normal(jax.random.key(0), (1, t, 16))
+  graphdef, state = nnx.split(m)
+  fwd = lambda state, x: nnx.merge(graphdef, state)(x)
+  loss = lambda state, x: jnp.sum(fwd(state, x) ** 2)
+  if jax.default_backend() == "cpu":
+    assert f"length={t}" in str(jax.make_jaxpr(fwd)(state, x))
+    assert f"length={t}" not in str(jax.make_jaxpr(jax.grad(loss))(state, x))
