@@ -176,23 +176,34 @@ def test_cca_positions_and_mask():
 
 
 def test_gaam_oracles(rand):
+  """Oracle: a transcription of the authors' forward (gioannides/Gaussian-Adaptive-Attention,
+  `gaussian_adaptive_attention/gaussian_adaptive_attention.py`): torch's default, unbiased
+  `x.var(dim)`, a product of G Gaussians of `(x - mean - delta_g) / sqrt(var)` normalised along T."""
   x = rand(1, B, T, 6)
   off, sc = jnp.array([0.0, 0.3]), jnp.array([2.0, 1.0])
   gaam = jax.jit(ops.gaam_weights, static_argnames="causal")
   w = gaam(x, off, sc)
   np.testing.assert_allclose(w.sum(1), 1.0, rtol=1e-5)
 
-  def naive(x):   # the authors' form: a product of G Gaussian densities, normalised along T
-    mu, var = jnp.mean(x, 1, keepdims=True), jnp.var(x, 1, keepdims=True) + 1e-8
-    dens = 1.0
+  def naive(x):
+    n = x.shape[1]
+    mean = jnp.sum(x, 1, keepdims=True) / n
+    var = jnp.sum((x - mean) ** 2, 1, keepdims=True) / (n - 1) + 1e-8   # torch.var, unbiased
+    mixture = 1.0
     for d, c in zip(off, sc):
-      dens = dens * jnp.exp(-((x - mu - d) ** 2) / (2 * var * c ** 2)) / jnp.sqrt(2 * jnp.pi * c ** 2)
-    return dens / jnp.sum(dens, 1, keepdims=True)
+      y = (x - (mean + d)) / jnp.sqrt(var)
+      mixture = mixture * jnp.exp(-(y ** 2) / (2.0 * c ** 2)) / jnp.sqrt(2 * jnp.pi * c ** 2)
+    return mixture / jnp.maximum(jnp.sum(mixture, 1, keepdims=True), 1e-8)
 
   np.testing.assert_allclose(w, jax.jit(naive)(x), rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(jax.jit(jax.grad(lambda x: jnp.sum(ops.gaam_weights(x, off, sc) * x)))(x),
                              jax.jit(jax.grad(lambda x: jnp.sum(naive(x) * x)))(x), rtol=1e-3,
                              atol=1e-5)
+  # Causal: position t is the authors' forward on the prefix x[:, :t + 1] (its last weight).
+  wc_all = gaam(x, off, sc, causal=True)
+  for t in (1, 2, 5):
+    np.testing.assert_allclose(wc_all[:, t], naive(x[:, :t + 1])[:, -1], rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(wc_all[:, 0], 1.0, rtol=1e-6)
   const = jnp.ones((B, T, 6))
   np.testing.assert_allclose(gaam(const, jnp.zeros(2), sc), 1.0 / T, rtol=1e-5)
   wc = gaam(x, off, sc, causal=True)
