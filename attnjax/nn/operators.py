@@ -675,7 +675,9 @@ class GatedPositionalSelfAttention(_QKVO):
   """ConViT GPSA layer [148] for tokens on a `grid = (h, w)` (default: square, inferred from T).
 
   `A_h = (1 - sigmoid(l_h)) softmax(QK^T/sqrt(d)) + sigmoid(l_h) softmax(v_h . r_ij)`, with the local
-  init `v_h = -alpha (1, -2 Delta_h)` (`locality_strength = alpha`, default 1) and gates `l_h = 1`.
+  init `v_h = -alpha (1, -2 Delta_h)` (`ops.gpsa_local_init`, `locality_strength = alpha`, default
+  1), gates `l_h = 1` and, as the authors' `local_init` does, the value projection set to the
+  identity (so a fully positional head starts as a pure shift of its input channels).
   No RoPE (the positional part is the position signal). Self-attention only (cross raises);
   `causal=True` masks later tokens in both parts (raster order). No decoding.
   """
@@ -683,6 +685,7 @@ class GatedPositionalSelfAttention(_QKVO):
   def __init__(self, d_model: int, num_heads: int, *, causal: bool = False, grid=None,
                locality_strength: float = 1.0, rngs: nnx.Rngs):
     self._proj(d_model, num_heads, rngs)
+    self.v_proj.kernel[...] = jnp.eye(d_model, dtype=self.v_proj.kernel[...].dtype)
     self.causal, self.grid = causal, None if grid is None else tuple(grid)
     self.pos_weights = nnx.Param(ops.gpsa_local_init(num_heads, locality_strength),
                                  logical_axes=("heads", None))

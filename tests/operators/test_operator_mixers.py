@@ -176,6 +176,8 @@ def test_noncausal_only_mixers(name):
 def test_gpsa_square_grid_inferred_and_dha_fusion_from_mha():
   m = _build("gpsa", causal=False, grid=None)
   assert m(_x(1, t=9)).shape == (B, 9, D_MODEL)
+  # The authors' local_init (facebookresearch/convit convit.py) sets V to the identity.
+  np.testing.assert_array_equal(m.v_proj.kernel[...], np.eye(D_MODEL))
   # A non-square T is read as one row of tokens.
   np.testing.assert_allclose(m(_x(1)), _build("gpsa", causal=False, grid=(1, T))(_x(1)), atol=1e-6)
   assert not np.allclose(m(_x(1)), _build("gpsa", causal=False, grid=(T, 1))(_x(1)), atol=1e-4)
