@@ -248,14 +248,39 @@ def test_decomposed_window_retention_matches_rmt_passes(window, shift):
     local.decomposed_window_retention(q, k, v, 4, 0, log_decay=jnp.zeros(3))
 
 
+def _inward_window_attention(q, k, v, window):
+  """Oracle for FreeSwim's inward sliding window [113], from the definition alone: along each
+  spatial axis a query at i sees the `w` keys `[s, s + w)` with `s = clip(i - w // 2, 0, size - w)`
+  (the window centred on the query, shifted inward at the borders; `w` clipped to the size), and
+  softmax attention runs over the product of those ranges. numpy, `[B, *spatial, H, D]`."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  spatial = q.shape[1:-2]
+  vis = np.ones((1, 1), bool)
+  for size, w in zip(spatial, window):
+    w = min(w, size)
+    s = np.clip(np.arange(size) - w // 2, 0, size - w)
+    r = (np.arange(size)[None, :] >= s[:, None]) & (np.arange(size)[None, :] < s[:, None] + w)
+    vis = (vis[:, None, :, None] & r[None, :, None, :]).reshape(vis.shape[0] * size, -1)
+  b, h, d = q.shape[0], q.shape[-2], q.shape[-1]
+  qf, kf, vf = (a.reshape(b, -1, h, a.shape[-1]) for a in (q, k, v))
+  sc = np.where(vis, np.einsum("bqhd,bkhd->bhqk", qf, kf) / np.sqrt(d), -np.inf)
+  p = np.exp(sc - sc.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum("bhqk,bkhd->bqhd", p, vf).reshape(q.shape[:-1] + (v.shape[-1],))
+
+
 def test_freeswim_inward_window():
-  q, k, v = _qkv(jax.random.PRNGKey(6), (1, 7, 9), 1, 8)
-  o = local.freeswim_attention(q, k, v, (3, 4), implementation="reference")
-  o_na = N.na2d(q, k, v, (3, 4), implementation="reference")
-  np.testing.assert_allclose(np.asarray(o), np.asarray(o_na), atol=1e-6)
-  o_full = local.freeswim_attention(q, k, v, (16, 16), implementation="reference")
-  o_dense = dot_product_attention(q.reshape(1, 63, 1, 8), k.reshape(1, 63, 1, 8),
-                                  v.reshape(1, 63, 1, 8), implementation="reference")
-  np.testing.assert_allclose(np.asarray(o_full).reshape(1, 63, 1, 8), np.asarray(o_dense),
+  """The fast path and the reference against the inward-window definition (odd windows, where the
+  centring is unambiguous; a window larger than the map is full attention along that axis)."""
+  fs = jax.jit(local.freeswim_attention, static_argnums=3, static_argnames="implementation")
+  q, k, v = _qkv(jax.random.PRNGKey(6), (1, 7, 9), 2, 8)
+  for window in ((3, 5), (5, 16)):
+    want = _inward_window_attention(q, k, v, window)
+    for impl in ("block_sparse", "reference"):
+      np.testing.assert_allclose(fs(q, k, v, window, implementation=impl), want, atol=2e-5,
+                                 err_msg=f"{window} {impl}")
+  q1, k1, v1 = _qkv(jax.random.PRNGKey(7), (2, 11), 1, 4)
+  np.testing.assert_allclose(fs(q1, k1, v1, 5), _inward_window_attention(q1, k1, v1, (5,)),
                              atol=2e-5)
+  # Even windows: every query still sees exactly prod(window) keys.
   assert (N.na_mask((7, 9), (3, 4)).sum(1) == 12).all()
