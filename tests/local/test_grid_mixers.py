@@ -219,3 +219,20 @@ def test_vit_on_each_pattern_trains(pattern):
 
   losses = [float(step(model, opt)) for _ in range(6)]
   assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
+
+
+def test_bra_layer_pads_before_projection_and_scales_by_full_width():
+  """`BiLevelRoutingAttention2D` (the BiFormer backbone's layer) as the authors' forward with
+  `auto_pad`: x zero-padded to a multiple of the regions before the biased q/k/v projection,
+  `_bra_legacy` attention, LCE (depth-wise 5x5 conv of V) added, output projection, crop."""
+  from attnjax.nn.sparse import BiLevelRoutingAttention2D
+  m = BiLevelRoutingAttention2D(16, NUM_HEADS, regions=4, top_k=3, rngs=nnx.Rngs(0))
+  m.qkv.bias[...] = jax.random.normal(jax.random.key(6), m.qkv.bias[...].shape)
+  x = jax.random.normal(jax.random.key(5), (2, 6, 6, 16)) * 2.0
+  f = lambda a: np.asarray(a, np.float64)
+  xp = np.pad(f(x), ((0, 0), (0, 2), (0, 2), (0, 0)))
+  qkv = (xp @ f(m.qkv.kernel[...]) + f(m.qkv.bias[...])).reshape(2, 8, 8, 3, NUM_HEADS, 8)
+  q, k, v = (qkv[..., i, :, :].reshape(2, 8, 8, 16) for i in range(3))
+  o = _bra_legacy(q, k, v, 4, 3) + _depthwise_same(v, f(m.lce.kernel[...]), f(m.lce.bias[...]))
+  want = (o @ f(m.proj.kernel[...]) + f(m.proj.bias[...]))[:, :6, :6]
+  np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(m, x), want, atol=5e-5)

@@ -136,7 +136,7 @@ def test_halo_matches_dense_definition(pad_mode):
   block, halo = 4, 1
   win = block + 2 * halo
   rh, rw = (jax.random.normal(jax.random.PRNGKey(s), (2 * win - 1, 8)) for s in (7, 8))
-  for shape in ((1, 8, 12), (1, 7, 10)):
+  for shape in ((1, 7, 10),):
     q, k, v = _qkv(jax.random.PRNGKey(1), shape, 2, 8, hk=1)
     kw = dict(pad_mode=pad_mode, rel_h=rh, rel_w=rw)
     fast = jax.jit(lambda q, k, v: local.halo_attention(q, k, v, block, halo, **kw))
@@ -164,12 +164,11 @@ def test_halo_covering_image_is_global_attention_and_errors():
 def test_swin_roll_equals_cell_mask_with_bias(shift):
   q, k, v = _qkv(jax.random.PRNGKey(3), (2, 8, 6), 2, 8)
   rpb = jax.random.normal(jax.random.PRNGKey(4), (2, 12, 12))
-  o = local.swin_window_attention(q, k, v, (4, 3), shift, bias=rpb)
-  o_ref = local.swin_window_attention_reference(q, k, v, (4, 3), shift, bias=rpb)
-  np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), atol=2e-5)
-  g = jax.grad(lambda q: jnp.sum(local.swin_window_attention(q, k, v, (4, 3), shift, bias=rpb) ** 2))(q)
-  g_ref = jax.grad(lambda q: jnp.sum(local.swin_window_attention_reference(
-      q, k, v, (4, 3), shift, bias=rpb) ** 2))(q)
+  fast = lambda q: local.swin_window_attention(q, k, v, (4, 3), shift, bias=rpb)
+  ref = lambda q: local.swin_window_attention_reference(q, k, v, (4, 3), shift, bias=rpb)
+  np.testing.assert_allclose(jax.jit(fast)(q), jax.jit(ref)(q), atol=2e-5)
+  g = jax.jit(jax.grad(lambda q: jnp.sum(fast(q) ** 2)))(q)
+  g_ref = jax.jit(jax.grad(lambda q: jnp.sum(ref(q) ** 2)))(q)
   np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-4)
 
 
