@@ -158,11 +158,7 @@ def _swin_window(gx, gy, window, shift):
   return (wx, wy), ((shift % wx if wx < gx else 0), (shift % wy if wy < gy else 0))
 
 
-def _grid_swin(q, k, v, gx, gy, *, window: int = 7, shift: int = 0, gamma=None,
-               force_dense: bool = False):
-  if gamma is not None:
-    raise ValueError("swin: the gamma option is gone: Gated-SwinRMT's decomposed retention is the "
-                     "swin_rmt mixer")
+def _grid_swin(q, k, v, gx, gy, *, window: int = 7, shift: int = 0, force_dense: bool = False):
   (wx, wy), (sx, sy) = _swin_window(gx, gy, window, shift)
   if not force_dense and gx % wx == 0 and gy % wy == 0:
     return local_ops.swin_window_attention(q, k, v, (wx, wy), (sx, sy))
@@ -287,6 +283,9 @@ def _grid_builder(pattern: str, option_names: tuple[str, ...]):
   def build(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, grid=None,
             num_prefix: int | None = None, **options: Any):
     _no_causal(pattern, causal)
+    if pattern == "swin" and "gamma" in options:
+      raise ValueError("swin: the gamma option is gone: Gated-SwinRMT's decomposed window "
+                       "retention is the swin_rmt mixer")
     pattern_options = {n: options.pop(n) for n in option_names if n in options}
     fn = functools.partial(grid_attn_fn, pattern=pattern, grid=grid, num_prefix=num_prefix,
                            pattern_options=pattern_options)
@@ -384,7 +383,7 @@ def _no_causal(pattern, causal):
 
 
 register_mixer("swin", "Swin W-MSA / SW-MSA [18] window attention on an image grid (window, shift; "
-               "non-causal).")(_grid_builder("swin", ("window", "shift", "gamma")))
+               "non-causal).")(_grid_builder("swin", ("window", "shift")))
 
 
 @register_mixer("halo", "HaloNet blocked local attention [20] on an image grid, as timm's HaloAttn "

@@ -97,6 +97,9 @@ def test_cab_patterns(pattern):
     m(x, segment_ids=jnp.zeros((1, 16), jnp.int32))
   with pytest.raises(PatternUndefinedError, match="cross attention"):
     m(x, context=jnp.ones((1, 9, 16)))
+  if pattern == "swin":
+    with pytest.raises(ValueError, match="swin_rmt"):
+      build_mixer("swin", d_model=16, num_heads=2, causal=False, gamma=0.9, rngs=nnx.Rngs(0))
 
 
 def _proj(m, x):
