@@ -14,8 +14,9 @@ class BiFormer(HierarchicalBackbone):
   """Patch embedding, stages of BRA blocks with 2x2 patch merging, mean pool, classifier.
 
   `__call__(images [B, H, W, C]) -> logits`. `top_ks` per stage (paper: 1, 4, 16, S^2/4 with
-  S = 7 regions, "from memory"); `regions` per stage must divide that stage's map. The paper's
-  depth-wise conv positional embedding before each block is omitted (LCE is kept).
+  S = 7 regions, "from memory"); a stage map that `regions` does not divide is zero-padded inside
+  each BRA layer, as the authors' `auto_pad` (rayleizhu/BiFormer `ops/bra_legacy.py`). The
+  paper's depth-wise conv positional embedding before each block is omitted (LCE is kept).
   """
 
   def __init__(self, *, image_size: int, patch_size: int, num_classes: int,
@@ -26,10 +27,9 @@ class BiFormer(HierarchicalBackbone):
     n = len(dims)
     if not (len(depths) == len(heads) == len(regions) == len(top_ks) == n):
       raise ValueError("dims, depths, heads, regions and top_ks need one entry per stage")
-    grid = image_size // patch_size
     for s in range(n):
-      if (grid // 2 ** s) % regions[s]:
-        raise ValueError(f"regions[{s}]={regions[s]} must divide the stage map {grid // 2 ** s}")
+      if regions[s] < 1 or top_ks[s] < 1:
+        raise ValueError(f"regions[{s}]={regions[s]} and top_ks[{s}]={top_ks[s]} must be >= 1")
 
     def make_attn(s, i):
       del i

@@ -1,8 +1,8 @@
 """Neighborhood / local attention layers (catalog N) and their registered sequence mixers.
 
 Registered: `na1d` (alias `neighborhood`): 1D neighborhood attention inside `MultiHeadAttention`;
-`swin`, `halo`, `bra`, `freeswim`, `na2d`: 2D vision patterns over tokens on an image grid
-(`grid_attn_fn`).
+`swin`, `halo`, `bra`, `freeswim`, `na2d`, `swin_rmt`: 2D vision patterns over tokens on an image
+grid (`grid_attn_fn`; `HaloAttnFn` and `SwinRMTAttnFn` for the two with parameters).
 2D layers for vision backbones: `NeighborhoodAttention2D` (NAT/DiNAT), `SwinAttention2D`.
 """
 
@@ -98,19 +98,16 @@ class NeighborhoodAttention2D(nnx.Module):
 
 class SwinAttention2D(nnx.Module):
   """Swin W-MSA / SW-MSA layer on `x [B, X, Y, C]` with a relative position bias table
-  `[(2M-1)^2, H]` (zero-initialised) and, if `gamma` is given, Gated-SwinRMT's Manhattan decay
-  and sigmoid input gate `sigma(x W_g)` applied before the output projection."""
+  `[(2M-1)^2, H]` (zero-initialised). (Gated-SwinRMT is the `swin_rmt` mixer, `SwinRMTAttnFn`.)"""
 
   def __init__(self, dim: int, num_heads: int, *, window: int = 7, shift: int = 0,
-               gamma: float | None = None, rngs: nnx.Rngs):
+               rngs: nnx.Rngs):
     if dim % num_heads:
       raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
     self.num_heads, self.head_dim, self.window, self.shift = num_heads, dim // num_heads, window, shift
-    self.gamma = gamma
     self.qkv = dense(dim, 3 * dim, axes=("embed", "heads"), rngs=rngs, use_bias=True)
     self.proj = dense(dim, dim, axes=("heads", "embed"), rngs=rngs, use_bias=True)
     self.rpb = nnx.Param(jnp.zeros(((2 * window - 1) ** 2, num_heads)), logical_axes=(None, "heads"))
-    self.gate = dense(dim, dim, axes=("embed", "heads"), rngs=rngs, use_bias=True) if gamma else None
 
   def _bias(self):
     m = self.window
@@ -123,14 +120,8 @@ class SwinAttention2D(nnx.Module):
     b, sx, sy, c = x.shape
     qkv = self.qkv(x).reshape(b, sx, sy, 3, self.num_heads, self.head_dim)
     q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-    log_gamma = None
-    if self.gamma is not None:
-      log_gamma = jnp.full((self.num_heads, 2), jnp.log(self.gamma))
-    o = local_ops.swin_window_attention(q, k, v, self.window, self.shift, bias=self._bias(),
-                                        log_gamma=log_gamma).reshape(b, sx, sy, c)
-    if self.gate is not None:
-      o = o * jax.nn.sigmoid(self.gate(x))
-    return self.proj(o)
+    o = local_ops.swin_window_attention(q, k, v, self.window, self.shift, bias=self._bias())
+    return self.proj(o.reshape(b, sx, sy, c))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,41 +151,44 @@ def grid_layout(t: int, grid=None, num_prefix: int | None = None):
   return p, (1, t - p)
 
 
-def _largest_divisor_at_most(n: int, cap: int) -> int:
-  return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
-
-
-def _grid_swin(q, k, v, gx, gy, *, window: int = 7, shift: int = 0, gamma: float | None = None,
-               force_dense: bool = False):
+def _swin_window(gx, gy, window, shift):
+  """Window and shift clipped to the map: as Swin does when the map is no larger than the window,
+  one window and no shift along that side."""
   wx, wy = min(window, gx), min(window, gy)
-  # As Swin does when the map is no larger than the window: one window, no shift.
-  sx, sy = (shift % wx if wx < gx else 0), (shift % wy if wy < gy else 0)
-  log_gamma = None
-  if gamma is not None:
-    # Gated-SwinRMT's retention branch [88]: Manhattan decay gamma^(|dx| + |dy|) inside windows.
-    if not 0.0 < gamma <= 1.0:
-      raise ValueError(f"swin: gamma must be in (0, 1], got {gamma}")
-    log_gamma = jnp.full((q.shape[3], 2), math.log(gamma), jnp.float32)
+  return (wx, wy), ((shift % wx if wx < gx else 0), (shift % wy if wy < gy else 0))
+
+
+def _grid_swin(q, k, v, gx, gy, *, window: int = 7, shift: int = 0, force_dense: bool = False):
+  (wx, wy), (sx, sy) = _swin_window(gx, gy, window, shift)
   if not force_dense and gx % wx == 0 and gy % wy == 0:
-    return local_ops.swin_window_attention(q, k, v, (wx, wy), (sx, sy), log_gamma=log_gamma)
+    return local_ops.swin_window_attention(q, k, v, (wx, wy), (sx, sy))
   # Partial windows at the far border: Swin pads the map, and padded tokens are hidden here.
-  bias = None
-  if gamma is not None:
-    cx, cy = np.meshgrid(np.arange(gx), np.arange(gy), indexing="ij")
-    bias = local_ops.manhattan_bias(cx.ravel(), cy.ravel(), log_gamma)[None]
-  return _dense_grid(q, k, v, local_ops.swin_mask(gx, gy, (wx, wy), (sx, sy)), bias)
+  return _dense_grid(q, k, v, local_ops.swin_mask(gx, gy, (wx, wy), (sx, sy)))
 
 
-def _grid_halo(q, k, v, gx, gy, *, block: int = 8, halo: int = 3, force_dense: bool = False):
-  if not force_dense and gx % block == 0 and gy % block == 0:
-    return local_ops.halo_attention(q, k, v, block, halo, pad_mode="mask")
-  return _dense_grid(q, k, v, local_ops.halo_mask(gx, gy, block, halo))
+def _grid_halo(q, k, v, gx, gy, *, block: int = 8, halo: int = 3, pad_mode: str = "zeros",
+               rel_h=None, rel_w=None, force_dense: bool = False):
+  fn = local_ops.halo_attention_reference if force_dense else local_ops.halo_attention
+  return fn(q, k, v, block, halo, pad_mode=pad_mode, rel_h=rel_h, rel_w=rel_w)
 
 
 def _grid_bra(q, k, v, gx, gy, *, regions: int = 7, top_k: int = 4, force_dense: bool = False):
-  r = _largest_divisor_at_most(math.gcd(gx, gy), regions)
-  return routing_ops.bra_attention(q, k, v, regions=r, top_k=min(top_k, r * r),
-                                   implementation="reference" if force_dense else "block_sparse")
+  """BRA over an `regions x regions` grid of regions. As the authors' `auto_pad`
+  (rayleizhu/BiFormer `ops/bra_legacy.py`), a map that `regions` does not divide is zero-padded
+  at the far border (bottom / right) to the next multiple, the padded tokens are ordinary keys
+  (the authors pad `x` before the q/k/v projection; `MultiHeadAttention` has no projection bias,
+  so zero q / k / v is the same thing) and their outputs are cropped. Token attention is scaled
+  by `qk_dim ** -0.5` with `qk_dim = H * D` the full width, as the authors' `self.scale`."""
+  if regions < 1:
+    raise ValueError(f"bra: regions must be >= 1, got {regions}")
+  px, py = -gx % regions, -gy % regions
+  if px or py:
+    grow = ((0, 0), (0, px), (0, py), (0, 0), (0, 0))
+    q, k, v = jnp.pad(q, grow), jnp.pad(k, grow), jnp.pad(v, grow)
+  o = routing_ops.bra_attention(q, k, v, regions=regions, top_k=min(top_k, regions * regions),
+                                scale=(q.shape[3] * q.shape[4]) ** -0.5,
+                                implementation="reference" if force_dense else "block_sparse")
+  return o[:, :gx, :gy]
 
 
 def _on_sides_above_one(q, k, v, gx, gy, attend):
@@ -241,30 +235,22 @@ _GRID_PATTERNS = {"swin": _grid_swin, "halo": _grid_halo, "bra": _grid_bra,
                   "freeswim": _grid_freeswim, "na2d": _grid_na2d}
 
 
-def grid_attn_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=None,
-                 pattern: str, grid=None, num_prefix: int | None = None, force_dense: bool = False,
-                 pattern_options: dict | None = None, **unused):
-  """`attn_fn` for `MultiHeadAttention`: a 2D vision pattern over `[B, T, H, D]` tokens laid out
-  by `grid_layout` (prefix tokens, then a row-major `X x Y` grid).
-
-  Image tokens attend to image tokens through `pattern` (`swin`, `halo`, `bra`, `freeswim`,
-  `na2d`); prefix tokens (a class token) attend to every token, as global tokens do. Sides of one
-  token drop out for `freeswim` / `na2d` (a `(1, T)` grid is their 1D form). Grids the fast op cannot tile
-  (a window or block that does not divide the map) use the pattern's dense mask (O(T^2)).
-  Self-attention only; causal, decoding and packed sequences are undefined for these patterns.
-  """
+def _grid_apply(q, k, v, *, causal, mask, q_segment_ids, pattern: str, grid, num_prefix,
+                image_fn):
+  """Shared CAB checks and token layout of the grid mixers: `image_fn(q, k, v, gx, gy)` on the
+  `[B, X, Y, H, D]` image tokens; prefix tokens (a class token) attend to every token."""
   if causal or mask is not None:
     raise PatternUndefinedError(f"{pattern}: causal attention and decoding are undefined for a 2D "
                                 "vision pattern; build it with causal=False")
   if q_segment_ids is not None:
     raise PatternUndefinedError(f"{pattern}: packed sequences (segment_ids) are undefined on a grid")
   if q.shape[1] != k.shape[1]:
-    raise PatternUndefinedError(f"{pattern}: cross attention is undefined (keys live on the query grid)")
+    raise PatternUndefinedError(f"{pattern}: cross attention is undefined (keys live on the query "
+                                f"grid), got Tq={q.shape[1]}, Tk={k.shape[1]}")
   b, t = q.shape[:2]
   p, (gx, gy) = grid_layout(t, grid, num_prefix)
   img = lambda a: a[:, p:].reshape(b, gx, gy, *a.shape[2:])
-  o = _GRID_PATTERNS[pattern](img(q), img(k), img(v), gx, gy, force_dense=force_dense,
-                              **(pattern_options or {}))
+  o = image_fn(img(q), img(k), img(v), gx, gy)
   o = o.reshape(b, gx * gy, *o.shape[3:]).astype(q.dtype)
   if p:
     o_prefix = dot_product_attention(q[:, :p], k, v, implementation="reference").astype(q.dtype)
@@ -272,12 +258,34 @@ def grid_attn_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_i
   return o
 
 
+def grid_attn_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=None,
+                 pattern: str, grid=None, num_prefix: int | None = None, force_dense: bool = False,
+                 pattern_options: dict | None = None, **unused):
+  """`attn_fn` for `MultiHeadAttention`: a 2D vision pattern over `[B, T, H, D]` tokens laid out
+  by `grid_layout` (prefix tokens, then a row-major `X x Y` grid).
+
+  Image tokens attend to image tokens through `pattern` (`swin`, `bra`, `freeswim`, `na2d`; `halo`
+  and `swin_rmt` have parameters and run through `HaloAttnFn` / `SwinRMTAttnFn`); prefix tokens (a
+  class token) attend to every token, as global tokens do. Sides of one token drop out for
+  `freeswim` / `na2d` (a `(1, T)` grid is their 1D form). Grids the fast op cannot tile (a window
+  that does not divide the map) use the pattern's dense mask (O(T^2)).
+  CAB patterns: non-causal self-attention is defined. Non-causal cross attention is defined when the
+  context is a map on the same grid (same token count: keys at the same positions); any other
+  context raises `PatternUndefinedError`, as do causal attention, decoding and packed sequences.
+  """
+  fn = lambda q, k, v, gx, gy: _GRID_PATTERNS[pattern](q, k, v, gx, gy, force_dense=force_dense,
+                                                      **(pattern_options or {}))
+  return _grid_apply(q, k, v, causal=causal, mask=mask, q_segment_ids=q_segment_ids,
+                     pattern=pattern, grid=grid, num_prefix=num_prefix, image_fn=fn)
+
+
 def _grid_builder(pattern: str, option_names: tuple[str, ...]):
   def build(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, grid=None,
             num_prefix: int | None = None, **options: Any):
-    if causal:
-      raise PatternUndefinedError(f"{pattern}: the causal pattern is undefined for this 2D vision "
-                                  "pattern; use causal=False (ViT builds its mixers that way)")
+    _no_causal(pattern, causal)
+    if pattern == "swin" and "gamma" in options:
+      raise ValueError("swin: the gamma option is gone: Gated-SwinRMT's decomposed window "
+                       "retention is the swin_rmt mixer")
     pattern_options = {n: options.pop(n) for n in option_names if n in options}
     fn = functools.partial(grid_attn_fn, pattern=pattern, grid=grid, num_prefix=num_prefix,
                            pattern_options=pattern_options)
@@ -289,11 +297,125 @@ def _grid_builder(pattern: str, option_names: tuple[str, ...]):
   return build
 
 
+class HaloAttnFn(nnx.Module):
+  """`attn_fn` for `MultiHeadAttention`: HaloNet [20] over the image grid, as timm's `HaloAttn`
+  (`timm/layers/halo_attn.py`): blocks of `block x block` queries attend their block grown by
+  `halo`, border keys zero-padded and unmasked (`pad_mode="zeros"`; `"mask"` hides them), plus
+  timm's relative-position logits (`PosEmbedRel`: one height and one width table
+  `[2 (block + 2 halo) - 1, head_dim]` shared by heads, trunc-normal init with std
+  `head_dim ** -0.5`; `rel_pos=False` drops them). A map `block` does not divide is zero-padded
+  (`ops.local.halo_attention`). CAB patterns as `grid_attn_fn`."""
+
+  def __init__(self, head_dim: int, *, block: int = 8, halo: int = 3, pad_mode: str = "zeros",
+               rel_pos: bool = True, grid=None, num_prefix: int | None = None, rngs: nnx.Rngs):
+    if block < 1 or halo < 0 or pad_mode not in ("zeros", "mask"):
+      raise ValueError(f"halo: need block >= 1, halo >= 0 and pad_mode 'zeros' or 'mask', got "
+                       f"block={block}, halo={halo}, pad_mode={pad_mode!r}")
+    self.block, self.halo, self.pad_mode = block, halo, pad_mode
+    self.grid, self.num_prefix = None if grid is None else tuple(grid), num_prefix
+    win = block + 2 * halo
+    init = nnx.initializers.truncated_normal(stddev=head_dim ** -0.5)
+    self.rel_h = nnx.Param(init(rngs.params(), (2 * win - 1, head_dim))) if rel_pos else None
+    self.rel_w = nnx.Param(init(rngs.params(), (2 * win - 1, head_dim))) if rel_pos else None
+
+  def __call__(self, q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=None,
+               force_dense: bool = False, **unused):
+    opts = dict(block=self.block, halo=self.halo, pad_mode=self.pad_mode)
+    if self.rel_h is not None:
+      opts.update(rel_h=self.rel_h[...], rel_w=self.rel_w[...])
+    return grid_attn_fn(q, k, v, causal=causal, mask=mask, q_segment_ids=q_segment_ids,
+                        pattern="halo", grid=self.grid, num_prefix=self.num_prefix,
+                        force_dense=force_dense, pattern_options=opts)
+
+
+class SwinRMTAttnFn(nnx.Module):
+  """`attn_fn` for `MultiHeadAttention`: Gated-SwinRMT-Retention's token mixing [88] over the
+  image grid, before the G1 gate and `W_O` (which the mixer's `MultiHeadAttention` applies:
+  `output_gate="elementwise"`, `sigmoid(x W_g)` from the block input).
+
+  `O = DecomposedRetention(Q, K, V) + LCE(V)`: the width- then height-wise window retention
+  (`ops.local.decomposed_window_retention`, (shifted) Swin windows of `window`, `shift`) with the
+  per-head RMT decay `log gamma_h = log(1 - 2^(-initial_value - heads_range h / H))`
+  (`rmt_log_decay`, a fixed schedule, no learned positional bias), and the local context
+  enhancement `LCE` = a depth-wise `lce_kernel x lce_kernel` convolution of V (RMT's `lepe`,
+  kernel 5). Readings: RMT's theta-shift rotation of q / k and its projection biases are not used
+  (`MultiHeadAttention` has neither); the SWAT variant is not implemented. Window and shift are
+  clipped to small maps as Swin does. CAB patterns as `grid_attn_fn`.
+  """
+
+  def __init__(self, num_heads: int, head_dim: int, *, window: int = 7, shift: int = 0,
+               initial_value: float = 2.0, heads_range: float = 4.0, lce_kernel: int = 5,
+               grid=None, num_prefix: int | None = None, rngs: nnx.Rngs):
+    if window < 1 or shift < 0 or lce_kernel < 1:
+      raise ValueError(f"swin_rmt: need window >= 1, shift >= 0 and lce_kernel >= 1, got "
+                       f"window={window}, shift={shift}, lce_kernel={lce_kernel}")
+    self.num_heads, self.head_dim, self.window, self.shift = num_heads, head_dim, window, shift
+    self.initial_value, self.heads_range = initial_value, heads_range
+    self.grid, self.num_prefix = None if grid is None else tuple(grid), num_prefix
+    dim = num_heads * head_dim
+    self.lce = nnx.Conv(dim, dim, kernel_size=(lce_kernel, lce_kernel), feature_group_count=dim,
+                        padding="SAME", use_bias=True, rngs=rngs)
+
+  def log_decay(self):
+    return local_ops.rmt_log_decay(self.num_heads, self.initial_value, self.heads_range)
+
+  def __call__(self, q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=None,
+               **unused):
+    h = q.shape[2]
+
+    def image(q, k, v, gx, gy):
+      window, shift = _swin_window(gx, gy, self.window, self.shift)
+      o = local_ops.decomposed_window_retention(q, k, v, window, shift, log_decay=self.log_decay())
+      vr = jnp.repeat(v, h // v.shape[3], axis=3)
+      b = q.shape[0]
+      lce = self.lce(vr.reshape(b, gx, gy, -1)).reshape(b, gx, gy, h, v.shape[-1])
+      return o + lce.astype(o.dtype)
+
+    return _grid_apply(q, k, v, causal=causal, mask=mask, q_segment_ids=q_segment_ids,
+                       pattern="swin_rmt", grid=self.grid, num_prefix=self.num_prefix,
+                       image_fn=image)
+
+
+def _no_causal(pattern, causal):
+  if causal:
+    raise PatternUndefinedError(f"{pattern}: the causal pattern is undefined for this 2D vision "
+                                "pattern; use causal=False (ViT builds its mixers that way)")
+
+
 register_mixer("swin", "Swin W-MSA / SW-MSA [18] window attention on an image grid (window, shift; "
-               "gamma: Gated-SwinRMT's Manhattan decay [88]; non-causal).")(
-                   _grid_builder("swin", ("window", "shift", "gamma")))
-register_mixer("halo", "HaloNet blocked local attention [20] on an image grid (block, halo; "
-               "non-causal).")(_grid_builder("halo", ("block", "halo")))
+               "non-causal).")(_grid_builder("swin", ("window", "shift")))
+
+
+@register_mixer("halo", "HaloNet blocked local attention [20] on an image grid, as timm's HaloAttn "
+                "(block, halo, pad_mode, rel_pos; non-causal).")
+def _build_halo(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, grid=None,
+                num_prefix: int | None = None, block: int = 8, halo: int = 3,
+                pad_mode: str = "zeros", rel_pos: bool = True, **options: Any):
+  _no_causal("halo", causal)
+  options.setdefault("rope", False)
+  fn = HaloAttnFn(d_model // num_heads, block=block, halo=halo, pad_mode=pad_mode, rel_pos=rel_pos,
+                  grid=grid, num_prefix=num_prefix, rngs=rngs)
+  return MultiHeadAttention(d_model, num_heads, causal=False, attn_fn=fn, rngs=rngs, **options)
+
+
+@register_mixer("swin_rmt", "Gated-SwinRMT-Retention [88]: width- then height-wise decayed window "
+                "retention + LCE, G1 sigmoid gate before W_O (window, shift, initial_value, "
+                "heads_range, lce_kernel; non-causal).")
+def _build_swin_rmt(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, grid=None,
+                    num_prefix: int | None = None, window: int = 7, shift: int = 0,
+                    initial_value: float = 2.0, heads_range: float = 4.0, lce_kernel: int = 5,
+                    **options: Any):
+  _no_causal("swin_rmt", causal)
+  for bad in ("rope", "output_gate", "attn_fn", "num_kv_heads"):
+    if bad in options:
+      raise ValueError(f"swin_rmt: option {bad!r} is fixed by Gated-SwinRMT")
+  fn = SwinRMTAttnFn(num_heads, d_model // num_heads, window=window, shift=shift,
+                     initial_value=initial_value, heads_range=heads_range, lce_kernel=lce_kernel,
+                     grid=grid, num_prefix=num_prefix, rngs=rngs)
+  return MultiHeadAttention(d_model, num_heads, causal=False, rope=False, attn_fn=fn,
+                            output_gate="elementwise", rngs=rngs, **options)
+
+
 register_mixer("bra", "BiFormer bi-level routing attention [112] on an image grid (regions, top_k; "
                "non-causal).")(_grid_builder("bra", ("regions", "top_k")))
 register_mixer("na2d", "2D neighborhood attention (NATTEN semantics; kernel_size, dilation) on an "

@@ -166,22 +166,28 @@ def _check_options(who: str, options: dict[str, Any]):
 # MHA-based mixers: sigmoid, LSSA / LSSAR, gated attention.
 
 
+SIGMOID_DEFAULT_SEQ_LEN = 2048   # `DecoderLM`'s default `max_len`: the context the layer is sized for
+
+
 @register_mixer("sigmoid", "Sigmoid attention [50]: sigmoid(qk/sqrt(d) - log n), QK-norm on by default.")
 def _build_sigmoid(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs,
-                   bias: float | None = None, seq_len: int | None = None, qk_norm: bool = True,
-                   **options: Any):
+                   bias: float | str | None = None, seq_len: int | None = None,
+                   qk_norm: bool = True, **options: Any):
   """`MultiHeadAttention` with `sigmoid_attention` and QK-norm (the paper's best practice).
 
-  The bias: `bias` if given; else `-log(seq_len)` if `seq_len` is given (a fixed training length,
-  as Apple's axlearn sigmoid LMs set it from `max_sequence_length`); else `-log(n_i)` per query row
-  with `n_i` its visible keys (= `-log T` non-causal; the per-row reading keeps KV-cache decoding
-  and packed sequences equal to the full forward, which a per-call `-log Tk` would not).
+  The bias is the paper's fixed `b = -log n` (Ramapuram et al., "Theory, Analysis, and Best
+  Practices for Sigmoid Self-Attention"; apple/ml-sigmoid-attention), one constant for every
+  query: `n = seq_len`, the training context length (as Apple's axlearn sigmoid LMs set it from
+  `max_sequence_length`), default `SIGMOID_DEFAULT_SEQ_LEN = 2048`. A constant bias keeps KV-cache
+  decoding and packed sequences equal to the full forward. `bias` overrides it: a number, `[H]`,
+  or `"visible"` for our per-row variant `b_i = -log(n_i)` over each query's visible keys.
   """
-  if bias is None and seq_len is not None:
+  if bias is None:
+    seq_len = SIGMOID_DEFAULT_SEQ_LEN if seq_len is None else seq_len
     if seq_len < 1:
       raise ValueError(f"sigmoid: seq_len must be >= 1, got {seq_len}")
     bias = -math.log(seq_len)
-  fn = functools.partial(ops.sigmoid_attention, bias="visible" if bias is None else bias)
+  fn = functools.partial(ops.sigmoid_attention, bias=bias)
   return MultiHeadAttention(d_model, num_heads, causal=causal, qk_norm=qk_norm, rngs=rngs,
                             attn_fn=fn, **options)
 
@@ -675,7 +681,9 @@ class GatedPositionalSelfAttention(_QKVO):
   """ConViT GPSA layer [148] for tokens on a `grid = (h, w)` (default: square, inferred from T).
 
   `A_h = (1 - sigmoid(l_h)) softmax(QK^T/sqrt(d)) + sigmoid(l_h) softmax(v_h . r_ij)`, with the local
-  init `v_h = -alpha (1, -2 Delta_h)` (`locality_strength = alpha`, default 1) and gates `l_h = 1`.
+  init `v_h = -alpha (1, -2 Delta_h)` (`ops.gpsa_local_init`, `locality_strength = alpha`, default
+  1), gates `l_h = 1` and, as the authors' `local_init` does, the value projection set to the
+  identity (so a fully positional head starts as a pure shift of its input channels).
   No RoPE (the positional part is the position signal). Self-attention only (cross raises);
   `causal=True` masks later tokens in both parts (raster order). No decoding.
   """
@@ -683,6 +691,7 @@ class GatedPositionalSelfAttention(_QKVO):
   def __init__(self, d_model: int, num_heads: int, *, causal: bool = False, grid=None,
                locality_strength: float = 1.0, rngs: nnx.Rngs):
     self._proj(d_model, num_heads, rngs)
+    self.v_proj.kernel[...] = jnp.eye(d_model, dtype=self.v_proj.kernel[...].dtype)
     self.causal, self.grid = causal, None if grid is None else tuple(grid)
     self.pos_weights = nnx.Param(ops.gpsa_local_init(num_heads, locality_strength),
                                  logical_axes=("heads", None))

@@ -145,7 +145,10 @@ def _build_strided(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs
 class BiLevelRoutingAttention2D(nnx.Module):
   """BiFormer BRA layer on `x [B, X, Y, C]`: q/k/v projections, `bra_attention` over an S x S
   region grid with `top_k` routed regions, plus LCE (a depth-wise 5x5 convolution of V) added to
-  the output before the output projection."""
+  the output before the output projection. As the authors' `BiLevelRoutingAttention`
+  (rayleizhu/BiFormer `ops/bra_legacy.py`): token attention scaled by `C ** -0.5` (their `qk_dim`
+  is the full width), and a map S does not divide is zero-padded at the bottom / right before the
+  projections (`auto_pad`) and the output cropped."""
 
   def __init__(self, dim: int, num_heads: int, *, regions: int = 7, top_k: int = 4,
                rngs: nnx.Rngs):
@@ -160,12 +163,14 @@ class BiLevelRoutingAttention2D(nnx.Module):
   def __call__(self, x):
     if x.ndim != 4:
       raise ValueError(f"x must be [B, X, Y, C], got {x.shape}")
-    b, sx, sy, c = x.shape
+    b, h_in, w_in, c = x.shape
+    x = jnp.pad(x, ((0, 0), (0, -h_in % self.regions), (0, -w_in % self.regions), (0, 0)))
+    _, sx, sy, _ = x.shape
     qkv = self.qkv(x).reshape(b, sx, sy, 3, self.num_heads, self.head_dim)
     q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-    o = routing.bra_attention(q, k, v, regions=self.regions, top_k=self.top_k)
+    o = routing.bra_attention(q, k, v, regions=self.regions, top_k=self.top_k, scale=c ** -0.5)
     o = o.reshape(b, sx, sy, c) + self.lce(v.reshape(b, sx, sy, c))
-    return self.proj(o)
+    return self.proj(o)[:, :h_in, :w_in]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from attnjax.nn.attention import MultiHeadAttention
 from attnjax.ops import dot_product_attention
 from attnjax.ops.softmax import alibi_slopes
 from attnjax.ops.rope import apply_rope
+from attnjax.ops.operators._common import PatternUndefinedError
 from attnjax.registry import build_mixer
 
 D_MODEL, HEADS, B, T = 24, 4, 2, 7
@@ -54,7 +55,7 @@ def test_mixer_causal_decode_and_segments(name):
   alone = fwd(m, x[:, 3:])
   np.testing.assert_allclose(ys[:, 3:], alone, atol=2e-5, rtol=2e-5)
   # Prefill 4 tokens, then single-token steps == full causal forward; max_len > T so cache
-  # padding is exercised (sigmoid's default bias counts visible keys, not the cache length).
+  # padding is exercised (sigmoid's default bias is the fixed -log n, not the cache length).
   m.init_cache(B, T + 3)
   step = nnx.jit(lambda m, x: m(x, decode=True))
   outs = [step(m, x[:, :4])] + [step(m, x[:, i:i + 1]) for i in range(4, T)]
@@ -155,8 +156,10 @@ def test_causal_mixers_without_decode(name):
   assert not np.allclose(y2[:, 4:], y[:, 4:], atol=1e-4)
   with pytest.raises(NotImplementedError, match="decod"):
     m.init_cache(B, T)
-  with pytest.raises(ValueError, match="cross attention is"):
-    m(x, context=_x(2))
+  # CAB: causal and non-causal cross attention are undefined (GAAM has no keys, GPSA one grid).
+  for mm in (m, _build(name, causal=False)):
+    with pytest.raises(PatternUndefinedError, match="cross attention is"):
+      mm(x, context=_x(2))
 
 
 @pytest.mark.parametrize("name", ["reversed", "hierarchical"])
@@ -176,6 +179,8 @@ def test_noncausal_only_mixers(name):
 def test_gpsa_square_grid_inferred_and_dha_fusion_from_mha():
   m = _build("gpsa", causal=False, grid=None)
   assert m(_x(1, t=9)).shape == (B, 9, D_MODEL)
+  # The authors' local_init (facebookresearch/convit convit.py) sets V to the identity.
+  np.testing.assert_array_equal(m.v_proj.kernel[...], np.eye(D_MODEL))
   # A non-square T is read as one row of tokens.
   np.testing.assert_allclose(m(_x(1)), _build("gpsa", causal=False, grid=(1, T))(_x(1)), atol=1e-6)
   assert not np.allclose(m(_x(1)), _build("gpsa", causal=False, grid=(T, 1))(_x(1)), atol=1e-4)
@@ -235,3 +240,27 @@ def test_moda_mixer_layout_oracles():
   with pytest.raises(ValueError, match="modality_lengths"):
     build_mixer("moda", d_model=16, num_heads=2, causal=True, rngs=nnx.Rngs(0),
                 modality_lengths=(3, 0))
+
+
+def test_sigmoid_mixer_default_bias_is_the_papers_fixed_minus_log_n():
+  """The paper's fixed `b = -log n` (apple/ml-sigmoid-attention; "Theory, Analysis, and Best
+  Practices for Sigmoid Self-Attention"), one constant for all rows, with `n = seq_len` (default
+  2048): the mixer equals the same MHA with a naive `sigmoid(q k / sqrt(d) - log n)` engine."""
+  import math
+
+  def naive(n):
+    def attn(q, k, v, *, causal, mask=None, **kw):
+      s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+      vis = jnp.tril(jnp.ones(s.shape[-2:], bool)) if causal else jnp.ones(s.shape[-2:], bool)
+      if mask is not None:
+        vis = vis & mask
+      return jnp.einsum("bhqk,bkhd->bqhd", jnp.where(vis, jax.nn.sigmoid(s - math.log(n)), 0.0), v)
+    return attn
+
+  x = _x(1)
+  for causal in (True, False):
+    for opts, n in (({}, 2048), ({"seq_len": 64}, 64)):
+      got = _build("sigmoid", causal=causal, **opts)(x)
+      want = MultiHeadAttention(D_MODEL, HEADS, causal=causal, qk_norm=True, rngs=nnx.Rngs(0),
+                                attn_fn=naive(n))(x)
+      np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-5)

@@ -56,13 +56,6 @@ def test_gpsa_oracles(rand):
   plain = gpsa(q, k, v, pos, jnp.full((H,), -60.0), grid=(gh, gw))
   np.testing.assert_allclose(plain, jax.jit(dot_product_attention)(q, k, v),
                              atol=1e-6)   # sigma(l) = 0
-  # Strong locality, gate 1: each query copies the value at offset Delta_h (a convolution).
-  conv = gpsa(q, k, v, ops.gpsa_local_init(H, 50.0), jnp.full((H,), 60.0), grid=(gh, gw))
-  centres = [(h % 2 - 0, h // 2 - 0) for h in range(H)]      # side=2 grid: offsets in {0, 1}
-  for h, (dx, dy) in enumerate(centres):
-    i = 0                                                     # query (x=0, y=0)
-    j = dy * gw + dx
-    np.testing.assert_allclose(conv[:, i, h], v[:, j, h], atol=1e-4)
   _grads_close(lambda q, k, v: ops.gpsa_attention(q, k, v, pos, jnp.ones(H), grid=(gh, gw)),
                lambda q, k, v: (1 - jax.nn.sigmoid(1.0)) * dot_product_attention(q, k, v)
                + jax.nn.sigmoid(1.0) * jnp.einsum("hqk,bkhd->bqhd", jax.nn.softmax(jnp.einsum(
@@ -70,6 +63,49 @@ def test_gpsa_oracles(rand):
                (q, k, v), rand, (B, gh * gw, H, DV))
   with pytest.raises(ValueError, match="grid"):
     ops.gpsa_attention(q, k, v, pos, jnp.ones(H), grid=(3, 3))
+
+
+def _convit_local_init(num_heads, locality_strength):
+  """Transcription of `GPSA.local_init` (facebookresearch/convit `convit.py`): the `pos_proj`
+  weight `[H, 3]` over the authors' `rel_indices` channels `(indx, indy, indd)`."""
+  w = np.zeros((num_heads, 3), np.float32)
+  kernel_size = int(num_heads ** .5)
+  center = (kernel_size - 1) / 2 if kernel_size % 2 == 0 else kernel_size // 2
+  for h1 in range(kernel_size):
+    for h2 in range(kernel_size):
+      position = h1 + kernel_size * h2
+      w[position, 2] = -1
+      w[position, 1] = 2 * (h1 - center)
+      w[position, 0] = 2 * (h2 - center)
+  return w * locality_strength
+
+
+def _convit_rel_indices(num_patches):
+  """Transcription of `GPSA.get_rel_indices` (same file): `[N, N, 3] = (indx, indy, indd)`."""
+  img_size = int(num_patches ** .5)
+  ind = np.arange(img_size).reshape(1, -1) - np.arange(img_size).reshape(-1, 1)
+  indx = np.tile(ind, (img_size, img_size))
+  indy = np.repeat(np.repeat(ind, img_size, axis=0), img_size, axis=1)
+  return np.stack([indx, indy, indx ** 2 + indy ** 2], -1).astype(np.float32)
+
+
+@pytest.mark.parametrize("heads", [4, 9])
+def test_gpsa_local_init_matches_convit(rand, heads):
+  """Even k (4 heads: half-integer centres) and odd k (9 heads): the positional attention of the
+  local init equals the authors' `softmax(pos_proj(rel_indices))`, and at high locality each head
+  attends to its centre (a convolution)."""
+  side, alpha = 4, 1.7
+  q, k, v = _qkv(rand, tq=side * side, tk=side * side, h=heads, hk=heads)
+  pos = ops.gpsa_local_init(heads, alpha)
+  got = jax.jit(ops.gpsa_attention, static_argnames="grid")(q, k, v, pos, jnp.full((heads,), 60.0),
+                                                           grid=(side, side))
+  logits = np.einsum("nmr,hr->hnm", _convit_rel_indices(side * side), _convit_local_init(heads, alpha))
+  want = jnp.einsum("hnm,bmhd->bnhd", jax.nn.softmax(jnp.asarray(logits), -1), v)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  # Non-square H: the k^2 centred heads as the authors', the rest position-agnostic (0).
+  w5 = ops.gpsa_local_init(5, alpha)
+  np.testing.assert_allclose(w5[:4], ops.gpsa_local_init(4, alpha))
+  np.testing.assert_allclose(w5[4], 0.0)
 
 
 def test_dha_groupings(rand):
@@ -176,23 +212,34 @@ def test_cca_positions_and_mask():
 
 
 def test_gaam_oracles(rand):
+  """Oracle: a transcription of the authors' forward (gioannides/Gaussian-Adaptive-Attention,
+  `gaussian_adaptive_attention/gaussian_adaptive_attention.py`): torch's default, unbiased
+  `x.var(dim)`, a product of G Gaussians of `(x - mean - delta_g) / sqrt(var)` normalised along T."""
   x = rand(1, B, T, 6)
   off, sc = jnp.array([0.0, 0.3]), jnp.array([2.0, 1.0])
   gaam = jax.jit(ops.gaam_weights, static_argnames="causal")
   w = gaam(x, off, sc)
   np.testing.assert_allclose(w.sum(1), 1.0, rtol=1e-5)
 
-  def naive(x):   # the authors' form: a product of G Gaussian densities, normalised along T
-    mu, var = jnp.mean(x, 1, keepdims=True), jnp.var(x, 1, keepdims=True) + 1e-8
-    dens = 1.0
+  def naive(x):
+    n = x.shape[1]
+    mean = jnp.sum(x, 1, keepdims=True) / n
+    var = jnp.sum((x - mean) ** 2, 1, keepdims=True) / (n - 1) + 1e-8   # torch.var, unbiased
+    mixture = 1.0
     for d, c in zip(off, sc):
-      dens = dens * jnp.exp(-((x - mu - d) ** 2) / (2 * var * c ** 2)) / jnp.sqrt(2 * jnp.pi * c ** 2)
-    return dens / jnp.sum(dens, 1, keepdims=True)
+      y = (x - (mean + d)) / jnp.sqrt(var)
+      mixture = mixture * jnp.exp(-(y ** 2) / (2.0 * c ** 2)) / jnp.sqrt(2 * jnp.pi * c ** 2)
+    return mixture / jnp.maximum(jnp.sum(mixture, 1, keepdims=True), 1e-8)
 
   np.testing.assert_allclose(w, jax.jit(naive)(x), rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(jax.jit(jax.grad(lambda x: jnp.sum(ops.gaam_weights(x, off, sc) * x)))(x),
                              jax.jit(jax.grad(lambda x: jnp.sum(naive(x) * x)))(x), rtol=1e-3,
                              atol=1e-5)
+  # Causal: position t is the authors' forward on the prefix x[:, :t + 1] (its last weight).
+  wc_all = gaam(x, off, sc, causal=True)
+  for t in (1, 2, 5):
+    np.testing.assert_allclose(wc_all[:, t], naive(x[:, :t + 1])[:, -1], rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(wc_all[:, 0], 1.0, rtol=1e-6)
   const = jnp.ones((B, T, 6))
   np.testing.assert_allclose(gaam(const, jnp.zeros(2), sc), 1.0 / T, rtol=1e-5)
   wc = gaam(x, off, sc, causal=True)

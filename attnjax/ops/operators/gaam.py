@@ -12,7 +12,9 @@ def gaam_weights(x, offsets, scales, *, axis: int = 1, eps: float = 1e-8, causal
                  segment_ids=None):
   """GAAM weights (Ioannides et al. [16], from the authors' code), normalised along `axis`.
 
-  With `mu = mean(x)`, `sigma^2 = var(x) + eps` along `axis`, and G Gaussians (`offsets [G]` = delta,
+  With `mu = mean(x)`, `sigma^2 = var(x) + eps` along `axis` (the unbiased variance, `/(n - 1)`, as
+  the authors' `x.var(dim)` is torch's default; one sample has variance 0 here, where torch gives
+  NaN; its weight is 1 either way), and G Gaussians (`offsets [G]` = delta,
   init 0; `scales [G]` = c): `log G(x) = sum_g -(x - (mu + delta_g))^2 / (2 sigma^2 c_g^2) -
   log sqrt(2 pi c_g^2)`; `w = G / sum_axis G` (computed as a softmax of log G, so large deviations
   do not underflow to 0/0). `causal=True` (axis 1 only): position t uses the prefix's mean and
@@ -41,20 +43,25 @@ def gaam_weights(x, offsets, scales, *, axis: int = 1, eps: float = 1e-8, causal
     return _masked_weights(xf, log_g, eps, causal, segment_ids)
   if not causal:
     mu = jnp.mean(xf, axis=axis, keepdims=True)
-    var = jnp.var(xf, axis=axis, keepdims=True) + eps
+    var = jnp.var(xf, axis=axis, keepdims=True, ddof=1 if x.shape[axis] > 1 else 0) + eps
     return jax.nn.softmax(log_g(xf, mu, var), axis=axis)
   if axis != 1 or x.ndim < 2:
     raise ValueError("gaam_weights: causal=True needs the time axis at axis=1")
   t = x.shape[1]
   cnt = jnp.arange(1, t + 1, dtype=jnp.float32).reshape((1, t) + (1,) * (x.ndim - 2))
   mu = jnp.cumsum(xf, axis=1) / cnt
-  var = jnp.maximum(jnp.cumsum(xf * xf, axis=1) / cnt - mu ** 2, 0.0) + eps
+  var = _unbiased(jnp.cumsum(xf * xf, axis=1) / cnt - mu ** 2, cnt) + eps
   # lg[:, t, s] = log G of x_s under the stats of prefix t; normalise over s <= t, keep s = t.
   lg = log_g(xf[:, None], mu[:, :, None], var[:, :, None])                 # [B, T, T, ...]
   tri = jnp.tril(jnp.ones((t, t), bool)).reshape((1, t, t) + (1,) * (x.ndim - 2))
   lse = jax.nn.logsumexp(jnp.where(tri, lg, -jnp.inf), axis=2)
   own = jnp.diagonal(lg, axis1=1, axis2=2)
   return jnp.exp(jnp.moveaxis(own, -1, 1) - lse)
+
+
+def _unbiased(biased_var, cnt):
+  """`var * n / (n - 1)` from the biased variance over `n = cnt` samples (0 where n = 1)."""
+  return jnp.maximum(biased_var, 0.0) * cnt / jnp.maximum(cnt - 1.0, 1.0)
 
 
 def _masked_weights(xf, log_g, eps, causal, segment_ids):
@@ -70,7 +77,7 @@ def _masked_weights(xf, log_g, eps, causal, segment_ids):
   m = vis.astype(jnp.float32)
   cnt = jnp.sum(m, axis=2)
   mu = jnp.sum(m * xf[:, None], axis=2) / cnt
-  var = jnp.maximum(jnp.sum(m * (xf * xf)[:, None], axis=2) / cnt - mu ** 2, 0.0) + eps
+  var = _unbiased(jnp.sum(m * (xf * xf)[:, None], axis=2) / cnt - mu ** 2, cnt) + eps
   lg = log_g(xf[:, None], mu[:, :, None], var[:, :, None])                 # [B, T, T, ...]
   lse = jax.nn.logsumexp(jnp.where(vis, lg, -jnp.inf), axis=2)
   own = jnp.diagonal(lg, axis1=1, axis2=2)

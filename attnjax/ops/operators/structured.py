@@ -63,16 +63,22 @@ def grid_offsets(grid_h: int, grid_w: int):
 
 
 def gpsa_local_init(num_heads: int, locality_strength: float = 1.0):
-  """ConViT's local init `v_h = -alpha (1, -2 Delta_hx, -2 Delta_hy)`, head centres on a k x k grid.
+  """ConViT's `local_init` (facebookresearch/convit `convit.py`): `v_h = -alpha (1, -2 Delta_hx, -2 Delta_hy)`.
 
-  Then `v_h . r_ij = -alpha |delta - Delta_h|^2 + const`, peaked at offset `Delta_h`. `[H, 3]`.
+  Then `v_h . r_ij = -alpha |delta - Delta_h|^2 + const`, peaked at offset `Delta_h`. The centres
+  sit on a `k x k` grid, `k = floor(sqrt(H))`, around `c = (k - 1) / 2` (half-integer offsets for
+  even k, so 4 heads look at the four diagonal half-steps) or `k // 2` (odd k); head
+  `h = h1 + k h2` has `Delta_h = (h2 - c, h1 - c)` as `(x, y)`. `[H, 3]` for `grid_offsets`'
+  `(|delta|^2, delta_x, delta_y)`. Heads past `k^2` (H not a square) keep the authors' generic
+  init there (a small random weight); here they get 0, a uniform positional softmax.
   """
-  side = int(math.ceil(math.sqrt(num_heads)))
-  centres = []
-  for h in range(num_heads):
-    centres.append((h % side - (side - 1) // 2, h // side - (side - 1) // 2))
-  c = jnp.asarray(centres, jnp.float32)
-  return -locality_strength * jnp.concatenate([jnp.ones((num_heads, 1)), -2.0 * c], axis=-1)
+  k = math.isqrt(num_heads)
+  c = (k - 1) / 2
+  w = [[0.0, 0.0, 0.0] for _ in range(num_heads)]
+  for h1 in range(k):
+    for h2 in range(k):
+      w[h1 + k * h2] = [-1.0, 2.0 * (h2 - c), 2.0 * (h1 - c)]
+  return locality_strength * jnp.asarray(w, jnp.float32)
 
 
 def gpsa_attention(q, k, v, pos_weights, gate_logits, *, grid, mask=None, causal=False, scale=None):
