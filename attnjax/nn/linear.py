@@ -39,7 +39,7 @@ from attnjax.ops.linear.mechanisms import (flow_attention, flow_init_state, flow
                                            lightnet_attention, lina_attention, linfusion_attention,
                                            mala_attention, mala_step, rala_attention, sla_attention,
                                            sla_step)
-from attnjax.ops.softmax import dot_product_attention
+from attnjax.ops.softmax import alibi_slopes, dot_product_attention
 from attnjax.registry import register_mixer, register_mixer_class
 
 FEATURE_MAPS = ("identity", "elu", "relu", "silu", "taylor", "performer", "hedgehog")
@@ -52,10 +52,19 @@ def retnet_log_decay(num_heads: int) -> jax.Array:
   return jnp.log1p(-(2.0 ** (-5.0 - jnp.arange(num_heads, dtype=jnp.float32))))
 
 
-def lightning_log_decay(num_heads: int, layer_idx: int = 0, num_layers: int = 1) -> jax.Array:
-  """TransNormerLLM / Lightning [41] per-head decay `log lambda_h = -(8 h / H)(1 - l / L)`, `[H]`
-  (the schedule fla's `chunk_lightning_attn` uses; head 0 does not decay)."""
-  return -(8.0 / num_heads) * (1.0 - layer_idx / num_layers) * jnp.arange(num_heads, dtype=jnp.float32)
+def lightning_log_decay(num_heads: int, layer_index: int = 0, num_layers: int = 1) -> jax.Array:
+  """TransNormerLLM / Lightning [41] per-head decay as log gates `[H]`: `log lambda_h = -s_h (1 -
+  l / (L - 1) + 1e-5)`, `s_h` the ALiBi slopes, `l = layer_index` (0-based), `L = num_layers`
+  (OpenNLPLab/lightning-attention `examples/module/tnl_attn.py`; `lightning_attn/utils` builds the
+  slopes exactly as ALiBi's `alibi_slopes`, and the kernel decays by `exp(-s)` per step). The
+  first layer decays fastest; the last keeps almost everything (`s_h 1e-5`). `num_layers=1` (a
+  lone layer) reads as the first layer."""
+  if num_layers < 1 or not 0 <= layer_index < num_layers:
+    raise ValueError(f"lightning: need 0 <= layer_index < num_layers, got layer_index={layer_index}, "
+                     f"num_layers={num_layers}")
+  depth = layer_index / (num_layers - 1) if num_layers > 1 else 0.0
+  slopes = alibi_slopes(num_heads)
+  return -slopes * (1.0 - depth + 1e-5)
 
 
 class _StateCache:
@@ -88,7 +97,7 @@ class LinearMixer(nnx.Module, _StateCache):
                key_dim: int | None = None, normalize: bool = True, decay: str = "none",
                output_norm: bool = False, output_gate: str | None = None, window: int = 0,
                num_features: int | None = None, distill: bool = False, distill_weight: float = 1.0,
-               layer_idx: int = 0, num_layers: int = 1, gate_low_rank: int = 16,
+               layer_index: int = 0, num_layers: int = 1, gate_low_rank: int = 16,
                gate_normalizer: float = 16.0, chunk_size: int = 64, form: str = "chunked",
                rngs: nnx.Rngs):
     if feature_map not in FEATURE_MAPS:
@@ -124,7 +133,7 @@ class LinearMixer(nnx.Module, _StateCache):
     if decay == "retnet":
       self.fixed_log_decay = nnx.Variable(retnet_log_decay(num_heads))
     elif decay == "lightning":
-      self.fixed_log_decay = nnx.Variable(lightning_log_decay(num_heads, layer_idx, num_layers))
+      self.fixed_log_decay = nnx.Variable(lightning_log_decay(num_heads, layer_index, num_layers))
     self.gate_down = self.gate_up = nnx.data(None)
     if decay == "gla":
       self.gate_down = dense(d_model, gate_low_rank, axes=("embed", None), rngs=rngs)
@@ -394,9 +403,11 @@ def _build_retnet(*, d_model, num_heads, causal, rngs, **options):
 
 
 @register_mixer("lightning", "Lightning Attention / TransNormerLLM: silu q,k, fixed per-head decay, SRMSNorm-style norm + sigmoid gate.")
-def _build_lightning(*, d_model, num_heads, causal, rngs, **options):
+def _build_lightning(*, d_model, num_heads, causal, rngs, layer_index: int = 0, num_layers: int = 1,
+                     **options):
   return LinearMixer(d_model, num_heads, causal=causal, feature_map="silu", normalize=False,
-                     decay="lightning", output_norm=True, output_gate="sigmoid", rngs=rngs, **options)
+                     decay="lightning", output_norm=True, output_gate="sigmoid",
+                     layer_index=layer_index, num_layers=num_layers, rngs=rngs, **options)
 
 
 @register_mixer("transnormer", "TransNormer NormAttention: o = RMSNorm(phi(Q)(phi(K)^T V)), no denominator.")
