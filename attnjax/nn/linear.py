@@ -454,10 +454,11 @@ def _no_decode(name: str):
 
 
 def _local_conv(x, kernel, segment_ids, causal):
-  """Depth-wise conv along time of `x [B, T, C]` with `kernel [W, C]` (W odd): centred taps when
-  non-causal (the 1-D stand-in for the papers' 3x3 DWConv), never reading across a segment."""
+  """Depth-wise conv along time of `x [B, T, C]` with `kernel [W, C]`, or one kernel per output
+  token `[B, T, W, C]` (W odd): centred taps when non-causal (the 1-D stand-in for the papers' 3x3
+  DWConv), zero outside the sequence, never reading across a segment."""
   b, t, _ = x.shape
-  w = kernel.shape[0]
+  w = kernel.shape[-2]
   offs = range(-(w // 2), w // 2 + 1)
   seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
   y = jnp.zeros_like(x)
@@ -466,7 +467,7 @@ def _local_conv(x, kernel, segment_ids, causal):
     sseg = jnp.roll(seg, -o, axis=1)
     idx = jnp.arange(t) + o
     ok = (idx >= 0) & (idx < t) & (sseg == seg)
-    y = y + jnp.where(ok[..., None], shifted, 0.0) * kernel[tap]
+    y = y + jnp.where(ok[..., None], shifted, 0.0) * kernel[..., tap, :]
   return y
 
 
@@ -551,22 +552,52 @@ class _NormalisedNonCausal(_QKVBase):
 
 
 class InLineMixer(_NormalisedNonCausal):
-  """InLine [26] layer: `phi` (elu + 1 by default; relu / identity) on `x W_q`, `x W_k`,
-  `inline_attention` (injective weights summing to 1), plus the paper's local residual as a
-  centred depth-wise conv of V (width `local`, 0 = off; the 1-D stand-in for its 3x3 window),
-  then `W_o`. Non-causal only, as in the paper (the pure function also has a prefix-mean extension)."""
+  """InLine [26] layer (LeapLabTHU/InLine `models/inline_deit.py` `InLineAttention`): `phi` on
+  `x W_q`, `x W_k` (identity by default, as the authors; elu / relu optional), `inline_attention`
+  (injective weights summing to 1, `scale = D^{-1/2}`), plus the local residual: a depth-wise conv
+  of V whose kernel is predicted per sample from the pooled input, `kernel = W2 GELU(W1 mean(x) +
+  b1) + b2` (W1, W2 grouped by head as the authors' grouped 1x1 convs; W2 gives `local` taps per
+  channel), then `W_o`. The authors' conv is 3x3 on the image grid (cls token excluded); here it
+  is the 1-D stand-in: `local` centred taps along the sequence (default 3; 0 = off), zero-padded,
+  within each packed segment, whose mean it pools. Non-causal only, as in the paper (the pure
+  function also has a prefix-mean extension)."""
   name = "inline"
 
-  def __init__(self, d_model, num_heads, *, causal=False, feature_map="elu", local=3, rngs, **kw):
+  def __init__(self, d_model, num_heads, *, causal=False, feature_map="identity", local=3, rngs, **kw):
     _noncausal_only(self.name, causal)
     if feature_map not in ("elu", "relu", "identity"):
       raise ValueError(f"feature_map must be 'elu', 'relu' or 'identity', got {feature_map!r}")
     if local and local % 2 == 0:
       raise ValueError(f"local must be 0 or an odd width, got {local}")
     super().__init__(d_model, num_heads, causal=causal, rngs=rngs, **kw)
-    self.feature_map = feature_map
-    self.local = (nnx.Param(jnp.zeros((local, d_model)), logical_axes=("conv", "embed"))
-                  if local else nnx.data(None))
+    self.feature_map, self.local = feature_map, local
+    self.res_w1 = self.res_b1 = self.res_w2 = self.res_b2 = nnx.data(None)
+    if local:
+      d = self.d
+      init = nnx.initializers.lecun_normal(in_axis=1, out_axis=2)
+      self.res_w1 = nnx.Param(init(rngs.params(), (num_heads, d, d)), logical_axes=(None, None, None))
+      self.res_b1 = nnx.Param(jnp.zeros((d_model,)), logical_axes=(None,))
+      self.res_w2 = nnx.Param(init(rngs.params(), (num_heads, d, local * d)), logical_axes=(None, None, None))
+      self.res_b2 = nnx.Param(jnp.zeros((local * d_model,)), logical_axes=(None,))
+
+  def residual_kernel(self, x, segment_ids=None):
+    """Per-token conv kernels `[B, T, local, d_model]` from the mean of `x` over each token's
+    segment (the authors' `self.residual(x.mean(dim=1))`, reshaped to channel-major taps)."""
+    from attnjax.ops.linear.engine import run_ids  # local: avoid a cycle at import time
+    b, t, c = x.shape
+    xf = x.astype(jnp.float32)
+    if segment_ids is None:
+      pooled = jnp.broadcast_to(jnp.mean(xf, axis=1, keepdims=True), xf.shape)
+    else:
+      runs = run_ids(segment_ids)
+      tot = jax.vmap(lambda xb, rb: jax.ops.segment_sum(xb, rb, num_segments=t))(xf, runs)
+      cnt = jax.vmap(lambda rb: jax.ops.segment_sum(jnp.ones((t,)), rb, num_segments=t))(runs)
+      pooled = jax.vmap(lambda tb, cb, rb: tb[rb] / cb[rb][:, None])(tot, cnt, runs)
+    hid = jnp.einsum("btgi,gio->btgo", pooled.reshape(b, t, self.h, self.d), self.res_w1[...])
+    hid = jax.nn.gelu(hid.reshape(b, t, c) + self.res_b1[...], approximate=False)
+    ker = jnp.einsum("btgi,gio->btgo", hid.reshape(b, t, self.h, self.d), self.res_w2[...])
+    ker = ker.reshape(b, t, c * self.local) + self.res_b2[...]
+    return jnp.swapaxes(ker.reshape(b, t, c, self.local), -1, -2)       # output channel = c*local + tap
 
   def __call__(self, x, *, segment_ids=None, decode=False):
     if decode:
@@ -575,9 +606,10 @@ class InLineMixer(_NormalisedNonCausal):
     phi = {"elu": fm.elu_plus_one, "relu": fm.relu, "identity": fm.identity}[self.feature_map]
     o = inline_attention(phi(q), phi(k), v, segment_ids=segment_ids, form=self.form,
                          chunk_size=self.chunk_size)
-    if self.local is not None:
+    if self.local:
       b, t = x.shape[:2]
-      o = o + self._heads(_local_conv(v.reshape(b, t, -1), self.local[...], segment_ids, False))
+      ker = self.residual_kernel(x, segment_ids)
+      o = o + self._heads(_local_conv(v.reshape(b, t, -1), ker, segment_ids, False)).astype(o.dtype)
     return self._out(o)
 
 

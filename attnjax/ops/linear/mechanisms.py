@@ -133,15 +133,19 @@ def _sums(phi_q, phi_k, v, causal, segment_ids, form, chunk_size):
   return o1[..., :dv], o1[..., dv:], o2[..., :dv], o2[..., dv:]
 
 
-def inline_attention(phi_q, phi_k, v, *, causal=False, segment_ids=None, form="chunked", chunk_size=64):
-  """InLine (injective linear) attention [26]: weights `w_ij = phi_q_i.phi_k_j - mean_s
-  phi_q_i.phi_k_s + 1/N` (rows sum to 1, may be negative), `o_i = sum_j w_ij v_j`, computed in O(N)
-  as `num - den * mean(v) + mean(v)`. Means run over the segment (non-causal, the paper) or the
-  prefix (`causal=True`, N_i = i + 1; our extension). The paper's local 3x3 residual is a vision
-  extra left to the layer. `[B, T, H, D]`."""
+def inline_attention(phi_q, phi_k, v, *, scale=None, causal=False, segment_ids=None, form="chunked",
+                     chunk_size=64):
+  """InLine (injective linear) attention [26] as the authors' code (LeapLabTHU/InLine
+  `models/inline_deit.py`, `InLineAttention.forward`): `o_i = phi_q_i (phi_k^T v) scale / N +
+  (1 - scale phi_q_i . kbar) vbar`, `kbar, vbar` the means of `phi_k`, `v`, `scale = D^{-1/2}`
+  (default). Implied weights `w_ij = scale (phi_q_i.phi_k_j - phi_q_i.kbar) / N + 1/N` sum to 1
+  (may be negative). Means run over the segment (non-causal, the paper) or the prefix
+  (`causal=True`, N_i = i + 1; our extension). The authors' `phi` is the identity (the layer
+  applies it). The local residual belongs to the layer. `[B, T, H, D]`."""
+  scale = phi_q.shape[-1] ** -0.5 if scale is None else scale
   num, den, vsum, count = _sums(phi_q, phi_k, v, causal, segment_ids, form, chunk_size)
   mean_v = vsum / count
-  return (num - den * mean_v + mean_v).astype(phi_q.dtype)
+  return (scale * (num - den * mean_v) / count + mean_v).astype(phi_q.dtype)
 
 
 def linfusion_attention(phi_q, phi_k, v, *, eps=1e-4, causal=False, segment_ids=None,
