@@ -688,11 +688,7 @@ class LINAMixer(_NormalisedNonCausal):
     if t > self.max_len:
       raise ValueError(f"lina: sequence length {t} exceeds max_len={self.max_len} (one gate per position)")
     q, k, v = self._qkv(x)
-    if segment_ids is None:
-      pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    else:
-      first = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
-      pos = jnp.arange(t) - jax.lax.cummax(jnp.where(first, jnp.arange(t), 0), axis=1)
+    pos = _segment_positions(segment_ids, b, t)
     gate = jnp.exp(self.log_gate[...][pos])                       # [B, T, H]
     o = lina_attention(fm.elu_plus_one(q), fm.elu_plus_one(k), v, gate, eps=self.eps,
                        segment_ids=segment_ids)
@@ -701,33 +697,68 @@ class LINAMixer(_NormalisedNonCausal):
     return self._out(o)
 
 
-class SLABMixer(_QKVBase):
-  """SLAB [33] simplified linear attention layer: `sla_attention(relu(Q), relu(K), V)` plus a
-  depth-wise conv of V (`local` taps: centred when non-causal, causal `ShortConv` when causal),
-  `W_o`. Causal (prefix sums, decodes with the state `S [B, H, D, D + 1]` and the conv's cache)
-  and non-causal (the paper's vision setting). SLAB's other half, PRepBN, is `PRepBN` below."""
+def _segment_positions(segment_ids, b, t):
+  """Position of each token within its packed segment `[B, T]` (0, 1, ... from each start)."""
+  if segment_ids is None:
+    return jnp.broadcast_to(jnp.arange(t), (b, t))
+  first = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+  return jnp.arange(t) - jax.lax.cummax(jnp.where(first, jnp.arange(t), 0), axis=1)
 
-  def __init__(self, d_model, num_heads, *, causal=True, local=3, eps=1e-6, rngs, **kw):
+
+class SLABMixer(_QKVBase):
+  """SLAB [33] simplified linear attention layer, as the authors' `Attention` in xinghaochen/SLAB
+  `classification/models/slab_deit.py`: `k = x W_k + P` (a learned positional encoding on the keys,
+  zero-initialised, one row per position: `pos_emb=True`, `max_len` rows; packed segments count
+  positions from their start), `sla_attention(relu(Q), relu(K), V)` (eps 1e-6), plus a depth-wise
+  conv of V of width `local` (default 5, the authors' `kernel_size=5`), then `W_o`.
+  Non-causal (the paper's vision setting): the conv's `[local, head_dim]` kernel and bias are
+  shared by the heads, as the authors' `dwc` (a `head_dim`-channel conv run on every head); it is
+  the 1-D stand-in for their 5x5 conv on the image grid (centred taps, zero padding). Causal (our
+  extension for language models): prefix sums, and the conv is a causal `ShortConv` over all
+  channels (without its bias); decodes with the state `S [B, H, D, D + 1]`, the conv's cache and a
+  position counter. SLAB's other half, PRepBN, is `PRepBN` below."""
+
+  def __init__(self, d_model, num_heads, *, causal=True, local=5, pos_emb=True, max_len=2048,
+               eps=1e-6, rngs, **kw):
     super().__init__(d_model, num_heads, causal=causal, rngs=rngs, **kw)
-    self.eps = eps
-    self.conv = self.local = nnx.data(None)
+    self.eps, self.max_len = eps, max_len
+    self.conv = self.local = self.local_bias = self.k_pos = nnx.data(None)
     if local and causal:
       self.conv = ShortConv(d_model, local, rngs=rngs)
     elif local:
       if local % 2 == 0:
         raise ValueError(f"local must be an odd width when causal=False, got {local}")
-      self.local = nnx.Param(jnp.zeros((local, d_model)), logical_axes=("conv", "embed"))
+      w = jax.random.normal(rngs.params(), (local, self.d)) * local ** -0.5
+      self.local = nnx.Param(w, logical_axes=("conv", None))
+      self.local_bias = nnx.Param(jnp.zeros((self.d,)), logical_axes=(None,))
+    if pos_emb:
+      self.k_pos = nnx.Param(jnp.zeros((max_len, d_model)), logical_axes=(None, "embed"))
+    self.pos_index = nnx.data(None)
 
   def init_cache(self, batch_size, max_len, dtype=jnp.float32):
     if not self.causal:
       raise NotImplementedError("mixer 'slab': decoding needs causal=True")
+    if self.k_pos is not None and max_len > self.max_len:
+      raise ValueError(f"slab: max_len={max_len} exceeds the positional encoding's max_len={self.max_len}")
     self.state = nnx.Cache(jnp.zeros((batch_size, self.h, self.d, self.d + 1), jnp.float32))
+    self.pos_index = nnx.Cache(jnp.zeros((), jnp.int32))
     if self.conv is not None:
       self.conv.init_cache(batch_size, max_len, dtype)
 
   def __call__(self, x, *, segment_ids=None, decode=False):
     q, k, v = self._qkv(x)
     b, t = x.shape[:2]
+    if self.k_pos is not None:
+      if decode:
+        start = self.pos_index[...]
+        pos = jnp.broadcast_to(start + jnp.arange(t), (b, t))
+        self.pos_index[...] = start + t
+      else:
+        if t > self.max_len:
+          raise ValueError(f"slab: sequence length {t} exceeds max_len={self.max_len} (one key "
+                           "positional encoding per position)")
+        pos = _segment_positions(segment_ids, b, t)
+      k = k + self._heads(self.k_pos[...][pos]).astype(k.dtype)
     if decode:
       st = self._cache_get("state")
       if t == 1:
@@ -744,7 +775,8 @@ class SLABMixer(_QKVBase):
     if self.conv is not None:
       o = o + self._heads(self.conv(vf, segment_ids=segment_ids, decode=decode) - self.conv.bias[...])
     elif self.local is not None:
-      o = o + self._heads(_local_conv(vf, self.local[...], segment_ids, False))
+      ker = jnp.tile(self.local[...], (1, self.h))              # channel h*D + i uses tap column i
+      o = o + self._heads(_local_conv(vf, ker, segment_ids, False)) + self.local_bias[...]
     return self._out(o)
 
 
