@@ -25,6 +25,7 @@ from flax import nnx
 from attnjax.nn.attention import MultiHeadAttention
 from attnjax.nn.layers import RMSNorm, ShortConv, dense
 from attnjax.ops import masks as masks_lib
+from attnjax.ops.operators._common import PatternUndefinedError
 from attnjax.ops.linear import feature_maps as fm
 from attnjax.ops.linear.delta import delta_rule, delta_rule_step
 from attnjax.ops.linear.engine import init_state, linear_attention, linear_attention_step
@@ -65,6 +66,15 @@ def lightning_log_decay(num_heads: int, layer_index: int = 0, num_layers: int = 
   depth = layer_index / (num_layers - 1) if num_layers > 1 else 0.0
   slopes = alibi_slopes(num_heads)
   return -slopes * (1.0 - depth + 1e-5)
+
+
+def _no_cross(layer, context) -> None:
+  """The linear-family layers read and write one state built from the sequence's own tokens (and
+  the hybrids route those tokens): cross attention (`context=`) is not a pattern they define."""
+  if context is not None:
+    raise PatternUndefinedError(f"{type(layer).__name__}: cross attention (context=) is undefined "
+                                "for this mixer (its state / routing is built from the query "
+                                "sequence itself)")
 
 
 class _StateCache:
@@ -206,7 +216,9 @@ class LinearMixer(nnx.Module, _StateCache):
     return o
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
-               decode: bool = False) -> jax.Array:
+               decode: bool = False, context: jax.Array | None = None,
+               context_segment_ids: jax.Array | None = None) -> jax.Array:
+    _no_cross(self, context)
     if x.ndim != 3:
       raise ValueError(f"x must be [B, T, d_model], got shape {x.shape}")
     b, t, _ = x.shape
@@ -267,7 +279,8 @@ class DeltaNetMixer(nnx.Module, _StateCache):
   def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> None:
     self.state = nnx.Cache(jnp.zeros((batch_size, self.h, self.d, self.d), jnp.float32))
 
-  def __call__(self, x, *, segment_ids=None, decode=False):
+  def __call__(self, x, *, segment_ids=None, decode=False, context=None, context_segment_ids=None):
+    _no_cross(self, context)
     b, t, _ = x.shape
     heads = lambda y: y.reshape(b, t, self.h, self.d)
     l2 = lambda y: y * jax.lax.rsqrt(jnp.sum(y * y, axis=-1, keepdims=True) + 1e-6)
@@ -320,7 +333,8 @@ class MALAMixer(nnx.Module, _StateCache):
     z = lambda dk: jnp.zeros((batch_size, self.h, dk, self.d + 1), jnp.float32)
     self.state = nnx.Cache((z(self.d), z(1)))
 
-  def __call__(self, x, *, segment_ids=None, decode=False):
+  def __call__(self, x, *, segment_ids=None, decode=False, context=None, context_segment_ids=None):
+    _no_cross(self, context)
     b, t, _ = x.shape
     heads = lambda y: y.reshape(b, t, self.h, self.d)
     pq = fm.elu_plus_one(heads(self.q_proj(x)))
@@ -361,6 +375,15 @@ def _block_attention(block: int):
                                  kv_segment_ids=kv_segment_ids, **kw)
 
   return attn
+
+
+class DiagAttention(MultiHeadAttention):
+  """TransNormer's DiagAttention: `MultiHeadAttention` with `_block_attention` (softmax within
+  blocks of absolute positions). Blocks tile one sequence, so cross attention is undefined."""
+
+  def __call__(self, x, *, context=None, **kw):
+    _no_cross(self, context)
+    return super().__call__(x, **kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,8 +441,8 @@ def _build_transnormer(*, d_model, num_heads, causal, rngs, feature_map: str = "
 
 @register_mixer("transnormer_diag", "TransNormer DiagAttention: softmax attention within blocks of 64 tokens.")
 def _build_transnormer_diag(*, d_model, num_heads, causal, rngs, block: int = 64, **options):
-  return MultiHeadAttention(d_model, num_heads, causal=causal, attn_fn=_block_attention(block),
-                            rngs=rngs, **options)
+  return DiagAttention(d_model, num_heads, causal=causal, attn_fn=_block_attention(block),
+                       rngs=rngs, **options)
 
 
 @register_mixer("deltanet", "DeltaNet: delta rule with L2-normalised keys (chunked UT form).")
@@ -528,7 +551,8 @@ class LightNetMixer(_QKVBase):
     self.state = nnx.Cache((jnp.zeros((batch_size, self.h, self.d, self.d), jnp.float32),
                             jnp.full((batch_size, self.h, self.d), -jnp.inf, jnp.float32)))
 
-  def __call__(self, x, *, segment_ids=None, decode=False):
+  def __call__(self, x, *, segment_ids=None, decode=False, context=None, context_segment_ids=None):
+    _no_cross(self, context)
     q, k, v = self._qkv(x)
     q = jax.nn.silu(q)
     if decode:
@@ -599,7 +623,8 @@ class InLineMixer(_NormalisedNonCausal):
     ker = ker.reshape(b, t, c * self.local) + self.res_b2[...]
     return jnp.swapaxes(ker.reshape(b, t, c, self.local), -1, -2)       # output channel = c*local + tap
 
-  def __call__(self, x, *, segment_ids=None, decode=False):
+  def __call__(self, x, *, segment_ids=None, decode=False, context=None, context_segment_ids=None):
+    _no_cross(self, context)
     if decode:
       _no_decode(self.name)
     q, k, v = self._qkv(x)
@@ -629,7 +654,8 @@ class LinFusionMixer(_NormalisedNonCausal):
         nnx.Linear(d_model, d_model, kernel_init=nnx.initializers.zeros, rngs=rngs))
     self.mlp_q, self.mlp_k = mk(), mk()
 
-  def __call__(self, x, *, segment_ids=None, decode=False):
+  def __call__(self, x, *, segment_ids=None, decode=False, context=None, context_segment_ids=None):
+    _no_cross(self, context)
     if decode:
       _no_decode(self.name)
     q = self._heads(self.q_proj(x + self.mlp_q(x)))
@@ -653,7 +679,8 @@ class RALAMixer(_NormalisedNonCausal):
     self.local = (nnx.Param(jnp.zeros((local, d_model)), logical_axes=("conv", "embed"))
                   if local else nnx.data(None))
 
-  def __call__(self, x, *, segment_ids=None, decode=False):
+  def __call__(self, x, *, segment_ids=None, decode=False, context=None, context_segment_ids=None):
+    _no_cross(self, context)
     if decode:
       _no_decode(self.name)
     q, k, v = self._qkv(x)
@@ -681,7 +708,8 @@ class LINAMixer(_NormalisedNonCausal):
     self.local = (nnx.Param(jnp.zeros((local, d_model)), logical_axes=("conv", "embed"))
                   if local else nnx.data(None))
 
-  def __call__(self, x, *, segment_ids=None, decode=False):
+  def __call__(self, x, *, segment_ids=None, decode=False, context=None, context_segment_ids=None):
+    _no_cross(self, context)
     if decode:
       _no_decode(self.name)
     b, t = x.shape[:2]
@@ -745,7 +773,8 @@ class SLABMixer(_QKVBase):
     if self.conv is not None:
       self.conv.init_cache(batch_size, max_len, dtype)
 
-  def __call__(self, x, *, segment_ids=None, decode=False):
+  def __call__(self, x, *, segment_ids=None, decode=False, context=None, context_segment_ids=None):
+    _no_cross(self, context)
     q, k, v = self._qkv(x)
     b, t = x.shape[:2]
     if self.k_pos is not None:
@@ -790,7 +819,8 @@ class FlowformerMixer(_QKVBase):
       raise NotImplementedError("mixer 'flowformer': decoding needs causal=True")
     self.state = nnx.Cache(flow_init_state(batch_size, self.h, self.d, self.d))
 
-  def __call__(self, x, *, segment_ids=None, decode=False):
+  def __call__(self, x, *, segment_ids=None, decode=False, context=None, context_segment_ids=None):
+    _no_cross(self, context)
     q, k, v = self._qkv(x)
     if decode:
       o, st = _scan_decode(lambda s, a, b_, c: flow_step(a, b_, c, s), (q, k, v), self._cache_get("state"))
@@ -891,7 +921,8 @@ class WindowLinearMixer(_QKVBase):
     self.state = nnx.Cache(window_linear_init_cache(batch_size, self.window, self.h, self.d,
                                                     2 * self.d, self.d))
 
-  def __call__(self, x, *, segment_ids=None, decode=False):
+  def __call__(self, x, *, segment_ids=None, decode=False, context=None, context_segment_ids=None):
+    _no_cross(self, context)
     q, k, v = self._qkv(x)
     pq, pk = fm.hedgehog(q, self.fm_q[...]), fm.hedgehog(k, self.fm_k[...])
     wf = jax.nn.sigmoid(self.window_logit[...])
@@ -946,7 +977,8 @@ class NAtSMixer(_QKVBase):
     p = jax.nn.softmax(self.router(pooled).astype(jnp.float32), axis=-1)[..., 1]
     return straight_through(p), tail
 
-  def __call__(self, x, *, segment_ids=None, decode=False):
+  def __call__(self, x, *, segment_ids=None, decode=False, context=None, context_segment_ids=None):
+    _no_cross(self, context)
     q, k, v = self._qkv(x)
     l2 = lambda y: y * jax.lax.rsqrt(jnp.sum(y * y, axis=-1, keepdims=True) + 1e-6)
     ql, kl = l2(jax.nn.silu(q)), l2(jax.nn.silu(k))
@@ -972,7 +1004,8 @@ class SkipMixer(nnx.Module):
   """A removed attention sublayer (LayerBoost's "low sensitivity" policy): outputs zeros, so the
   block's residual passes `x` unchanged. Decodes trivially."""
 
-  def __call__(self, x, *, segment_ids=None, decode=False):
+  def __call__(self, x, *, segment_ids=None, decode=False, context=None, context_segment_ids=None):
+    _no_cross(self, context)
     if x.ndim != 3:
       raise ValueError(f"x must be [B, T, d_model], got shape {x.shape}")
     return jnp.zeros_like(x)
@@ -1152,7 +1185,8 @@ class StillMixer(WindowLinearMixer):
     psi = fm.hedgehog(xf / n, weight)
     return (jnp.where(nz, n, 0.0) * psi).astype(x.dtype)
 
-  def __call__(self, x, *, segment_ids=None, decode=False):
+  def __call__(self, x, *, segment_ids=None, decode=False, context=None, context_segment_ids=None):
+    _no_cross(self, context)
     q, k, v = self._qkv(x)
     pq, pk = self.feature(q, self.fm_q[...]), self.feature(k, self.fm_k[...])
     wf = jax.nn.sigmoid(self.window_logit[...])
@@ -1251,7 +1285,8 @@ class SeqBoatMixer(nnx.Module, _StateCache):
     self.state = nnx.Cache(dict(attn=seqboat_init_cache(batch_size, self.window, self.h, self.d, self.d),
                                 ema=init_state(batch_size, self.c, self.n, 1)))
 
-  def __call__(self, x, *, segment_ids=None, decode=False):
+  def __call__(self, x, *, segment_ids=None, decode=False, context=None, context_segment_ids=None):
+    _no_cross(self, context)
     b, t, _ = x.shape
     mx, hx, u = self.backbone(x, segment_ids=segment_ids, decode=decode)
     p = jax.nn.softmax(u.astype(jnp.float32) / jnp.exp(self.log_tau[...]), axis=-1)

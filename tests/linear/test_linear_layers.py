@@ -135,3 +135,26 @@ def test_decoder_passes_layer_index_only_to_depth_aware_mixers():
   with pytest.raises(ValueError, match="layer_index"):
     build_mixer("lightning", d_model=D, num_heads=H, causal=True, rngs=nnx.Rngs(0),
                 layer_index=4, num_layers=4)
+
+
+def test_linear_family_cross_calls_raise_pattern_undefined():
+  """CAB contract: the linear-family layers answer a cross call (`context=`) with
+  `PatternUndefinedError`, not a TypeError or a shape error. Every layer class of
+  `attnjax.nn.linear` is checked on a bare instance (the check is its first statement, so no
+  parameters are needed); a few registry builds (shapes only) confirm the wiring."""
+  import inspect
+  from attnjax.ops.operators._common import PatternUndefinedError
+  import attnjax.nn.linear as lin
+  x, ctx = _x(0, t=5), _x(1, t=4)
+  classes = [c for c in vars(lin).values() if isinstance(c, type) and issubclass(c, nnx.Module)
+             and c.__module__ == lin.__name__ and c is not lin.PRepBN and "__call__" in vars(c)]
+  assert len(classes) >= 16
+  for cls in classes:
+    assert "context" in inspect.signature(cls.__call__).parameters, cls.__name__
+    with pytest.raises(PatternUndefinedError, match="cross"):
+      cls.__call__(object.__new__(cls), x, context=ctx)
+  for name, causal in (("linear", False), ("transnormer_diag", True), ("skip", True)):
+    m = nnx.eval_shape(lambda: build_mixer(name, d_model=D, num_heads=H, causal=causal,
+                                           rngs=nnx.Rngs(0)))
+    with pytest.raises(PatternUndefinedError, match="cross"):
+      m(x, context=ctx)
