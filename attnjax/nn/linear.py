@@ -937,16 +937,18 @@ class WindowLinearMixer(_QKVBase):
 
 
 class NAtSMixer(_QKVBase):
-  """NAtS-L [153] layer: per-chunk routing between softmax attention and Gated DeltaNet.
+  """NAtS-L [153] layer: one routing decision per chunk between softmax attention and Gated
+  DeltaNet (automl/NeuralAttentionSearchLinear `layers/natsl_attn_gdn.py`, our reading).
 
   Shared `W_q, W_k, W_v`; the router scores `Linear(mean-pool of the chunk) in R^2` (chunks of
-  `route_chunk` positions from the segment start), `p = softmax(score)[1]`, route = `p > 0.5` with
-  a straight-through gradient. Causal reading: a token's pool covers its chunk up to itself, so at
-  the chunk's last token it is the paper's chunk mean and no token sees the future. Routed tokens
-  stay in the KV cache for softmax attention (raw q, k, scale D^-1/2); the others are written into
-  the GDN state (`l2norm(silu(.))` q, k, `beta = sigmoid(x W_b)`, Mamba-2 style decay); the two
-  read-outs are added (`nats_attention`), then per-head RMSNorm, swish gate, `W_o`.
-  `router_bias` initialises the softmax logit's bias (0: about half the chunks at init).
+  `route_chunk` positions from the segment start), `p = softmax(score)[1]`, decision `p > 0.5`
+  with a straight-through gradient (the authors' `hard_softmax`). The pool is the whole chunk, so
+  the decision exists once the chunk is complete, and it only governs how later chunks see the
+  chunk's tokens (kept in the KV cache for softmax attention with raw q, k, scale D^-1/2, or
+  committed to the GDN state: `l2norm(silu(.))` q, k, `beta = sigmoid(x W_b)`, Mamba-2 style
+  decay); a query reads its own chunk through the GDN state (`nats_attention`). The read-outs are
+  added, then per-head RMSNorm, swish gate, `W_o`. `router_bias` initialises the softmax logit's
+  bias (0: about half the chunks at init).
   """
 
   def __init__(self, d_model, num_heads, *, causal=True, route_chunk=16, router_bias=0.0, rngs, **kw):
@@ -988,11 +990,13 @@ class NAtSMixer(_QKVBase):
       cache = self._cache_get("state")
       b = x.shape[0]
       r, tail = self.route(x, start_pos=jnp.broadcast_to(cache["pos"], (b,)), carry=cache["pool"])
-      o, cache = nats_decode(q, k, v, beta, r, cache, q_lin=ql, k_lin=kl, log_decay=ld)
+      o, cache = nats_decode(q, k, v, beta, r, cache, route_chunk=self.route_chunk, q_lin=ql,
+                             k_lin=kl, log_decay=ld)
       self.state.set_value(dict(cache, pool=tail))
     else:
       r, _ = self.route(x, segment_ids=segment_ids)
-      o = nats_attention(q, k, v, beta, r, q_lin=ql, k_lin=kl, log_decay=ld, segment_ids=segment_ids,
+      o = nats_attention(q, k, v, beta, r, route_chunk=self.route_chunk, q_lin=ql, k_lin=kl,
+                         log_decay=ld, segment_ids=segment_ids,
                          form="parallel" if self.form == "parallel" else "chunked",
                          chunk_size=self.chunk_size)
     b, t = x.shape[:2]
