@@ -973,7 +973,9 @@ class NAtSMixer(_QKVBase):
     self.state = nnx.Cache(nats_init_cache(batch_size, max_len, self.h, self.d, self.d, self.d_model))
 
   def route(self, x, *, segment_ids=None, start_pos=None, carry=None):
-    """Straight-through 0/1 route `[B, T]` and the partial-chunk pool sum."""
+    """Straight-through 0/1 route `[B, T]` and the partial-chunk pool sum. Only the value at a
+    chunk's last token is used (there the causal pool covers the whole chunk): the chunk's one
+    decision."""
     pooled, tail = chunk_prefix_mean(x, self.route_chunk, segment_ids=segment_ids,
                                      start_pos=start_pos, carry=carry)
     p = jax.nn.softmax(self.router(pooled).astype(jnp.float32), axis=-1)[..., 1]
