@@ -119,29 +119,31 @@ def test_nats_forms_agree_values_and_grads_including_the_router():
 
 
 def _nats_oracle(chunk_routes, c):
-  """NAtS-L by chunks, as the authors' layer with its default incomplete-chunk handling
-  (automl/NeuralAttentionSearchLinear `layers/natsl_attn_gdn.py`, `ops_for_incomplete_chunks=
-  'gated_delta_net'`, `incomplete_block_start_with_ht`, `decay_for_non_gdn_blocks`): chunk n
-  starts from state S_n; its queries read S_n updated by the chunk's own tokens (the delta rule on
-  the chunk); S_{n+1} = S_n decayed over the chunk if the chunk goes to softmax, else the updated
-  state. The softmax branch sees keys of earlier softmax chunks only. One sequence, no segments."""
-  n_chunks = -(-T // c)
-  s = jnp.zeros((B, H, D, DV))
-  outs = []
-  for n in range(n_chunks):
-    sl = slice(n * c, min((n + 1) * c, T))
-    o_lin, s_end = delta_rule(QL[:, sl], KL[:, sl], V[:, sl], BETA[:, sl], log_decay=LD[:, sl],
-                              initial_state=s, output_final_state=True, form="recurrent")
-    keys = [j for m in range(n) if chunk_routes[m] for j in range(m * c, (m + 1) * c)]
-    if keys:
-      kk = jnp.asarray(keys)
-      o_sm = dot_product_attention(Q[:, sl], K[:, kk], V[:, kk], implementation="reference")
-    else:
-      o_sm = 0.0
-    outs.append(o_lin + o_sm)
-    decay = jnp.exp(jnp.sum(LD[:, sl], axis=1))[..., None, None]        # [B, H, 1, 1]
-    s = s * decay if chunk_routes[n] else s_end
-  return jnp.concatenate(outs, 1)
+  """NAtS-L by chunks (numpy float64), as the authors' layer with its default incomplete-chunk
+  handling (automl/NeuralAttentionSearchLinear `layers/natsl_attn_gdn.py`,
+  `ops_for_incomplete_chunks='gated_delta_net'`, `incomplete_block_start_with_ht`,
+  `decay_for_non_gdn_blocks`): chunk n starts from state S_n; its queries read S_n updated by the
+  chunk's own tokens (the gated delta rule `S <- e^g S; S += beta k (v - k S)^T`, `o = q S / sqrt(D)`);
+  S_{n+1} = S_n decayed over the chunk if the chunk goes to softmax, else the updated state. The
+  softmax branch sees keys of earlier softmax chunks only. One sequence, no segments."""
+  ql, kl, q, k, v, beta, ld = (np.asarray(a, np.float64) for a in (QL, KL, Q, K, V, BETA, LD))
+  out = np.zeros((B, T, H, DV))
+  s = np.zeros((B, H, D, DV))
+  for n in range(-(-T // c)):
+    cur, commit = s.copy(), s.copy()
+    for i in range(n * c, min((n + 1) * c, T)):
+      g = np.exp(ld[:, i])[..., None, None]
+      cur, commit = cur * g, commit * g
+      u = beta[:, i][..., None] * (v[:, i] - np.einsum("bhd,bhde->bhe", kl[:, i], cur))
+      cur = cur + kl[:, i][..., :, None] * u[..., None, :]
+      out[:, i] = np.einsum("bhd,bhde->bhe", ql[:, i], cur) * D ** -0.5
+      keys = [j for m in range(n) if chunk_routes[m] for j in range(m * c, (m + 1) * c)]
+      if keys:
+        sc = np.einsum("bhd,bjhd->bhj", q[:, i], k[:, keys]) * D ** -0.5
+        w = np.exp(sc - sc.max(-1, keepdims=True))
+        out[:, i] += np.einsum("bhj,bjhe->bhe", w / w.sum(-1, keepdims=True), v[:, keys])
+    s = commit if chunk_routes[n] else cur
+  return out
 
 
 def test_nats_one_decision_per_chunk_matches_the_chunkwise_oracle():
