@@ -25,14 +25,21 @@ def _per_layer(value, num_layers: int, name: str) -> list:
 
 
 class DecoderBlock(nnx.Module):
-  """`x + mixer(conv(norm(x)))`, then `x + SwiGLU(norm(x))` (the MLP is skipped if `mlp_ratio == 0`)."""
+  """`x + mixer(conv(norm(x)))`, then `x + SwiGLU(norm(x))` (the MLP is skipped if `mlp_ratio == 0`).
+
+  `layer_index` (0-based) / `num_layers`: this block's depth, handed to mixers that are defined per
+  depth (the registry passes them only to builders that name them)."""
 
   def __init__(self, d_model: int, num_heads: int, mixer: str, mixer_options: dict[str, Any], *,
-               mlp_ratio: float, short_conv: int, causal: bool, rngs: nnx.Rngs):
+               mlp_ratio: float, short_conv: int, causal: bool, rngs: nnx.Rngs,
+               layer_index: int | None = None, num_layers: int | None = None):
     self.norm1 = RMSNorm(d_model)
     self.conv = ShortConv(d_model, short_conv, rngs=rngs) if short_conv else None
+    opts = dict(mixer_options)
+    depth = {k: v for k, v in (("layer_index", layer_index), ("num_layers", num_layers))
+             if k not in opts}            # an explicit mixer option wins over the block's depth
     self.mixer = build_mixer(mixer, d_model=d_model, num_heads=num_heads, causal=causal, rngs=rngs,
-                             **dict(mixer_options))
+                             **depth, **opts)
     hidden = int(mlp_ratio * d_model)
     self.norm2 = RMSNorm(d_model) if hidden else None
     self.mlp = SwiGLU(d_model, hidden, rngs=rngs) if hidden else None
@@ -112,7 +119,8 @@ class DecoderLM(nnx.Module):
   """Decoder-only LM: embedding, `num_layers` pre-RMSNorm blocks (mixer + SwiGLU), final norm.
 
   `mixer` is a registered mixer name or one name per layer (hybrids: `["gla", "gla", "softmax"]`);
-  `mixer_options` a dict or one dict per layer. `short_conv > 0` puts a causal depth-wise
+  `mixer_options` a dict or one dict per layer; block i's mixer gets `layer_index=i`,
+  `num_layers` if its builder takes them (Lightning's decay, DIFF's lambda_init). `short_conv > 0` puts a causal depth-wise
   convolution of that width before each mixer (Zoology's MQAR setup). Positions come from the
   mixers (RoPE in softmax attention); `pos_emb="learned"` adds learned absolute embeddings.
   `attn_res` replaces the residual sum by Attention Residuals [2] over the sublayer outputs
@@ -142,7 +150,8 @@ class DecoderLM(nnx.Module):
                           logical_axes=(None, "embed")) if pos_emb == "learned" else None)
     self.blocks = nnx.List([
         DecoderBlock(d_model, num_heads, m, o, mlp_ratio=mlp_ratio, short_conv=short_conv,
-                     causal=causal, rngs=rngs) for m, o in zip(mixers, options)])
+                     causal=causal, rngs=rngs, layer_index=i, num_layers=num_layers)
+        for i, (m, o) in enumerate(zip(mixers, options))])
     self.depth = build_depth_attention(attn_res, attn_res_block_size, d_model, self.blocks)
     self.final_norm = RMSNorm(d_model)
     self.head = None if tie_embeddings else dense(d_model, vocab_size, axes=("embed", "vocab"), rngs=rngs)

@@ -22,7 +22,8 @@ class ViT(nnx.Module):
   probe [85]: learned queries, `pool_options` `num_queries` (default 4) and `d_out` (1)) and
   `pool="lama"` (LAMA low-rank attention pooling [60]: `rank`, `num_heads`) pool the patch tokens
   with attention, and the classifier reads their output. Mixers are built with
-  `causal=False`; `mixer` / `mixer_options` may be per layer, as in `DecoderLM`. `attn_res` /
+  `causal=False`; `mixer` / `mixer_options` may be per layer, as in `DecoderLM` (and block i's mixer gets
+  `layer_index=i`, `num_layers` the same way). `attn_res` /
   `attn_res_block_size`: Attention Residuals [2, 78] instead of the residual sum, as in `DecoderLM`.
   """
 
@@ -54,7 +55,8 @@ class ViT(nnx.Module):
                          else mixer_options, num_layers, "mixer_options")
     self.blocks = nnx.List([
         DecoderBlock(d_model, num_heads, m, o, mlp_ratio=mlp_ratio, short_conv=0, causal=False,
-                     rngs=rngs) for m, o in zip(mixers, options)])
+                     rngs=rngs, layer_index=i, num_layers=num_layers)
+        for i, (m, o) in enumerate(zip(mixers, options))])
     self.depth = build_depth_attention(attn_res, attn_res_block_size, d_model, self.blocks)
     self.norm = RMSNorm(d_model)
     pool_options = dict(pool_options or {})

@@ -25,6 +25,7 @@ from flax import nnx
 from attnjax.nn.attention import MultiHeadAttention
 from attnjax.nn.layers import RMSNorm, ShortConv, dense
 from attnjax.ops import masks as masks_lib
+from attnjax.ops.operators._common import PatternUndefinedError
 from attnjax.ops.linear import feature_maps as fm
 from attnjax.ops.linear.delta import delta_rule, delta_rule_step
 from attnjax.ops.linear.engine import init_state, linear_attention, linear_attention_step
@@ -39,7 +40,7 @@ from attnjax.ops.linear.mechanisms import (flow_attention, flow_init_state, flow
                                            lightnet_attention, lina_attention, linfusion_attention,
                                            mala_attention, mala_step, rala_attention, sla_attention,
                                            sla_step)
-from attnjax.ops.softmax import dot_product_attention
+from attnjax.ops.softmax import alibi_slopes, dot_product_attention
 from attnjax.registry import register_mixer, register_mixer_class
 
 FEATURE_MAPS = ("identity", "elu", "relu", "silu", "taylor", "performer", "hedgehog")
@@ -52,10 +53,28 @@ def retnet_log_decay(num_heads: int) -> jax.Array:
   return jnp.log1p(-(2.0 ** (-5.0 - jnp.arange(num_heads, dtype=jnp.float32))))
 
 
-def lightning_log_decay(num_heads: int, layer_idx: int = 0, num_layers: int = 1) -> jax.Array:
-  """TransNormerLLM / Lightning [41] per-head decay `log lambda_h = -(8 h / H)(1 - l / L)`, `[H]`
-  (the schedule fla's `chunk_lightning_attn` uses; head 0 does not decay)."""
-  return -(8.0 / num_heads) * (1.0 - layer_idx / num_layers) * jnp.arange(num_heads, dtype=jnp.float32)
+def lightning_log_decay(num_heads: int, layer_index: int = 0, num_layers: int = 1) -> jax.Array:
+  """TransNormerLLM / Lightning [41] per-head decay as log gates `[H]`: `log lambda_h = -s_h (1 -
+  l / (L - 1) + 1e-5)`, `s_h` the ALiBi slopes, `l = layer_index` (0-based), `L = num_layers`
+  (OpenNLPLab/lightning-attention `examples/module/tnl_attn.py`; `lightning_attn/utils` builds the
+  slopes exactly as ALiBi's `alibi_slopes`, and the kernel decays by `exp(-s)` per step). The
+  first layer decays fastest; the last keeps almost everything (`s_h 1e-5`). `num_layers=1` (a
+  lone layer) reads as the first layer."""
+  if num_layers < 1 or not 0 <= layer_index < num_layers:
+    raise ValueError(f"lightning: need 0 <= layer_index < num_layers, got layer_index={layer_index}, "
+                     f"num_layers={num_layers}")
+  depth = layer_index / (num_layers - 1) if num_layers > 1 else 0.0
+  slopes = alibi_slopes(num_heads)
+  return -slopes * (1.0 - depth + 1e-5)
+
+
+def _no_cross(layer, context) -> None:
+  """The linear-family layers read and write one state built from the sequence's own tokens (and
+  the hybrids route those tokens): cross attention (`context=`) is not a pattern they define."""
+  if context is not None:
+    raise PatternUndefinedError(f"{type(layer).__name__}: cross attention (context=) is undefined "
+                                "for this mixer (its state / routing is built from the query "
+                                "sequence itself)")
 
 
 class _StateCache:
@@ -88,7 +107,7 @@ class LinearMixer(nnx.Module, _StateCache):
                key_dim: int | None = None, normalize: bool = True, decay: str = "none",
                output_norm: bool = False, output_gate: str | None = None, window: int = 0,
                num_features: int | None = None, distill: bool = False, distill_weight: float = 1.0,
-               layer_idx: int = 0, num_layers: int = 1, gate_low_rank: int = 16,
+               layer_index: int = 0, num_layers: int = 1, gate_low_rank: int = 16,
                gate_normalizer: float = 16.0, chunk_size: int = 64, form: str | None = None,
                rngs: nnx.Rngs):
     if feature_map not in FEATURE_MAPS:
@@ -124,7 +143,7 @@ class LinearMixer(nnx.Module, _StateCache):
     if decay == "retnet":
       self.fixed_log_decay = nnx.Variable(retnet_log_decay(num_heads))
     elif decay == "lightning":
-      self.fixed_log_decay = nnx.Variable(lightning_log_decay(num_heads, layer_idx, num_layers))
+      self.fixed_log_decay = nnx.Variable(lightning_log_decay(num_heads, layer_index, num_layers))
     self.gate_down = self.gate_up = nnx.data(None)
     if decay == "gla":
       self.gate_down = dense(d_model, gate_low_rank, axes=("embed", None), rngs=rngs)
@@ -197,7 +216,9 @@ class LinearMixer(nnx.Module, _StateCache):
     return o
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
-               decode: bool = False) -> jax.Array:
+               decode: bool = False, context: jax.Array | None = None,
+               context_segment_ids: jax.Array | None = None) -> jax.Array:
+    _no_cross(self, context)
     if x.ndim != 3:
       raise ValueError(f"x must be [B, T, d_model], got shape {x.shape}")
     b, t, _ = x.shape
@@ -258,7 +279,8 @@ class DeltaNetMixer(nnx.Module, _StateCache):
   def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> None:
     self.state = nnx.Cache(jnp.zeros((batch_size, self.h, self.d, self.d), jnp.float32))
 
-  def __call__(self, x, *, segment_ids=None, decode=False):
+  def __call__(self, x, *, segment_ids=None, decode=False, context=None, context_segment_ids=None):
+    _no_cross(self, context)
     b, t, _ = x.shape
     heads = lambda y: y.reshape(b, t, self.h, self.d)
     l2 = lambda y: y * jax.lax.rsqrt(jnp.sum(y * y, axis=-1, keepdims=True) + 1e-6)
@@ -311,7 +333,8 @@ class MALAMixer(nnx.Module, _StateCache):
     z = lambda dk: jnp.zeros((batch_size, self.h, dk, self.d + 1), jnp.float32)
     self.state = nnx.Cache((z(self.d), z(1)))
 
-  def __call__(self, x, *, segment_ids=None, decode=False):
+  def __call__(self, x, *, segment_ids=None, decode=False, context=None, context_segment_ids=None):
+    _no_cross(self, context)
     b, t, _ = x.shape
     heads = lambda y: y.reshape(b, t, self.h, self.d)
     pq = fm.elu_plus_one(heads(self.q_proj(x)))
@@ -354,6 +377,15 @@ def _block_attention(block: int):
   return attn
 
 
+class DiagAttention(MultiHeadAttention):
+  """TransNormer's DiagAttention: `MultiHeadAttention` with `_block_attention` (softmax within
+  blocks of absolute positions). Blocks tile one sequence, so cross attention is undefined."""
+
+  def __call__(self, x, *, context=None, **kw):
+    _no_cross(self, context)
+    return super().__call__(x, **kw)
+
+
 # ----------------------------------------------------------------------------------------------
 # Registry entries.
 
@@ -394,9 +426,11 @@ def _build_retnet(*, d_model, num_heads, causal, rngs, **options):
 
 
 @register_mixer("lightning", "Lightning Attention / TransNormerLLM: silu q,k, fixed per-head decay, SRMSNorm-style norm + sigmoid gate.")
-def _build_lightning(*, d_model, num_heads, causal, rngs, **options):
+def _build_lightning(*, d_model, num_heads, causal, rngs, layer_index: int = 0, num_layers: int = 1,
+                     **options):
   return LinearMixer(d_model, num_heads, causal=causal, feature_map="silu", normalize=False,
-                     decay="lightning", output_norm=True, output_gate="sigmoid", rngs=rngs, **options)
+                     decay="lightning", output_norm=True, output_gate="sigmoid",
+                     layer_index=layer_index, num_layers=num_layers, rngs=rngs, **options)
 
 
 @register_mixer("transnormer", "TransNormer NormAttention: o = RMSNorm(phi(Q)(phi(K)^T V)), no denominator.")
@@ -407,8 +441,8 @@ def _build_transnormer(*, d_model, num_heads, causal, rngs, feature_map: str = "
 
 @register_mixer("transnormer_diag", "TransNormer DiagAttention: softmax attention within blocks of 64 tokens.")
 def _build_transnormer_diag(*, d_model, num_heads, causal, rngs, block: int = 64, **options):
-  return MultiHeadAttention(d_model, num_heads, causal=causal, attn_fn=_block_attention(block),
-                            rngs=rngs, **options)
+  return DiagAttention(d_model, num_heads, causal=causal, attn_fn=_block_attention(block),
+                       rngs=rngs, **options)
 
 
 @register_mixer("deltanet", "DeltaNet: delta rule with L2-normalised keys (chunked UT form).")
@@ -443,10 +477,11 @@ def _no_decode(name: str):
 
 
 def _local_conv(x, kernel, segment_ids, causal):
-  """Depth-wise conv along time of `x [B, T, C]` with `kernel [W, C]` (W odd): centred taps when
-  non-causal (the 1-D stand-in for the papers' 3x3 DWConv), never reading across a segment."""
+  """Depth-wise conv along time of `x [B, T, C]` with `kernel [W, C]`, or one kernel per output
+  token `[B, T, W, C]` (W odd): centred taps when non-causal (the 1-D stand-in for the papers' 3x3
+  DWConv), zero outside the sequence, never reading across a segment."""
   b, t, _ = x.shape
-  w = kernel.shape[0]
+  w = kernel.shape[-2]
   offs = range(-(w // 2), w // 2 + 1)
   seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
   y = jnp.zeros_like(x)
@@ -455,7 +490,7 @@ def _local_conv(x, kernel, segment_ids, causal):
     sseg = jnp.roll(seg, -o, axis=1)
     idx = jnp.arange(t) + o
     ok = (idx >= 0) & (idx < t) & (sseg == seg)
-    y = y + jnp.where(ok[..., None], shifted, 0.0) * kernel[tap]
+    y = y + jnp.where(ok[..., None], shifted, 0.0) * kernel[..., tap, :]
   return y
 
 
@@ -516,7 +551,8 @@ class LightNetMixer(_QKVBase):
     self.state = nnx.Cache((jnp.zeros((batch_size, self.h, self.d, self.d), jnp.float32),
                             jnp.full((batch_size, self.h, self.d), -jnp.inf, jnp.float32)))
 
-  def __call__(self, x, *, segment_ids=None, decode=False):
+  def __call__(self, x, *, segment_ids=None, decode=False, context=None, context_segment_ids=None):
+    _no_cross(self, context)
     q, k, v = self._qkv(x)
     q = jax.nn.silu(q)
     if decode:
@@ -540,33 +576,65 @@ class _NormalisedNonCausal(_QKVBase):
 
 
 class InLineMixer(_NormalisedNonCausal):
-  """InLine [26] layer: `phi` (elu + 1 by default; relu / identity) on `x W_q`, `x W_k`,
-  `inline_attention` (injective weights summing to 1), plus the paper's local residual as a
-  centred depth-wise conv of V (width `local`, 0 = off; the 1-D stand-in for its 3x3 window),
-  then `W_o`. Non-causal only, as in the paper (the pure function also has a prefix-mean extension)."""
+  """InLine [26] layer (LeapLabTHU/InLine `models/inline_deit.py` `InLineAttention`): `phi` on
+  `x W_q`, `x W_k` (identity by default, as the authors; elu / relu optional), `inline_attention`
+  (injective weights summing to 1, `scale = D^{-1/2}`), plus the local residual: a depth-wise conv
+  of V whose kernel is predicted per sample from the pooled input, `kernel = W2 GELU(W1 mean(x) +
+  b1) + b2` (W1, W2 grouped by head as the authors' grouped 1x1 convs; W2 gives `local` taps per
+  channel), then `W_o`. The authors' conv is 3x3 on the image grid (cls token excluded); here it
+  is the 1-D stand-in: `local` centred taps along the sequence (default 3; 0 = off), zero-padded,
+  within each packed segment, whose mean it pools. Non-causal only, as in the paper (the pure
+  function also has a prefix-mean extension)."""
   name = "inline"
 
-  def __init__(self, d_model, num_heads, *, causal=False, feature_map="elu", local=3, rngs, **kw):
+  def __init__(self, d_model, num_heads, *, causal=False, feature_map="identity", local=3, rngs, **kw):
     _noncausal_only(self.name, causal)
     if feature_map not in ("elu", "relu", "identity"):
       raise ValueError(f"feature_map must be 'elu', 'relu' or 'identity', got {feature_map!r}")
     if local and local % 2 == 0:
       raise ValueError(f"local must be 0 or an odd width, got {local}")
     super().__init__(d_model, num_heads, causal=causal, rngs=rngs, **kw)
-    self.feature_map = feature_map
-    self.local = (nnx.Param(jnp.zeros((local, d_model)), logical_axes=("conv", "embed"))
-                  if local else nnx.data(None))
+    self.feature_map, self.local = feature_map, local
+    self.res_w1 = self.res_b1 = self.res_w2 = self.res_b2 = nnx.data(None)
+    if local:
+      d = self.d
+      init = nnx.initializers.lecun_normal(in_axis=1, out_axis=2)
+      self.res_w1 = nnx.Param(init(rngs.params(), (num_heads, d, d)), logical_axes=(None, None, None))
+      self.res_b1 = nnx.Param(jnp.zeros((d_model,)), logical_axes=(None,))
+      self.res_w2 = nnx.Param(init(rngs.params(), (num_heads, d, local * d)), logical_axes=(None, None, None))
+      self.res_b2 = nnx.Param(jnp.zeros((local * d_model,)), logical_axes=(None,))
 
-  def __call__(self, x, *, segment_ids=None, decode=False):
+  def residual_kernel(self, x, segment_ids=None):
+    """Per-token conv kernels `[B, T, local, d_model]` from the mean of `x` over each token's
+    segment (the authors' `self.residual(x.mean(dim=1))`, reshaped to channel-major taps)."""
+    from attnjax.ops.linear.engine import run_ids  # local: avoid a cycle at import time
+    b, t, c = x.shape
+    xf = x.astype(jnp.float32)
+    if segment_ids is None:
+      pooled = jnp.broadcast_to(jnp.mean(xf, axis=1, keepdims=True), xf.shape)
+    else:
+      runs = run_ids(segment_ids)
+      tot = jax.vmap(lambda xb, rb: jax.ops.segment_sum(xb, rb, num_segments=t))(xf, runs)
+      cnt = jax.vmap(lambda rb: jax.ops.segment_sum(jnp.ones((t,)), rb, num_segments=t))(runs)
+      pooled = jax.vmap(lambda tb, cb, rb: tb[rb] / cb[rb][:, None])(tot, cnt, runs)
+    hid = jnp.einsum("btgi,gio->btgo", pooled.reshape(b, t, self.h, self.d), self.res_w1[...])
+    hid = jax.nn.gelu(hid.reshape(b, t, c) + self.res_b1[...], approximate=False)
+    ker = jnp.einsum("btgi,gio->btgo", hid.reshape(b, t, self.h, self.d), self.res_w2[...])
+    ker = ker.reshape(b, t, c * self.local) + self.res_b2[...]
+    return jnp.swapaxes(ker.reshape(b, t, c, self.local), -1, -2)       # output channel = c*local + tap
+
+  def __call__(self, x, *, segment_ids=None, decode=False, context=None, context_segment_ids=None):
+    _no_cross(self, context)
     if decode:
       _no_decode(self.name)
     q, k, v = self._qkv(x)
     phi = {"elu": fm.elu_plus_one, "relu": fm.relu, "identity": fm.identity}[self.feature_map]
     o = inline_attention(phi(q), phi(k), v, segment_ids=segment_ids, form=self.form,
                          chunk_size=self.chunk_size)
-    if self.local is not None:
+    if self.local:
       b, t = x.shape[:2]
-      o = o + self._heads(_local_conv(v.reshape(b, t, -1), self.local[...], segment_ids, False))
+      ker = self.residual_kernel(x, segment_ids)
+      o = o + self._heads(_local_conv(v.reshape(b, t, -1), ker, segment_ids, False)).astype(o.dtype)
     return self._out(o)
 
 
@@ -586,7 +654,8 @@ class LinFusionMixer(_NormalisedNonCausal):
         nnx.Linear(d_model, d_model, kernel_init=nnx.initializers.zeros, rngs=rngs))
     self.mlp_q, self.mlp_k = mk(), mk()
 
-  def __call__(self, x, *, segment_ids=None, decode=False):
+  def __call__(self, x, *, segment_ids=None, decode=False, context=None, context_segment_ids=None):
+    _no_cross(self, context)
     if decode:
       _no_decode(self.name)
     q = self._heads(self.q_proj(x + self.mlp_q(x)))
@@ -610,7 +679,8 @@ class RALAMixer(_NormalisedNonCausal):
     self.local = (nnx.Param(jnp.zeros((local, d_model)), logical_axes=("conv", "embed"))
                   if local else nnx.data(None))
 
-  def __call__(self, x, *, segment_ids=None, decode=False):
+  def __call__(self, x, *, segment_ids=None, decode=False, context=None, context_segment_ids=None):
+    _no_cross(self, context)
     if decode:
       _no_decode(self.name)
     q, k, v = self._qkv(x)
@@ -638,18 +708,15 @@ class LINAMixer(_NormalisedNonCausal):
     self.local = (nnx.Param(jnp.zeros((local, d_model)), logical_axes=("conv", "embed"))
                   if local else nnx.data(None))
 
-  def __call__(self, x, *, segment_ids=None, decode=False):
+  def __call__(self, x, *, segment_ids=None, decode=False, context=None, context_segment_ids=None):
+    _no_cross(self, context)
     if decode:
       _no_decode(self.name)
     b, t = x.shape[:2]
     if t > self.max_len:
       raise ValueError(f"lina: sequence length {t} exceeds max_len={self.max_len} (one gate per position)")
     q, k, v = self._qkv(x)
-    if segment_ids is None:
-      pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    else:
-      first = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
-      pos = jnp.arange(t) - jax.lax.cummax(jnp.where(first, jnp.arange(t), 0), axis=1)
+    pos = _segment_positions(segment_ids, b, t)
     gate = jnp.exp(self.log_gate[...][pos])                       # [B, T, H]
     o = lina_attention(fm.elu_plus_one(q), fm.elu_plus_one(k), v, gate, eps=self.eps,
                        segment_ids=segment_ids)
@@ -658,33 +725,69 @@ class LINAMixer(_NormalisedNonCausal):
     return self._out(o)
 
 
-class SLABMixer(_QKVBase):
-  """SLAB [33] simplified linear attention layer: `sla_attention(relu(Q), relu(K), V)` plus a
-  depth-wise conv of V (`local` taps: centred when non-causal, causal `ShortConv` when causal),
-  `W_o`. Causal (prefix sums, decodes with the state `S [B, H, D, D + 1]` and the conv's cache)
-  and non-causal (the paper's vision setting). SLAB's other half, PRepBN, is `PRepBN` below."""
+def _segment_positions(segment_ids, b, t):
+  """Position of each token within its packed segment `[B, T]` (0, 1, ... from each start)."""
+  if segment_ids is None:
+    return jnp.broadcast_to(jnp.arange(t), (b, t))
+  first = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+  return jnp.arange(t) - jax.lax.cummax(jnp.where(first, jnp.arange(t), 0), axis=1)
 
-  def __init__(self, d_model, num_heads, *, causal=True, local=3, eps=1e-6, rngs, **kw):
+
+class SLABMixer(_QKVBase):
+  """SLAB [33] simplified linear attention layer, as the authors' `Attention` in xinghaochen/SLAB
+  `classification/models/slab_deit.py`: `k = x W_k + P` (a learned positional encoding on the keys,
+  zero-initialised, one row per position: `pos_emb=True`, `max_len` rows; packed segments count
+  positions from their start), `sla_attention(relu(Q), relu(K), V)` (eps 1e-6), plus a depth-wise
+  conv of V of width `local` (default 5, the authors' `kernel_size=5`), then `W_o`.
+  Non-causal (the paper's vision setting): the conv's `[local, head_dim]` kernel and bias are
+  shared by the heads, as the authors' `dwc` (a `head_dim`-channel conv run on every head); it is
+  the 1-D stand-in for their 5x5 conv on the image grid (centred taps, zero padding). Causal (our
+  extension for language models): prefix sums, and the conv is a causal `ShortConv` over all
+  channels (without its bias); decodes with the state `S [B, H, D, D + 1]`, the conv's cache and a
+  position counter. SLAB's other half, PRepBN, is `PRepBN` below."""
+
+  def __init__(self, d_model, num_heads, *, causal=True, local=5, pos_emb=True, max_len=2048,
+               eps=1e-6, rngs, **kw):
     super().__init__(d_model, num_heads, causal=causal, rngs=rngs, **kw)
-    self.eps = eps
-    self.conv = self.local = nnx.data(None)
+    self.eps, self.max_len = eps, max_len
+    self.conv = self.local = self.local_bias = self.k_pos = nnx.data(None)
     if local and causal:
       self.conv = ShortConv(d_model, local, rngs=rngs)
     elif local:
       if local % 2 == 0:
         raise ValueError(f"local must be an odd width when causal=False, got {local}")
-      self.local = nnx.Param(jnp.zeros((local, d_model)), logical_axes=("conv", "embed"))
+      w = jax.random.normal(rngs.params(), (local, self.d)) * local ** -0.5
+      self.local = nnx.Param(w, logical_axes=("conv", None))
+      self.local_bias = nnx.Param(jnp.zeros((self.d,)), logical_axes=(None,))
+    if pos_emb:
+      self.k_pos = nnx.Param(jnp.zeros((max_len, d_model)), logical_axes=(None, "embed"))
+    self.pos_index = nnx.data(None)
 
   def init_cache(self, batch_size, max_len, dtype=jnp.float32):
     if not self.causal:
       raise NotImplementedError("mixer 'slab': decoding needs causal=True")
+    if self.k_pos is not None and max_len > self.max_len:
+      raise ValueError(f"slab: max_len={max_len} exceeds the positional encoding's max_len={self.max_len}")
     self.state = nnx.Cache(jnp.zeros((batch_size, self.h, self.d, self.d + 1), jnp.float32))
+    self.pos_index = nnx.Cache(jnp.zeros((), jnp.int32))
     if self.conv is not None:
       self.conv.init_cache(batch_size, max_len, dtype)
 
-  def __call__(self, x, *, segment_ids=None, decode=False):
+  def __call__(self, x, *, segment_ids=None, decode=False, context=None, context_segment_ids=None):
+    _no_cross(self, context)
     q, k, v = self._qkv(x)
     b, t = x.shape[:2]
+    if self.k_pos is not None:
+      if decode:
+        start = self.pos_index[...]
+        pos = jnp.broadcast_to(start + jnp.arange(t), (b, t))
+        self.pos_index[...] = start + t
+      else:
+        if t > self.max_len:
+          raise ValueError(f"slab: sequence length {t} exceeds max_len={self.max_len} (one key "
+                           "positional encoding per position)")
+        pos = _segment_positions(segment_ids, b, t)
+      k = k + self._heads(self.k_pos[...][pos]).astype(k.dtype)
     if decode:
       st = self._cache_get("state")
       if t == 1:
@@ -701,7 +804,8 @@ class SLABMixer(_QKVBase):
     if self.conv is not None:
       o = o + self._heads(self.conv(vf, segment_ids=segment_ids, decode=decode) - self.conv.bias[...])
     elif self.local is not None:
-      o = o + self._heads(_local_conv(vf, self.local[...], segment_ids, False))
+      ker = jnp.tile(self.local[...], (1, self.h))              # channel h*D + i uses tap column i
+      o = o + self._heads(_local_conv(vf, ker, segment_ids, False)) + self.local_bias[...]
     return self._out(o)
 
 
@@ -715,7 +819,8 @@ class FlowformerMixer(_QKVBase):
       raise NotImplementedError("mixer 'flowformer': decoding needs causal=True")
     self.state = nnx.Cache(flow_init_state(batch_size, self.h, self.d, self.d))
 
-  def __call__(self, x, *, segment_ids=None, decode=False):
+  def __call__(self, x, *, segment_ids=None, decode=False, context=None, context_segment_ids=None):
+    _no_cross(self, context)
     q, k, v = self._qkv(x)
     if decode:
       o, st = _scan_decode(lambda s, a, b_, c: flow_step(a, b_, c, s), (q, k, v), self._cache_get("state"))
@@ -816,7 +921,8 @@ class WindowLinearMixer(_QKVBase):
     self.state = nnx.Cache(window_linear_init_cache(batch_size, self.window, self.h, self.d,
                                                     2 * self.d, self.d))
 
-  def __call__(self, x, *, segment_ids=None, decode=False):
+  def __call__(self, x, *, segment_ids=None, decode=False, context=None, context_segment_ids=None):
+    _no_cross(self, context)
     q, k, v = self._qkv(x)
     pq, pk = fm.hedgehog(q, self.fm_q[...]), fm.hedgehog(k, self.fm_k[...])
     wf = jax.nn.sigmoid(self.window_logit[...])
@@ -831,16 +937,18 @@ class WindowLinearMixer(_QKVBase):
 
 
 class NAtSMixer(_QKVBase):
-  """NAtS-L [153] layer: per-chunk routing between softmax attention and Gated DeltaNet.
+  """NAtS-L [153] layer: one routing decision per chunk between softmax attention and Gated
+  DeltaNet (automl/NeuralAttentionSearchLinear `layers/natsl_attn_gdn.py`, our reading).
 
   Shared `W_q, W_k, W_v`; the router scores `Linear(mean-pool of the chunk) in R^2` (chunks of
-  `route_chunk` positions from the segment start), `p = softmax(score)[1]`, route = `p > 0.5` with
-  a straight-through gradient. Causal reading: a token's pool covers its chunk up to itself, so at
-  the chunk's last token it is the paper's chunk mean and no token sees the future. Routed tokens
-  stay in the KV cache for softmax attention (raw q, k, scale D^-1/2); the others are written into
-  the GDN state (`l2norm(silu(.))` q, k, `beta = sigmoid(x W_b)`, Mamba-2 style decay); the two
-  read-outs are added (`nats_attention`), then per-head RMSNorm, swish gate, `W_o`.
-  `router_bias` initialises the softmax logit's bias (0: about half the chunks at init).
+  `route_chunk` positions from the segment start), `p = softmax(score)[1]`, decision `p > 0.5`
+  with a straight-through gradient (the authors' `hard_softmax`). The pool is the whole chunk, so
+  the decision exists once the chunk is complete, and it only governs how later chunks see the
+  chunk's tokens (kept in the KV cache for softmax attention with raw q, k, scale D^-1/2, or
+  committed to the GDN state: `l2norm(silu(.))` q, k, `beta = sigmoid(x W_b)`, Mamba-2 style
+  decay); a query reads its own chunk through the GDN state (`nats_attention`). The read-outs are
+  added, then per-head RMSNorm, swish gate, `W_o`. `router_bias` initialises the softmax logit's
+  bias (0: about half the chunks at init).
   """
 
   def __init__(self, d_model, num_heads, *, causal=True, route_chunk=16, router_bias=0.0, rngs, **kw):
@@ -865,13 +973,16 @@ class NAtSMixer(_QKVBase):
     self.state = nnx.Cache(nats_init_cache(batch_size, max_len, self.h, self.d, self.d, self.d_model))
 
   def route(self, x, *, segment_ids=None, start_pos=None, carry=None):
-    """Straight-through 0/1 route `[B, T]` and the partial-chunk pool sum."""
+    """Straight-through 0/1 route `[B, T]` and the partial-chunk pool sum. Only the value at a
+    chunk's last token is used (there the causal pool covers the whole chunk): the chunk's one
+    decision."""
     pooled, tail = chunk_prefix_mean(x, self.route_chunk, segment_ids=segment_ids,
                                      start_pos=start_pos, carry=carry)
     p = jax.nn.softmax(self.router(pooled).astype(jnp.float32), axis=-1)[..., 1]
     return straight_through(p), tail
 
-  def __call__(self, x, *, segment_ids=None, decode=False):
+  def __call__(self, x, *, segment_ids=None, decode=False, context=None, context_segment_ids=None):
+    _no_cross(self, context)
     q, k, v = self._qkv(x)
     l2 = lambda y: y * jax.lax.rsqrt(jnp.sum(y * y, axis=-1, keepdims=True) + 1e-6)
     ql, kl = l2(jax.nn.silu(q)), l2(jax.nn.silu(k))
@@ -881,11 +992,13 @@ class NAtSMixer(_QKVBase):
       cache = self._cache_get("state")
       b = x.shape[0]
       r, tail = self.route(x, start_pos=jnp.broadcast_to(cache["pos"], (b,)), carry=cache["pool"])
-      o, cache = nats_decode(q, k, v, beta, r, cache, q_lin=ql, k_lin=kl, log_decay=ld)
+      o, cache = nats_decode(q, k, v, beta, r, cache, route_chunk=self.route_chunk, q_lin=ql,
+                             k_lin=kl, log_decay=ld)
       self.state.set_value(dict(cache, pool=tail))
     else:
       r, _ = self.route(x, segment_ids=segment_ids)
-      o = nats_attention(q, k, v, beta, r, q_lin=ql, k_lin=kl, log_decay=ld, segment_ids=segment_ids,
+      o = nats_attention(q, k, v, beta, r, route_chunk=self.route_chunk, q_lin=ql, k_lin=kl,
+                         log_decay=ld, segment_ids=segment_ids,
                          form="parallel" if self.form == "parallel" else "chunked",
                          chunk_size=self.chunk_size)
     b, t = x.shape[:2]
@@ -897,7 +1010,8 @@ class SkipMixer(nnx.Module):
   """A removed attention sublayer (LayerBoost's "low sensitivity" policy): outputs zeros, so the
   block's residual passes `x` unchanged. Decodes trivially."""
 
-  def __call__(self, x, *, segment_ids=None, decode=False):
+  def __call__(self, x, *, segment_ids=None, decode=False, context=None, context_segment_ids=None):
+    _no_cross(self, context)
     if x.ndim != 3:
       raise ValueError(f"x must be [B, T, d_model], got shape {x.shape}")
     return jnp.zeros_like(x)
@@ -1077,7 +1191,8 @@ class StillMixer(WindowLinearMixer):
     psi = fm.hedgehog(xf / n, weight)
     return (jnp.where(nz, n, 0.0) * psi).astype(x.dtype)
 
-  def __call__(self, x, *, segment_ids=None, decode=False):
+  def __call__(self, x, *, segment_ids=None, decode=False, context=None, context_segment_ids=None):
+    _no_cross(self, context)
     q, k, v = self._qkv(x)
     pq, pk = self.feature(q, self.fm_q[...]), self.feature(k, self.fm_k[...])
     wf = jax.nn.sigmoid(self.window_logit[...])
@@ -1176,7 +1291,8 @@ class SeqBoatMixer(nnx.Module, _StateCache):
     self.state = nnx.Cache(dict(attn=seqboat_init_cache(batch_size, self.window, self.h, self.d, self.d),
                                 ema=init_state(batch_size, self.c, self.n, 1)))
 
-  def __call__(self, x, *, segment_ids=None, decode=False):
+  def __call__(self, x, *, segment_ids=None, decode=False, context=None, context_segment_ids=None):
+    _no_cross(self, context)
     b, t, _ = x.shape
     mx, hx, u = self.backbone(x, segment_ids=segment_ids, decode=decode)
     p = jax.nn.softmax(u.astype(jnp.float32) / jnp.exp(self.log_tau[...]), axis=-1)

@@ -398,7 +398,8 @@ class DifferentialAttention(_CachedMixer):
   3 or 4 = GDA). Per signal head h: `o_h = (softmax(Q1_h K1_h^T) - lam softmax(Q2_g K2_g^T)) V_h`
   with q/k head size `d = d_model / Hs / 2` and value size `2d` (DIFF's split, so parameters match
   MHA at ratio 1), `lam = exp(lq1.lk1) - exp(lq2.lk2) + lambda_init`, `lambda_init = 0.8 -
-  0.6 exp(-0.3 layer_index)` (layer_index from 0), the lambda vectors init N(0, 0.1). Each head's
+  0.6 exp(-0.3 layer_index)` (layer_index from 0, given by the backbone: `DecoderLM` / `ViT` pass each
+  block its index), the lambda vectors init N(0, 0.1). Each head's
   output goes through RMSNorm (learned scale) and is multiplied by `1 - lambda_init`, then W_O.
   RoPE on self-attention; cross attention via `context=`.
   """
@@ -463,17 +464,20 @@ class DifferentialAttention(_CachedMixer):
 
 
 @register_mixer("differential", "Differential attention (DIFF Transformer; GDA ratio 1:1 [124]).")
-def _build_diff(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, **options: Any):
-  return DifferentialAttention(d_model, num_heads, causal=causal, rngs=rngs, **options)
+def _build_diff(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, layer_index: int = 0,
+                **options: Any):
+  return DifferentialAttention(d_model, num_heads, causal=causal, rngs=rngs, layer_index=layer_index,
+                               **options)
 
 
 @register_mixer("grouped_differential", "Grouped differential attention [124], signal:noise heads 3:1 by default (falls back to the largest ratio <= 3 dividing num_heads).")
 def _build_gda(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs,
-               signal_noise_ratio: int | None = None, **options: Any):
+               signal_noise_ratio: int | None = None, layer_index: int = 0, **options: Any):
   if signal_noise_ratio is None:
     signal_noise_ratio = next(r for r in (3, 2, 1) if num_heads % r == 0)
   return DifferentialAttention(d_model, num_heads, causal=causal, rngs=rngs,
-                               signal_noise_ratio=signal_noise_ratio, **options)
+                               signal_noise_ratio=signal_noise_ratio, layer_index=layer_index,
+                               **options)
 
 
 # --------------------------------------------------------------------------------------------

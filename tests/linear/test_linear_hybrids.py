@@ -106,27 +106,66 @@ def test_nats_forms_agree_values_and_grads_including_the_router():
 
   def loss(form, q, k, v, p):
     r = hy.straight_through(p)
-    o = hy.nats_attention(q, k, v, BETA, r, q_lin=QL, k_lin=KL, log_decay=LD, segment_ids=SEG,
-                          form=form, chunk_size=4)
+    o = hy.nats_attention(q, k, v, BETA, r, route_chunk=4, q_lin=QL, k_lin=KL, log_decay=LD,
+                          segment_ids=SEG, form=form)
     return jnp.sum(o * jnp.sin(jnp.arange(DV) + 1.0))
-  ref_v, ref_g = jax.value_and_grad(loss, argnums=(1, 2, 3, 4))("parallel", Q, K, V, p)
-  val, g = jax.value_and_grad(loss, argnums=(1, 2, 3, 4))("chunked", Q, K, V, p)
+  grad = lambda form: jax.jit(jax.value_and_grad(lambda *a: loss(form, *a), argnums=(0, 1, 2, 3)))(Q, K, V, p)
+  ref_v, ref_g = grad("parallel")
+  val, g = grad("chunked")
   np.testing.assert_allclose(val, ref_v, rtol=1e-5)
   for a, b in zip(g, ref_g):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
   assert np.abs(np.asarray(g[3])).sum() > 0          # the router learns through the straight-through
 
 
-def test_nats_all_softmax_is_softmax_and_all_linear_is_gated_deltanet():
-  ones, zeros = jnp.ones((B, T)), jnp.zeros((B, T))
-  o = hy.nats_attention(Q, K, V, BETA, ones, q_lin=QL, k_lin=KL, log_decay=LD, chunk_size=4)
-  np.testing.assert_allclose(o, dot_product_attention(Q, K, V, causal=True, implementation="reference"),
-                             atol=1e-5, rtol=1e-5)
-  o = hy.nats_attention(Q, K, V, BETA, zeros, q_lin=QL, k_lin=KL, log_decay=LD, chunk_size=4)
-  ref, _ = delta_rule(QL, KL, V, BETA, log_decay=LD, form="recurrent")
-  np.testing.assert_allclose(o, ref, atol=1e-5, rtol=1e-5)
+def _nats_oracle(chunk_routes, c):
+  """NAtS-L by chunks (numpy float64), as the authors' layer with its default incomplete-chunk
+  handling (automl/NeuralAttentionSearchLinear `layers/natsl_attn_gdn.py`,
+  `ops_for_incomplete_chunks='gated_delta_net'`, `incomplete_block_start_with_ht`,
+  `decay_for_non_gdn_blocks`): chunk n starts from state S_n; its queries read S_n updated by the
+  chunk's own tokens (the gated delta rule `S <- e^g S; S += beta k (v - k S)^T`, `o = q S / sqrt(D)`);
+  S_{n+1} = S_n decayed over the chunk if the chunk goes to softmax, else the updated state. The
+  softmax branch sees keys of earlier softmax chunks only. One sequence, no segments."""
+  ql, kl, q, k, v, beta, ld = (np.asarray(a, np.float64) for a in (QL, KL, Q, K, V, BETA, LD))
+  out = np.zeros((B, T, H, DV))
+  s = np.zeros((B, H, D, DV))
+  for n in range(-(-T // c)):
+    cur, commit = s.copy(), s.copy()
+    for i in range(n * c, min((n + 1) * c, T)):
+      g = np.exp(ld[:, i])[..., None, None]
+      cur, commit = cur * g, commit * g
+      u = beta[:, i][..., None] * (v[:, i] - np.einsum("bhd,bhde->bhe", kl[:, i], cur))
+      cur = cur + kl[:, i][..., :, None] * u[..., None, :]
+      out[:, i] = np.einsum("bhd,bhde->bhe", ql[:, i], cur) * D ** -0.5
+      keys = [j for m in range(n) if chunk_routes[m] for j in range(m * c, (m + 1) * c)]
+      if keys:
+        sc = np.einsum("bhd,bjhd->bhj", q[:, i], k[:, keys]) * D ** -0.5
+        w = np.exp(sc - sc.max(-1, keepdims=True))
+        out[:, i] += np.einsum("bhj,bjhe->bhe", w / w.sum(-1, keepdims=True), v[:, keys])
+    s = commit if chunk_routes[n] else cur
+  return out
+
+
+def test_nats_one_decision_per_chunk_matches_the_chunkwise_oracle():
+  """The decision is the route at a chunk's last token (other tokens' values are ignored: set
+  to the opposite here); all-linear is Gated DeltaNet, all-softmax attends to earlier chunks
+  only and reads its own chunk through GDN; a mixed pattern."""
+  c = 4
+  fn = jax.jit(lambda r: hy.nats_attention(Q, K, V, BETA, r, route_chunk=c, q_lin=QL, k_lin=KL,
+                                           log_decay=LD))
+  for chunk_routes in [(1, 1, 1, 1), (0, 0, 0, 0), (1, 0, 1, 1)]:
+    r = np.zeros((B, T), np.float32)
+    for n, dec in enumerate(chunk_routes):
+      r[:, n * c:(n + 1) * c] = 1 - dec                # noise inside the chunk ...
+      if (n + 1) * c <= T:
+        r[:, (n + 1) * c - 1] = dec                    # ... the decision at its last token
+    np.testing.assert_allclose(fn(jnp.asarray(r)), _nats_oracle(chunk_routes, c), atol=2e-5,
+                               rtol=1e-4, err_msg=str(chunk_routes))
+    if chunk_routes == (0, 0, 0, 0):
+      ref, _ = delta_rule(QL, KL, V, BETA, log_decay=LD, form="recurrent")
+      np.testing.assert_allclose(fn(jnp.asarray(r)), ref, atol=2e-5, rtol=1e-4)
   with pytest.raises(ValueError, match="route"):
-    hy.nats_attention(Q, K, V, BETA, jnp.ones((B, T, H)))
+    hy.nats_attention(Q, K, V, BETA, jnp.ones((B, T, H)), route_chunk=c)
 
 
 def test_chunk_prefix_mean_and_its_decode_carry():

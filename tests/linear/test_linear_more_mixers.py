@@ -120,3 +120,32 @@ def test_mixer_forms_agree_in_values_and_grads():
     np.testing.assert_allclose(vals[0][0], vals[1][0], rtol=1e-5, err_msg=name)
     for a, b in zip(jax.tree.leaves(vals[0][1]), jax.tree.leaves(vals[1][1])):
       np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4, err_msg=name)
+
+
+def test_slab_layer_matches_the_authors_attention():
+  """Non-causal `slab` against a transcription (numpy float64) of xinghaochen/SLAB
+  `classification/models/slab_deit.py` `Attention.forward`: `k = k + positional_encoding`, ReLU
+  kernels, `z = 1 / (q . sum k + 1e-6)`, `x = q (k^T v) z`, plus `dwc(v)`: a depth-wise
+  kernel-5 conv with bias over the head_dim channels, shared by the heads (the authors' 5x5 on the
+  grid is its 1-D 5-tap form here), then `proj`. Random positional encoding, conv taps and bias."""
+  dm, h, t = 8, 2, 9
+  m = build_mixer("slab", d_model=dm, num_heads=h, causal=False, rngs=nnx.Rngs(0), max_len=16)
+  m.k_pos[...] = _arr(16, dm)
+  m.local_bias[...] = _arr(dm // h)
+  x = _arr(B, t, dm)
+  f = lambda a: np.asarray(a, np.float64)
+  xs = f(x)
+  q, k, v = (xs @ f(l.kernel[...]) for l in (m.q_proj, m.k_proj, m.v_proj))
+  k = k + f(m.k_pos[...])[:t]
+  q, k = np.maximum(q, 0), np.maximum(k, 0)
+  heads = lambda a: a.reshape(B, t, h, -1).transpose(0, 2, 1, 3).reshape(B * h, t, -1)   # (b h) n c
+  q, k, v = heads(q), heads(k), heads(v)
+  z = 1 / (np.einsum("bic,bc->bi", q, k.sum(1)) + 1e-6)
+  out = np.einsum("bic,bcd,bi->bid", q, np.einsum("bjc,bjd->bcd", k, v), z)
+  w = m.local.shape[0]
+  assert w == 5
+  vp = np.pad(v, ((0, 0), (w // 2, w // 2), (0, 0)))
+  out = out + sum(vp[:, i:i + t] * f(m.local[...])[i] for i in range(w)) + f(m.local_bias[...])
+  out = out.reshape(B, h, t, -1).transpose(0, 2, 1, 3).reshape(B, t, dm)
+  np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(m, x), out @ f(m.o_proj.kernel[...]),
+                             atol=1e-5, rtol=1e-4)

@@ -2,8 +2,9 @@
 
 * `window_linear_attention`: LoLCATs [4] sliding-window softmax + linear attention over the older
   tokens, one shared normaliser (the STILL [3] formula with the selected set = the window);
-* `nats_attention`: NAtS-L [153] routed hybrid: each token is kept for softmax attention or
-  written into a Gated-DeltaNet state, and the two read-outs are added.
+* `nats_attention`: NAtS-L [153] routed hybrid: each chunk of tokens is kept for softmax attention
+  or written into a Gated-DeltaNet state (one decision per chunk, acting once the chunk is
+  complete), and the two read-outs are added.
 
 All on `[B, T, H, D]`, causal (both are language-model mechanisms), with packed `segment_ids`.
 """
@@ -253,25 +254,56 @@ def straight_through(p: jax.Array, threshold: float = 0.5) -> jax.Array:
   return hard + p - jax.lax.stop_gradient(p)
 
 
-def nats_attention(q, k, v, beta, route, *, q_lin=None, k_lin=None, log_decay=None, scale=None,
-                   segment_ids=None, form="chunked", chunk_size: int = 64):
-  """NAtS-L [153] token-routed hybrid of causal softmax attention and Gated DeltaNet.
+def _nats_gdn_scan(q_lin, k_lin, v, beta, log_decay, r_prev, chunk_start, seg_start, carry, scale):
+  """The GDN branch of NAtS-L, token by token (`[B, T, ...]` inputs). `carry = (S_cur, S_commit)`:
+  `S_cur` includes the current chunk's writes, `S_commit` only the committed chunks (decayed every
+  step). At a chunk start the previous chunk's decision `r_prev [B, T]` (1 = softmax) picks the
+  state the new chunk starts from: `r S_commit + (1 - r) S_cur`; a segment start resets both."""
+  b, t, h, _ = q_lin.shape
+  ld = jnp.zeros((b, t, h), jnp.float32) if log_decay is None else log_decay.astype(jnp.float32)
+  mv = lambda a: jnp.moveaxis(a, 1, 0)
 
-  `route [B, T]` (1 = the token is kept in the softmax KV cache, 0 = it is written into the GDN
-  state; forward values must be 0/1, e.g. `straight_through(p)`, whose gradient reaches the router
-  through `v_j * route_j` and `beta_j * (1 - route_j)`):
+  def step(st, xs):
+    s_cur, s_commit = st
+    qt, kt, vt, bt, gt, rp, cs, ss = xs
+    r = rp.astype(jnp.float32)[:, None, None, None]
+    at_cs = (cs & ~ss)[:, None, None, None]
+    base = jnp.where(at_cs, r * s_commit + (1.0 - r) * s_cur, s_cur)
+    commit = jnp.where(at_cs, base, s_commit)
+    keep = (~ss)[:, None, None, None]
+    base, commit = jnp.where(keep, base, 0.0), jnp.where(keep, commit, 0.0)
+    o, s_new = delta_rule_step(qt, kt, vt, bt, base, log_decay_t=gt, scale=scale)
+    return (s_new, commit * jnp.exp(gt)[..., None, None]), o
 
-      o_i = softmax-attention of q_i over {j <= i : route_j = 1} (values v_j route_j)
-          + GDN read-out of q_lin_i from the delta rule with writes beta_j (1 - route_j)
+  xs = tuple(mv(a) for a in (q_lin, k_lin, v, beta.astype(jnp.float32), ld, r_prev, chunk_start, seg_start))
+  carry, o = jax.lax.scan(step, carry, xs)
+  return mv(o), carry
 
-  Both share the projections (`q_lin, k_lin` default to `q, k`; the layer passes L2-normalised
-  ones to the delta rule). All-softmax gives causal softmax attention, all-linear gives Gated
-  DeltaNet (the catalog oracles); a query with no softmax key reads 0 from that branch. Our reading
-  of the paper (abstract + summary): the two read-outs are added, and the decay `log_decay [B, T, H]`
-  acts at every step. `q, k [B, T, H, D]`, `v [B, T, H, Dv]`, `beta [B, T, H]` in (0, 1).
-  `form`: "parallel" (dense masked softmax + the delta rule's parallel form) or "chunked" (the
-  flash softmax op with unrouted keys hidden by segment ids, and the chunked delta rule).
+
+def nats_attention(q, k, v, beta, route, *, route_chunk: int, q_lin=None, k_lin=None, log_decay=None,
+                   scale=None, segment_ids=None, form="chunked", chunk_size: int = 64):
+  """NAtS-L [153] chunk-routed hybrid of causal softmax attention and Gated DeltaNet.
+
+  Chunks are `route_chunk` positions counted from each segment's start; each chunk gets ONE
+  decision, read from `route [B, T]` at the chunk's last token (1 = its tokens go to the softmax
+  KV cache, 0 = into the GDN state; forward values 0/1, e.g. `straight_through(p)` of the router on
+  the chunk's mean pool). As the authors' layer (automl/NeuralAttentionSearchLinear
+  `layers/natsl_attn_gdn.py` with its defaults `ops_for_incomplete_chunks='gated_delta_net'`,
+  `incomplete_block_start_with_ht=True`, `decay_for_non_gdn_blocks=True`), a chunk's decision
+  only acts once the chunk is complete, so no query sees the future:
+
+      o_i = softmax of q_i over {j in earlier chunks of i's segment whose decision is 1}
+          + GDN read-out of q_lin_i from the state that starts i's chunk (the committed
+            GDN chunks, decayed through every step) updated by i's own chunk up to i.
+
+  The decision reaches the router's gradient through `v_j route_j` (softmax) and the chunk-start
+  state `r S_commit + (1 - r) S_cur` (GDN). Our reading leaves out the authors' per-head routing,
+  separate attention head count and output weights (`nats_out_weights_layer`): the read-outs are
+  added. `q, k [B, T, H, D]`, `v [B, T, H, Dv]`, `beta [B, T, H]`, `log_decay [B, T, H]`.
+  `form`: "parallel" (dense masked softmax) or "chunked" (the softmax op with a block mask); the
+  GDN branch is a scan over tokens in both (`chunk_size` is accepted for the layer's API).
   """
+  del chunk_size
   if form not in NATS_FORMS:
     raise ValueError(f"form must be one of {NATS_FORMS}, got {form!r}")
   if q.ndim != 4:
@@ -281,32 +313,40 @@ def nats_attention(q, k, v, beta, route, *, q_lin=None, k_lin=None, log_decay=No
     raise ValueError(f"route must be [B, T]={[b, t]} (per token, shared by the heads), got {list(route.shape)}")
   if segment_ids is not None and tuple(segment_ids.shape) != (b, t):
     raise ValueError(f"segment_ids must be [B, T]={[b, t]}, got {list(segment_ids.shape)}")
+  if not isinstance(route_chunk, int) or route_chunk < 1:
+    raise ValueError(f"route_chunk must be an int >= 1, got {route_chunk!r}")
   scale = d ** -0.5 if scale is None else scale
   q_lin = q if q_lin is None else q_lin
   k_lin = k if k_lin is None else k_lin
+  seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else run_ids(segment_ids)
+  pos = _positions_in_segment(b, t, segment_ids)
+  chunk = pos // route_chunk
+  # Each key's chunk decision: `route` at the chunk's last token (if the chunk completes here).
+  end = jnp.arange(t)[None, :] + (route_chunk - 1 - pos % route_chunk)
+  end_c = jnp.minimum(end, t - 1)
+  complete = (end < t) & (jnp.take_along_axis(seg, end_c, axis=1) == seg)
   r = route.astype(jnp.float32)
-  kept = r > 0.5
-  vr = (v.astype(jnp.float32) * r[..., None, None]).astype(v.dtype)
-  seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  r_key = jnp.where(complete, jnp.take_along_axis(r, end_c, axis=1), 0.0)
+  vr = (v.astype(jnp.float32) * r_key[..., None, None]).astype(v.dtype)
+  mask = ((seg[:, :, None] == seg[:, None, :]) & (chunk[:, None, :] < chunk[:, :, None])
+          & (r_key[:, None, :] > 0.5))[:, None]                            # [B, 1, Tq, Tk]
   if form == "parallel":
-    i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
-    mask = (j <= i) & (seg[:, :, None] == seg[:, None, :]) & kept[:, None, :]
-    mask = mask[:, None]
-    s = jnp.einsum("bihd,bjhd->bhij", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
-    s = jnp.where(mask, s, -jnp.inf)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    sc = jnp.einsum("bihd,bjhd->bhij", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+    sc = jnp.where(mask, sc, -jnp.inf)
+    m = jnp.max(sc, axis=-1, keepdims=True)
+    p = jnp.exp(sc - jnp.where(jnp.isfinite(m), m, 0.0))
     den = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(den > 0, den, 1.0)
-    o_sm = jnp.einsum("bhij,bjhe->bihe", p, vr.astype(jnp.float32))
+    o_sm = jnp.einsum("bhij,bjhe->bihe", p / jnp.where(den > 0, den, 1.0), vr.astype(jnp.float32))
   else:
-    # Unrouted keys get a segment id no query has (int32 min): the flash op never lets them in.
-    kv_seg = jnp.where(kept, seg, jnp.iinfo(jnp.int32).min)
-    o_sm = dot_product_attention(q, k, vr, causal=True, q_segment_ids=seg, kv_segment_ids=kv_seg,
-                                 scale=scale).astype(jnp.float32)
-  beta_w = beta.astype(jnp.float32) * (1.0 - r)[..., None]
-  o_lin, _ = delta_rule(q_lin, k_lin, v, beta_w, log_decay=log_decay, segment_ids=segment_ids,
-                        form=form, chunk_size=chunk_size)
+    o_sm = dot_product_attention(q, k, vr, mask=mask, scale=scale,
+                                 implementation="xla").astype(jnp.float32)
+  r_prev = jnp.concatenate([jnp.zeros((b, 1), jnp.float32), r[:, :-1]], axis=1)
+  seg_start = pos == 0
+  chunk_start = (pos % route_chunk) == 0
+  dk, dv = q_lin.shape[-1], v.shape[-1]
+  zero = jnp.zeros((b, h, dk, dv), jnp.float32)
+  o_lin, _ = _nats_gdn_scan(q_lin, k_lin, v, beta, log_decay, r_prev, chunk_start, seg_start,
+                            (zero, zero), None)
   return (o_sm + o_lin.astype(jnp.float32)).astype(q.dtype)
 
 
@@ -346,20 +386,24 @@ def chunk_prefix_mean(x, chunk_size: int, *, segment_ids=None, start_pos=None, c
 
 def nats_init_cache(batch_size: int, max_len: int, num_heads: int, head_dim: int, value_dim: int,
                     d_model: int):
-  """Decode cache of the NAtS-L layer: the KV cache (with each token's route), the GDN state, the
-  partial-chunk sum of the router's mean pool and the position."""
+  """Decode cache of the NAtS-L layer: the KV cache with each position's softmax decision (set
+  when its chunk completes), the GDN states `s` (current) and `s_commit`, the last token's route,
+  the partial-chunk sum of the router's mean pool and the position."""
   z = lambda *s: jnp.zeros(s, jnp.float32)
   return dict(k=z(batch_size, max_len, num_heads, head_dim), v=z(batch_size, max_len, num_heads, value_dim),
               kept=jnp.zeros((batch_size, max_len), bool),
-              s=z(batch_size, num_heads, head_dim, value_dim), pool=z(batch_size, d_model),
-              pos=jnp.zeros((), jnp.int32))
+              s=z(batch_size, num_heads, head_dim, value_dim),
+              s_commit=z(batch_size, num_heads, head_dim, value_dim), r_last=z(batch_size),
+              pool=z(batch_size, d_model), pos=jnp.zeros((), jnp.int32))
 
 
-def nats_decode(q, k, v, beta, route, cache, *, q_lin=None, k_lin=None, log_decay=None, scale=None):
+def nats_decode(q, k, v, beta, route, cache, *, route_chunk: int, q_lin=None, k_lin=None,
+                log_decay=None, scale=None):
   """Decode `T >= 1` tokens with `nats_attention`'s semantics from `cache` (see `nats_init_cache`).
 
-  Writes k, v, route into the KV cache at `pos .. pos + T`; softmax over the routed cached keys at
-  positions <= the query's; the delta rule continues from the cached state (one step when T = 1).
+  Writes k, v at `pos .. pos + T`; every chunk that completes among the new tokens gets its
+  decision (route at its last token) on all its cached positions; softmax over cached keys of
+  earlier chunks with decision 1; the GDN branch continues the token scan from the cached states.
   Returns `(o [B, T, H, Dv], cache)`; the router's pool sum is updated by the caller.
   """
   b, t, h, d = q.shape
@@ -370,22 +414,24 @@ def nats_decode(q, k, v, beta, route, cache, *, q_lin=None, k_lin=None, log_deca
   pos = cache["pos"]
   r = route.astype(jnp.float32)
   upd = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), pos, axis=1)
-  kc = upd(cache["k"], k)
-  vc = upd(cache["v"], v.astype(jnp.float32) * r[..., None, None])
-  kept = upd(cache["kept"], r > 0.5)
+  kc, vc = upd(cache["k"], k), upd(cache["v"], v)
+  j = jnp.arange(max_len)
+  end = (j // route_chunk) * route_chunk + route_chunk - 1
+  idx = end - pos
+  decided = (idx >= 0) & (idx < t)
+  r_end = jnp.take(r, jnp.clip(idx, 0, t - 1), axis=1)                      # [B, max_len]
+  kept = jnp.where(decided[None], r_end > 0.5, cache["kept"])
   qpos = pos + jnp.arange(t)
-  mask = (jnp.arange(max_len)[None, :] <= qpos[:, None])[None, None] & kept[:, None, None, :]
-  o_sm = dot_product_attention(q.astype(jnp.float32), kc, vc, mask=mask, scale=scale,
+  mask = ((j[None, :] // route_chunk) < (qpos[:, None] // route_chunk))[None, None] & kept[:, None, None, :]
+  vk = vc * kept[:, :, None, None].astype(vc.dtype)
+  o_sm = dot_product_attention(q.astype(jnp.float32), kc, vk, mask=mask, scale=scale,
                                implementation="xla")
-  beta_w = beta.astype(jnp.float32) * (1.0 - r)[..., None]
-  if t == 1:
-    ld = None if log_decay is None else log_decay[:, 0]
-    o_lin, s = delta_rule_step(q_lin[:, 0], k_lin[:, 0], v[:, 0], beta_w[:, 0], cache["s"], log_decay_t=ld)
-    o_lin = o_lin[:, None]
-  else:
-    o_lin, s = delta_rule(q_lin, k_lin, v, beta_w, log_decay=log_decay, initial_state=cache["s"],
-                          output_final_state=True)
-  new = dict(cache, k=kc, v=vc, kept=kept, s=s, pos=pos + t)
+  r_prev = jnp.concatenate([cache["r_last"][:, None], r[:, :-1]], axis=1)
+  pb = jnp.broadcast_to(qpos[None], (b, t))
+  o_lin, (s, s_commit) = _nats_gdn_scan(q_lin, k_lin, v, beta, log_decay, r_prev,
+                                        pb % route_chunk == 0, pb == 0,
+                                        (cache["s"], cache["s_commit"]), None)
+  new = dict(cache, k=kc, v=vc, kept=kept, s=s, s_commit=s_commit, r_last=r[:, -1], pos=pos + t)
   return (o_sm.astype(jnp.float32) + o_lin.astype(jnp.float32)).astype(q.dtype), new
 
 

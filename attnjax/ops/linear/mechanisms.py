@@ -133,15 +133,19 @@ def _sums(phi_q, phi_k, v, causal, segment_ids, form, chunk_size):
   return o1[..., :dv], o1[..., dv:], o2[..., :dv], o2[..., dv:]
 
 
-def inline_attention(phi_q, phi_k, v, *, causal=False, segment_ids=None, form=None, chunk_size=64):
-  """InLine (injective linear) attention [26]: weights `w_ij = phi_q_i.phi_k_j - mean_s
-  phi_q_i.phi_k_s + 1/N` (rows sum to 1, may be negative), `o_i = sum_j w_ij v_j`, computed in O(N)
-  as `num - den * mean(v) + mean(v)`. Means run over the segment (non-causal, the paper) or the
-  prefix (`causal=True`, N_i = i + 1; our extension). The paper's local 3x3 residual is a vision
-  extra left to the layer. `[B, T, H, D]`."""
+def inline_attention(phi_q, phi_k, v, *, scale=None, causal=False, segment_ids=None, form=None,
+                     chunk_size=64):
+  """InLine (injective linear) attention [26] as the authors' code (LeapLabTHU/InLine
+  `models/inline_deit.py`, `InLineAttention.forward`): `o_i = phi_q_i (phi_k^T v) scale / N +
+  (1 - scale phi_q_i . kbar) vbar`, `kbar, vbar` the means of `phi_k`, `v`, `scale = D^{-1/2}`
+  (default). Implied weights `w_ij = scale (phi_q_i.phi_k_j - phi_q_i.kbar) / N + 1/N` sum to 1
+  (may be negative). Means run over the segment (non-causal, the paper) or the prefix
+  (`causal=True`, N_i = i + 1; our extension). The authors' `phi` is the identity (the layer
+  applies it). The local residual belongs to the layer. `[B, T, H, D]`."""
+  scale = phi_q.shape[-1] ** -0.5 if scale is None else scale
   num, den, vsum, count = _sums(phi_q, phi_k, v, causal, segment_ids, form, chunk_size)
   mean_v = vsum / count
-  return (num - den * mean_v + mean_v).astype(phi_q.dtype)
+  return (scale * (num - den * mean_v) / count + mean_v).astype(phi_q.dtype)
 
 
 def linfusion_attention(phi_q, phi_k, v, *, eps=1e-4, causal=False, segment_ids=None,
@@ -245,16 +249,19 @@ def lina_attention(phi_q, phi_k, v, kv_gate, *, eps=1e-6, segment_ids=None):
 
 
 def flow_attention(q, k, v, *, causal=False, eps=1e-6, segment_ids=None):
-  """Flowformer's Flow-Attention [55] with `phi = sigmoid`, `[B, N, H, D]`.
+  """Flowformer's Flow-Attention [55] with `phi = sigmoid`, `[B, N, H, D]`, as the authors' code
+  (thuml/Flowformer `Flow_Attention.py`, classes `Flow_Attention` and `Flow_Attention_Causal`).
 
-  Incoming `I_i = phi_q_i . sum_j phi_k_j`, outgoing `O_j = phi_k_j . sum_i phi_q_i`; conserved
-  `Ihat_i = phi_q_i . sum_j phi_k_j / O_j`, `Ohat_j = phi_k_j . sum_i phi_q_i / I_i`; competition
-  `Vhat = N softmax_j(Ohat) (.) V`; aggregation `R = phi_q (phi_k^T Vhat) / I`; allocation
-  `out = sigmoid(Ihat) (.) R`. Causal: every sum over the other side runs over the prefix
-  (`sum_{j<=i}` for queries, `sum_{i<=j}` for keys) and the competition softmax becomes
-  `exp(Ohat_j) / mean_{s<=j} exp(Ohat_s)` (the paper's causal cumsum version, our reading).
-  `segment_ids [B, N]`: every sum, count and softmax runs within the token's segment.
-  `flow_step` is the causal form one token at a time.
+  Non-causal: incoming `I_i = phi_q_i . sum_j phi_k_j`, outgoing `O_j = phi_k_j . sum_i phi_q_i`;
+  conserved `Ihat_i = phi_q_i . sum_j phi_k_j / O_j`, `Ohat_j = clamp(phi_k_j . sum_i phi_q_i / I_i,
+  -1, 1)` (the authors' stability clamp); competition `Vhat = N softmax_j(Ohat) (.) V`;
+  aggregation `R = phi_q (phi_k^T Vhat) / I`; allocation `out = sigmoid(Ihat) (.) R`.
+  Causal: the sums run over the prefix and, with `n_i = i + 1` (the authors' `normal`: a prefix
+  sum of n_i terms is rescaled to the size of a full one), `Ihat_i = phi_q_i . sum_{j<=i} n_j
+  phi_k_j / O_j / n_i`, `Ohat_i = clamp(phi_k_i . sum_{j<=i} n_j phi_q_j / I_j / n_i, -1, 1)` and the
+  competition is `n_i exp(Ohat_i) / sum_{j<=i} exp(Ohat_j)`. `eps` sits where the authors put it
+  (on each feature and each sum). `segment_ids [B, N]`: every sum, count (n) and softmax runs
+  within the token's segment. `flow_step` is the causal form one token at a time.
   """
   from attnjax.ops.linear.engine import run_ids  # local: avoid a cycle at import time
   pq, pk = jax.nn.sigmoid(q.astype(jnp.float32)), jax.nn.sigmoid(k.astype(jnp.float32))
@@ -264,13 +271,14 @@ def flow_attention(q, k, v, *, causal=False, eps=1e-6, segment_ids=None):
     agg = lambda x: _seg_scan(x, runs, jnp.add)
   else:
     agg = lambda x: _seg_total(x, runs)
-  ones = jnp.ones(q.shape[:3], jnp.float32)
-  cnt = agg(ones)
+  cnt = agg(jnp.ones(q.shape[:3], jnp.float32))                 # segment length / prefix length
+  normal = cnt if causal else jnp.ones_like(cnt)
   dot = lambda a, b_: jnp.einsum("bihd,bihd->bih", a, b_)
   incoming = dot(pq + eps, agg(pk) + eps)
   outgoing = dot(pk + eps, agg(pq) + eps)
-  cons_in = dot(pq + eps, agg(pk / outgoing[..., None]) + eps)
-  cons_out = dot(pk + eps, agg(pq / incoming[..., None]) + eps)
+  cons_in = dot(pq + eps, agg(pk * (normal / outgoing)[..., None]) + eps) / normal
+  cons_out = dot(pk + eps, agg(pq * (normal / incoming)[..., None]) + eps) / normal
+  cons_out = jnp.clip(cons_out, -1.0, 1.0)
   if causal:
     # Prefix softmax: a segmented scan of (running max, sum of exp(. - max)).
     def comb(a, c):
@@ -295,7 +303,7 @@ def _lse_combine(a, c):
 
 
 def flow_init_state(batch_size: int, num_heads: int, dk: int, dv: int):
-  """Zero state of `flow_step`: prefix sums of phi_k, phi_q, phi_k / O, phi_q / I `[B, H, Dk]`,
+  """Zero state of `flow_step`: prefix sums of phi_k, phi_q, n phi_k / O, n phi_q / I `[B, H, Dk]`,
   the competition's running (max, sum) `[B, H]`, the count `[B, H]` and `S [B, H, Dk, Dv]`."""
   z = lambda *s: jnp.zeros(s, jnp.float32)
   return dict(spk=z(batch_size, num_heads, dk), spq=z(batch_size, num_heads, dk),
@@ -305,17 +313,19 @@ def flow_init_state(batch_size: int, num_heads: int, dk: int, dv: int):
 
 
 def flow_step(q_t, k_t, v_t, state, *, eps=1e-6):
-  """One causal Flow-Attention step, `q_t, k_t [B, H, Dk]`, `v_t [B, H, Dv]` -> `(o_t, state)`."""
+  """One causal Flow-Attention step (the causal `flow_attention`, with the authors' `normal = n`
+  rescaling and clamp), `q_t, k_t [B, H, Dk]`, `v_t [B, H, Dv]` -> `(o_t, state)`."""
   pq, pk = jax.nn.sigmoid(q_t.astype(jnp.float32)), jax.nn.sigmoid(k_t.astype(jnp.float32))
   st = dict(state)
   st["spk"], st["spq"], st["n"] = st["spk"] + pk, st["spq"] + pq, st["n"] + 1.0
   dot = lambda a, b_: jnp.sum(a * b_, axis=-1)
   incoming = dot(pq + eps, st["spk"] + eps)
   outgoing = dot(pk + eps, st["spq"] + eps)
-  st["spk_o"] = st["spk_o"] + pk / outgoing[..., None]
-  st["spq_i"] = st["spq_i"] + pq / incoming[..., None]
-  cons_in = dot(pq + eps, st["spk_o"] + eps)
-  cons_out = dot(pk + eps, st["spq_i"] + eps)
+  n = st["n"]
+  st["spk_o"] = st["spk_o"] + pk * (n / outgoing)[..., None]
+  st["spq_i"] = st["spq_i"] + pq * (n / incoming)[..., None]
+  cons_in = dot(pq + eps, st["spk_o"] + eps) / n
+  cons_out = jnp.clip(dot(pk + eps, st["spq_i"] + eps) / n, -1.0, 1.0)
   m_prev = st["m"]
   mm = jnp.maximum(m_prev, cons_out)
   st["m"] = mm
