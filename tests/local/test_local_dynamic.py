@@ -114,15 +114,62 @@ def test_dma_block_path_and_mask_definition():
     D.dma_attention(q, k, v, bias[:, :2], keep_window=5)
 
 
-def test_vmoba_threshold_monotone_and_full_selection():
+def _vmoba_threshold_oracle(q, k, chunk, thr, causal, cap=None):
+  """Numpy transcription of KwaiVGI/VMoBA `src/vmoba.py` `_select_threshold_query_head` for one
+  (query, head) row at a time: min-max normalise the valid gates, the self chunk's share first,
+  then the sorted other chunks up to the first cumulative share >= the remaining threshold.
+  Causal extension: only chunks <= own are valid and the own gate uses the keys <= the query.
+  `cap` (not in the authors' code): at most `cap` chunks, self included."""
+  q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+  b, t, h, _ = q.shape
+  g = h // k.shape[2]
+  nc = -(-t // chunk)
+  out = np.zeros((b, h, t, nc), bool)
+  for bi in range(b):
+    for hi in range(h):
+      kh = k[bi, :, hi // g]
+      for i in range(t):
+        own = i // chunk
+        means = [kh[c * chunk:(c + 1) * chunk].mean(0) for c in range(nc)]
+        if causal:
+          means[own] = kh[own * chunk:i + 1].mean(0)
+        gate = np.array([m @ q[bi, i, hi] for m in means])
+        valid = np.arange(nc) <= own if causal else np.ones(nc, bool)
+        lo, hi_ = gate[valid].min(), gate[valid].max()
+        den = hi_ - lo if hi_ - lo > 1e-6 else 1.0
+        norm = np.where(valid, (gate - lo) / den, 0.0)
+        total = norm.sum()
+        remain = max(thr - norm[own] / (total + 1e-6), 0.0)
+        others = [c for c in np.argsort(-norm, kind="stable") if c != own and valid[c]]
+        chosen = [own]
+        csum = 0.0
+        for c in others:
+          if cap is not None and len(chosen) >= cap:
+            break
+          chosen.append(c)
+          csum += norm[c]
+          if csum / (total + 1e-6) >= remain:
+            break
+        out[bi, hi, i, chosen] = True
+  return out
+
+
+def test_vmoba_threshold_matches_authors_selection_and_is_causal():
   q, k, v = _qkv((1, 21))
-  # One compile for the four selections (thresholds 0, 0.6, 1 and none).
-  sel_counts = jax.jit(lambda q, k: [R.moba_selection(q, k, chunk_size=4, top_k=6,
-                                                      threshold=t).sum()
-                                     for t in (0.0, 0.6, 1.0, None)])
-  *counts, count_topk = [int(c) for c in sel_counts(q, k)]
-  assert counts == sorted(counts) and counts[0] == 4 * 21       # threshold 0: own chunk only
-  assert counts[-1] == count_topk
+  sel = jax.jit(R.moba_selection, static_argnames=("chunk_size", "top_k", "causal", "threshold"))
+  for causal, thr, top_k in ((False, 0.6, 6), (True, 0.6, 6), (True, 0.9, 3), (False, 0.0, 6)):
+    np.testing.assert_array_equal(
+        np.asarray(sel(q, k, chunk_size=4, top_k=top_k, causal=causal, threshold=thr)),
+        _vmoba_threshold_oracle(q, k, 4, thr, causal, cap=top_k), err_msg=f"{causal} {thr}")
+  # Causal: a key inside the query's own chunk, after the query, never changes its selection.
+  k2 = k.at[:, 10:].set(jax.random.normal(jax.random.key(5), k[:, 10:].shape) * 3)
+  a = sel(q, k, chunk_size=4, top_k=6, causal=True, threshold=0.6)
+  np.testing.assert_array_equal(a[:, :, :10], sel(q, k2, chunk_size=4, top_k=6, causal=True,
+                                                  threshold=0.6)[:, :, :10])
+  # Selection count is monotone in the threshold.
+  counts = [int(sel(q, k, chunk_size=4, top_k=6, causal=True, threshold=t).sum())
+            for t in (0.0, 0.5, 1.0)]
+  assert counts == sorted(counts) and counts[0] < counts[-1]
 
   @jax.jit
   def layout_and_out(q, k, v):
