@@ -67,9 +67,12 @@ def _hyper_plan(q, k, proj, block_size: int, sample_size: int, key):
   q_order = jnp.argsort(angular_lsh_hash(q, proj), axis=-1, stable=True).astype(jnp.int32)
   k_order = jnp.argsort(angular_lsh_hash(k, proj), axis=-1, stable=True).astype(jnp.int32)
   n_blocks = -(-tk // block_size)
-  q_block = -(-tq // n_blocks)
+  # The authors pad the sorted queries to a multiple of block_size and split them into n_blocks
+  # equal blocks (so q_block == block_size when Tq == Tk); the short last key block is kept short
+  # here (their zero-padded keys would take softmax mass with score 0).
+  q_block = -(-(-(-tq // block_size) * block_size) // n_blocks)
   samples = None
-  if sample_size > 0 and key is not None and n_blocks > 1:
+  if sample_size > 0 and key is not None and n_blocks > 1 and tq > q_block:
     # Sampled positions in the *sorted* key order (uniform over keys either way).
     samples = jax.random.randint(key, (k.shape[0], k.shape[2], sample_size), 0, tk)
   return q_order, k_order, q_block, samples
@@ -124,24 +127,35 @@ def _hyper_counts_noncausal(q, k, proj, *, block_size, sample_size, key):
   return counts
 
 
-def _hyper_recurse(q, k, v, *, key, causal, min_seq_len, noncausal_fn, exact_fn, combine):
-  """HyperAttention's causal recursion: exact below `min_seq_len`, else split at h = ceil(T/2):
-  the two diagonal halves recurse (causal), the lower-left quarter is non-causal; `combine(top,
-  diag, off)` assembles the three parts (outputs merged by lse, or count matrices placed)."""
+def _hyper_recurse(q, k, v, *, key, causal, min_seq_len, noncausal_fn, exact_fn, combine, trim):
+  """HyperAttention's causal recursion (insuhan/hyper-attn `hyper_attn.py`, `forward`): exact
+  causal attention when `T <= min_seq_len`; else an odd T gets one all-zero row of q, k, v (only
+  the padded query can see the padded key, and its row is dropped by `trim(result, T)`), the two
+  diagonal halves recurse, and the lower-left quarter is non-causal, itself exact when its
+  `T/2 < min_seq_len` queries are fewer than `min_seq_len` (`forward_no_causal_mask`).
+  `combine(top, diag, off)` assembles the parts (outputs merged by lse, or count matrices)."""
   t = q.shape[1]
   if not causal:
     return exact_fn(q, k, v, False) if t < min_seq_len else noncausal_fn(q, k, v, key)
   if t <= min_seq_len:
     return exact_fn(q, k, v, True)
-  half = (t + 1) // 2
+  odd = t % 2
+  if odd:
+    pad = lambda a: jnp.pad(a, ((0, 0), (0, 1), (0, 0), (0, 0)))
+    q, k, v = pad(q), pad(k), pad(v)
+  half = (t + odd) // 2
   keys = (None,) * 3 if key is None else tuple(jax.random.split(key, 3))
   rec = lambda a, b_, c, kk: _hyper_recurse(a, b_, c, key=kk, causal=True, min_seq_len=min_seq_len,
                                             noncausal_fn=noncausal_fn, exact_fn=exact_fn,
-                                            combine=combine)
+                                            combine=combine, trim=trim)
   top = rec(q[:, :half], k[:, :half], v[:, :half], keys[0])
   diag = rec(q[:, half:], k[:, half:], v[:, half:], keys[1])
-  off = noncausal_fn(q[:, half:], k[:, :half], v[:, :half], keys[2])
-  return combine(top, diag, off)
+  if half < min_seq_len:
+    off = exact_fn(q[:, half:], k[:, :half], v[:, :half], False)
+  else:
+    off = noncausal_fn(q[:, half:], k[:, :half], v[:, :half], keys[2])
+  out = combine(top, diag, off)
+  return trim(out, t) if odd else out
 
 
 def _check_hyper_args(q, k, block_size, sample_size, min_seq_len, causal):
@@ -163,8 +177,9 @@ def hyper_attention(q, k, v, proj, *, block_size: int = 256, sample_size: int = 
   (with replacement) from `key`, outside the query's block, weighted `Tk / sample_size`, merged
   through the log-sum-exp (the estimated normaliser is unbiased). `key=None` or `sample_size=0`:
   block-diagonal part only. Queries with `Tq < min_seq_len` use exact attention, as in the authors'
-  code. Causal (Tq == Tk): exact when `T <= min_seq_len`, else recursive halving (the two diagonal
-  halves recurse, the lower-left block is non-causal). Paper/code defaults: 7 LSH projections,
+  code. Causal (Tq == Tk): exact when `T <= min_seq_len`, else recursive halving as the authors'
+  `forward` (odd T padded by one zero row; the two diagonal halves recurse, the lower-left block is
+  non-causal and exact below `min_seq_len` queries). Paper/code defaults: 7 LSH projections,
   block 256, 256 samples, min_seq_len 4096. Memory: O(T * (block_size + sample_size)).
   Returns `o`, or `(o, lse [B, H, Tq])`.
   """
@@ -184,7 +199,8 @@ def hyper_attention(q, k, v, proj, *, block_size: int = 256, sample_size: int = 
     return jnp.concatenate([top[0], ob], 1), jnp.concatenate([top[1], lb], -1)
 
   o, lse = _hyper_recurse(q, k, v, key=key, causal=causal, min_seq_len=min_seq_len,
-                          noncausal_fn=noncausal, exact_fn=exact, combine=combine)
+                          noncausal_fn=noncausal, exact_fn=exact, combine=combine,
+                          trim=lambda r, t: (r[0][:, :t], r[1][..., :t]))
   return (o, lse) if return_lse else o
 
 
@@ -208,7 +224,8 @@ def hyper_attention_counts(q, k, proj, *, block_size: int = 256, sample_size: in
     return jnp.concatenate([upper, jnp.concatenate([off, diag], -1)], -2)
 
   return _hyper_recurse(q, k, k, key=key, causal=causal, min_seq_len=min_seq_len,
-                        noncausal_fn=noncausal, exact_fn=exact, combine=combine)
+                        noncausal_fn=noncausal, exact_fn=exact, combine=combine,
+                        trim=lambda c, t: c[..., :t, :t])
 
 
 def hyper_attention_reference(q, k, v, proj, *, scale=None, return_lse=False, **kw):
