@@ -25,9 +25,23 @@ from attnjax.nn.attention import MultiHeadAttention
 from attnjax.nn.layers import dense
 from attnjax.ops import block_sparse
 from attnjax.ops import layout as L
+from attnjax.ops.operators._common import PatternUndefinedError
 from attnjax.ops.softmax import dot_product_attention
 from attnjax.ops.sparse import corrections, dynamic, estimated, patterns, routing
 from attnjax.registry import register_mixer
+
+
+def _self_only(name, q, k, mask, why="one token sequence"):
+  """Raises `PatternUndefinedError` on a cross call (`Tk != Tq` outside decoding): the mechanism
+  is defined on one sequence (`why`)."""
+  if mask is None and q.shape[1] != k.shape[1]:
+    raise PatternUndefinedError(f"{name}: cross attention is undefined ({why}); got Tq={q.shape[1]}, "
+                                f"Tk={k.shape[1]}")
+
+
+def _causal_only(name, causal):
+  if not causal:
+    raise PatternUndefinedError(f"{name}: the non-causal pattern is undefined (causal only)")
 
 
 @functools.lru_cache(maxsize=64)
@@ -43,6 +57,7 @@ def sliding_window_sparse_fn(q, k, v, *, causal, mask=None, q_segment_ids=None,
     q_pos = jnp.sum(mask, axis=-1, keepdims=True) - 1
     nb = mask & (jnp.arange(k.shape[1]) >= q_pos - window)
     return dot_product_attention(q, k, v, mask=nb, implementation="reference")
+  _self_only("sliding_window_sparse", q, k, mask, "the window is on one token axis")
   lay = _window_layout(q.shape[1], window, 0 if causal else window, block)
   return block_sparse.block_sparse_attention(q, k, v, lay, q_segment_ids=q_segment_ids,
                                              kv_segment_ids=kv_segment_ids)
@@ -98,8 +113,8 @@ def static_pattern_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segm
   `attn_fn`; `a`, `b` are the pattern's two integer options (see `_static_layout`)."""
   if mask is not None:
     raise NotImplementedError(f"{kind} pattern: decode is not implemented")
-  if not causal:
-    raise NotImplementedError(f"{kind} pattern is causal only")
+  _causal_only(f"{kind} pattern", causal)
+  _self_only(f"{kind} pattern", q, k, mask, "a static block pattern on one token axis")
   if q_segment_ids is not None:
     raise NotImplementedError(f"{kind} pattern: segment_ids are not supported (absolute blocks)")
   lay = _static_layout(kind, q.shape[1], block, q.shape[2], a, b)
@@ -109,8 +124,7 @@ def static_pattern_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segm
 @register_mixer("power_attention", "PowerAttention: causal blocks at distance 0, 1, 2^m (+ sink).")
 def _build_power(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, block: int = 4,
                  num_sink_blocks: int = 1, **options: Any):
-  if not causal:
-    raise NotImplementedError("power_attention is causal only")
+  _causal_only("power_attention", causal)
   fn = functools.partial(static_pattern_fn, kind="power", block=block, a=num_sink_blocks)
   return MultiHeadAttention(d_model, num_heads, causal=causal, attn_fn=fn, rngs=rngs, **options)
 
@@ -118,8 +132,7 @@ def _build_power(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, 
 @register_mixer("s2_attention", "S2-Attention: per-head strided block shards + local band (causal).")
 def _build_s2(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, block: int = 4,
               local_blocks: int = 1, vert_stride: int = 2, **options: Any):
-  if not causal:
-    raise NotImplementedError("s2_attention is causal only")
+  _causal_only("s2_attention", causal)
   fn = functools.partial(static_pattern_fn, kind="s2", block=block, a=local_blocks, b=vert_stride)
   return MultiHeadAttention(d_model, num_heads, causal=causal, attn_fn=fn, rngs=rngs, **options)
 
@@ -127,8 +140,7 @@ def _build_s2(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, blo
 @register_mixer("sink_local_sparse", "Attention sinks + causal local window (block-sparse path).")
 def _build_sink_local(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs,
                       block: int = 4, num_sink: int = 2, window: int = 8, **options: Any):
-  if not causal:
-    raise NotImplementedError("sink_local_sparse is causal only")
+  _causal_only("sink_local_sparse", causal)
   fn = functools.partial(static_pattern_fn, kind="sink_local", block=block, a=num_sink, b=window)
   return MultiHeadAttention(d_model, num_heads, causal=causal, attn_fn=fn, rngs=rngs, **options)
 
@@ -136,8 +148,7 @@ def _build_sink_local(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.R
 @register_mixer("strided_sparse", "Sparse Transformer strided pattern: local band + every stride-th.")
 def _build_strided(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, block: int = 4,
                    stride: int = 4, local: int = 4, **options: Any):
-  if not causal:
-    raise NotImplementedError("strided_sparse is causal only")
+  _causal_only("strided_sparse", causal)
   fn = functools.partial(static_pattern_fn, kind="strided", block=block, a=stride, b=local)
   return MultiHeadAttention(d_model, num_heads, causal=causal, attn_fn=fn, rngs=rngs, **options)
 
@@ -280,14 +291,14 @@ def landmark_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_id
     raise NotImplementedError("landmark: decode is not implemented")
   if q_segment_ids is not None:
     raise NotImplementedError("landmark: segment_ids are not supported (absolute landmark slots)")
+  _self_only("landmark", q, k, mask, "landmarks are tokens of the sequence itself")
   return dynamic.landmark_attention(q, k, v, block, top_k=top_k)
 
 
 @register_mixer("landmark", "Landmark attention: grouped softmax gated by a landmark per block.")
 def _build_landmark(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, block: int = 4,
                     top_k: int | None = None, **options: Any):
-  if not causal:
-    raise NotImplementedError("landmark attention is causal only")
+  _causal_only("landmark", causal)
   fn = functools.partial(landmark_fn, block=block, top_k=top_k)
   return MultiHeadAttention(d_model, num_heads, causal=causal, attn_fn=fn, rngs=rngs, **options)
 
@@ -358,8 +369,11 @@ def radial_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=
               frame_tokens: int = 4, window: int = 4, block: int = 4, **unused):
   """Radial attention [102] as an `attn_fn` over tokens in frame-major order (`frame_tokens` per
   frame; a short last frame is allowed): static symmetric layout, block-sparse path."""
-  if mask is not None or causal:
-    raise NotImplementedError("radial attention is non-causal (video diffusion); no decode")
+  if mask is not None:
+    raise NotImplementedError("radial attention: decode is not implemented (non-causal)")
+  if causal:
+    raise PatternUndefinedError("radial: the causal pattern is undefined (video diffusion)")
+  _self_only("radial", q, k, mask, "frames of one video")
   lay = _radial_layout(q.shape[1], frame_tokens, window, block)
   return block_sparse.block_sparse_attention(q, k, v, lay, q_segment_ids=q_segment_ids,
                                              kv_segment_ids=kv_segment_ids)
@@ -369,7 +383,7 @@ def radial_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=
 def _build_radial(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs,
                   frame_tokens: int = 4, window: int = 4, block: int = 4, **options: Any):
   if causal:
-    raise NotImplementedError("radial attention is non-causal")
+    raise PatternUndefinedError("radial: the causal pattern is undefined (video diffusion)")
   fn = functools.partial(radial_fn, frame_tokens=frame_tokens, window=window, block=block)
   return MultiHeadAttention(d_model, num_heads, causal=causal, attn_fn=fn, rngs=rngs, **options)
 
@@ -388,6 +402,7 @@ class FluxAttnFn(nnx.Module):
                **unused):
     if q_segment_ids is not None:
       raise NotImplementedError("flux_attention: segment_ids are not supported (pooled router)")
+    _self_only("flux_attention", q, k, mask, "the router pools the query's own prefix")
     if mask is not None:
       # Decoding: the router sees the mean of the visible cached keys; window from the cache mask.
       vis = mask[0, 0].astype(jnp.float32)                                   # [Tq, Tk]

@@ -160,3 +160,36 @@ def test_vision_backbones_train_a_few_steps(which):
   losses = _train(model, 6, images, labels)
   assert all(np.isfinite(losses))
   assert losses[-1] < losses[0]
+
+
+# (name, defined patterns) over (non-causal self, causal self, non-causal cross, causal cross).
+_CAB = {"na1d": "SSxx", "sliding_window_sparse": "SSxx", "power_attention": "xSxx",
+        "s2_attention": "xSxx", "sink_local_sparse": "xSxx", "strided_sparse": "xSxx",
+        "landmark": "xSxx", "radial": "Sxxx", "flux_attention": "SSxx", "hyper_attention": "SSCx",
+        "moba": "SSCC", "vmoba": "SSCC", "sea": "SSCC"}
+
+
+def test_cab_patterns_work_or_raise_pattern_undefined():
+  """Each sparse mixer, in the four CAB patterns: an undefined one raises `PatternUndefinedError`
+  naming the pattern, never another error; the chunk routers' causal cross call (bottom-right
+  aligned) keeps context keys after a query's aligned position from reaching it. (The defined
+  self patterns are checked by tests/test_all_mixers.py.)"""
+  from attnjax.ops.operators._common import PatternUndefinedError
+  x = jax.random.normal(jax.random.key(0), (1, 7, 16))
+  ctx = jax.random.normal(jax.random.key(1), (1, 11, 16))
+  for name, spec in _CAB.items():
+    for (causal, cross), flag in zip(((False, False), (True, False), (False, True), (True, True)),
+                                     spec):
+      if flag != "x":
+        continue
+      with pytest.raises(PatternUndefinedError, match="undefined") as err:
+        m = build_mixer(name, d_model=16, num_heads=2, causal=causal, rngs=nnx.Rngs(0))
+        m(x, context=ctx) if cross else m(x)
+      msg = str(err.value)
+      assert msg.startswith(name.split("_")[0]) and ("cross" in msg or "causal" in msg), msg
+  fwd = nnx.jit(lambda m, x, c: m(x, context=c))
+  for name in ("vmoba", "sea"):   # query i sees context keys <= i + 11 - 7
+    m = build_mixer(name, d_model=16, num_heads=2, causal=True, rngs=nnx.Rngs(0), chunk_size=3)
+    y = fwd(m, x, ctx)
+    np.testing.assert_allclose(fwd(m, x, ctx.at[:, 9:].set(3.0))[:, :5], y[:, :5], atol=1e-5,
+                               err_msg=name)

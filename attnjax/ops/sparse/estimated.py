@@ -25,6 +25,7 @@ import numpy as np
 
 from attnjax.ops import block_sparse
 from attnjax.ops import layout as L
+from attnjax.ops.operators._common import PatternUndefinedError
 from attnjax.ops.softmax import dot_product_attention
 from attnjax.ops.sparse.routing import chunk_selection_layout
 
@@ -163,7 +164,9 @@ def _check_hyper_args(q, k, block_size, sample_size, min_seq_len, causal):
     raise ValueError(f"block_size >= 1, sample_size >= 0 and min_seq_len >= 1 required, got "
                      f"{block_size}, {sample_size}, {min_seq_len}")
   if causal and q.shape[1] != k.shape[1]:
-    raise ValueError(f"causal HyperAttention needs Tq == Tk, got {q.shape[1]}, {k.shape[1]}")
+    raise PatternUndefinedError(f"hyper_attention: causal cross attention is undefined (the causal "
+                                f"recursion halves one sequence); got Tq={q.shape[1]}, "
+                                f"Tk={k.shape[1]}")
 
 
 def hyper_attention(q, k, v, proj, *, block_size: int = 256, sample_size: int = 256, key=None,
