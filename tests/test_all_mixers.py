@@ -18,8 +18,16 @@ from attnjax import build_mixer, list_mixers
 
 D_MODEL, HEADS, T = 32, 2, 12
 ALL = sorted(list_mixers())
-_FWD = nnx.jit(lambda m, x: m(x))
-_FWD_SEG = nnx.jit(lambda m, x, seg: m(x, segment_ids=seg))
+_PURE = jax.jit(lambda gd, st, x, seg: nnx.merge(gd, st)(x, segment_ids=seg), static_argnums=0)
+
+
+def _FWD(m, x, seg=None):
+  """The forward's output; state a training forward changes (k-means centroids, running
+  statistics) is not written back, so every call sees the same module (as the trainer's eval)."""
+  return _PURE(*nnx.split(m), x, seg)
+
+
+_FWD_SEG = _FWD
 _STEP = nnx.jit(lambda m, x: m(x, decode=True))
 
 

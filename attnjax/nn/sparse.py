@@ -204,41 +204,77 @@ def _visibility(q, k, *, causal, mask, q_segment_ids, kv_segment_ids):
 
 
 class RoutingAttnFn(nnx.Module):
-  """Routing Transformer [29] attention function with `num_clusters` centroids per head (a buffer,
-  updated by `update(x)` with the online k-means EMA, not inside the forward pass, so that a call
-  is a pure function of its input).
+  """Routing Transformer [29] attention function with `num_clusters` centroids per head (a
+  non-Param buffer), trained as lucidrains/routing-transformer trains them.
 
-  Non-causal: balanced clusters (`dynamic.routing_attention`, each centroid takes its `window`
-  nearest keys). Causal, decoding and packed sequences: a key joins its nearest centroid (argmax),
-  so that a token's cluster never depends on other tokens and a cached decode step sees exactly
-  what the full forward saw; computed as a dense mask (O(T^2) memory). (`dynamic.routing_attention
-  (causal=True)` offers the balanced causal reading: per-query top-w among visible keys.)"""
+  Training (`deterministic=False`, the default; `model.eval()` sets it True, as for BatchNorm):
+  every full forward (not a decode step) moves the centroids one k-means EMA step
+  (`dynamic.update_centroids`, decay `ema_decay`) towards the unit queries and keys (keys only
+  with `shared_qk`) assigned to them, and sows the commitment loss `commitment *
+  dynamic.commitment_loss` as "aux_loss" (the trainer adds every sown aux loss and returns the
+  changed buffers from its step). Routing uses the centroids from before the step.
 
-  def __init__(self, num_heads, head_dim, num_clusters, window, rngs):
+  Non-causal self attention without packing: `dynamic.balanced_routing_attention` (balanced top-w
+  query and key membership per cluster, lucidrains' `KmeansAttention`). Causal, decoding, cross
+  and packed sequences: a query and a key each join their nearest centroid (argmax), so a token's
+  cluster never depends on other tokens and a decode step sees exactly what the full forward saw
+  (the balanced top-w over the whole sequence would let later tokens push earlier ones out of a
+  cluster); a dense mask (O(T^2) memory). `shared_qk=True` routes with k = q (the paper's shared
+  projection: keys unit-normalised, a token sees itself only when nothing else is visible); its
+  decode is not implemented (the cache holds k-projections)."""
+
+  def __init__(self, num_heads, head_dim, num_clusters, window, rngs, *, shared_qk=False,
+               ema_decay=0.999, commitment=1e-4):
+    if not 0.0 <= ema_decay <= 1.0:
+      raise ValueError(f"ema_decay must be in [0, 1], got {ema_decay}")
     c = jax.random.normal(rngs.params(), (num_heads, num_clusters, head_dim))
     self.centroids = _Buffer(c / jnp.linalg.norm(c, axis=-1, keepdims=True))
-    self.window = window
+    self.window, self.shared_qk = window, shared_qk
+    self.ema_decay, self.commitment = ema_decay, commitment
+    self.deterministic = False
 
-  def update(self, x, decay: float = 0.999):
+  def update(self, x, decay: float | None = None):
+    """One k-means EMA step on `x [B, T, H, D]` (what a training forward does)."""
+    decay = self.ema_decay if decay is None else decay
     self.centroids[...] = dynamic.update_centroids(self.centroids[...], x, decay)
 
   def __call__(self, q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=None,
                **unused):
     cent = self.centroids[...]
-    if not causal and mask is None and q_segment_ids is None:
-      return dynamic.routing_attention(q, k, v, cent, window=min(self.window, k.shape[1]),
-                                       causal=False)
+    if self.shared_qk:
+      if mask is not None:
+        raise NotImplementedError("routing(shared_qk=True): decode is not implemented (the cache "
+                                  "holds the k projection, not q)")
+      if q.shape[1] != k.shape[1] or q.shape[2] != k.shape[2]:
+        raise PatternUndefinedError("routing(shared_qk=True): cross attention is undefined (keys "
+                                    "are the queries)")
+      k = q
+    if not self.deterministic and mask is None:
+      kr = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
+      x = kr if self.shared_qk else jnp.concatenate([q, kr], axis=1)
+      self.sow(nnx.Intermediate, "aux_loss", self.commitment * dynamic.commitment_loss(x, cent))
+      self.centroids[...] = dynamic.update_centroids(cent, x, self.ema_decay)
+    if not causal and mask is None and q_segment_ids is None and q.shape[1] == k.shape[1]:
+      return dynamic.balanced_routing_attention(q, k, v, cent, window=self.window,
+                                                shared_qk=self.shared_qk)
     same = dynamic.routing_mask(q, k, cent, window=min(self.window, k.shape[1]), causal=False,
                                 balanced=False)
     vis = same & _visibility(q, k, causal=causal, mask=mask, q_segment_ids=q_segment_ids,
                              kv_segment_ids=kv_segment_ids)
+    if self.shared_qk:
+      k = dynamic._unit(k).astype(q.dtype)
+      eye = jnp.eye(q.shape[1], dtype=bool)
+      others = vis & ~eye
+      vis = jnp.where(others.any(-1, keepdims=True), others, vis)
     return dot_product_attention(q, k, v, mask=vis, implementation="reference")
 
 
 @register_mixer("routing", "Routing Transformer: k-means routed attention (online centroids).")
 def _build_routing(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs,
-                   num_clusters: int = 3, window: int = 8, **options: Any):
-  fn = RoutingAttnFn(num_heads, d_model // num_heads, num_clusters, window, rngs)
+                   num_clusters: int = 3, window: int = 8, shared_qk: bool = False,
+                   ema_decay: float = 0.999, commitment: float = 1e-4, **options: Any):
+  fn = RoutingAttnFn(num_heads, d_model // num_heads, num_clusters, window, rngs,
+                     shared_qk=shared_qk, ema_decay=ema_decay, commitment=commitment)
   # No RoPE by default: clusters of rotated vectors would depend on absolute positions, so a packed
   # sequence would route differently from the same sequence alone.
   options.setdefault("rope", False)

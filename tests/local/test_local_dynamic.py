@@ -60,12 +60,94 @@ def test_routing_transformer_equals_mask_definition_and_oracles():
   np.testing.assert_allclose(
       jax.jit(D.routing_attention, static_argnames="window")(q, k, v, cent[:, :1], window=21),
       _full(q, k, v, causal=True, implementation="reference"), atol=2e-5)
-  new = jax.jit(D.update_centroids)(cent, q, decay=0.5)
-  assert new.shape == cent.shape
-  np.testing.assert_allclose(jnp.linalg.norm(new, axis=-1)[new.sum(-1) != cent.sum(-1)], 1.0,
-                             atol=1e-4)
   with pytest.raises(ValueError, match="window"):
     D.routing_attention(q, k, v, cent, window=0)
+
+
+def _np_unit(x):
+  return x / np.sqrt((x * x).sum(-1, keepdims=True) + 1e-6)
+
+
+def _kmeans_ema_oracle(means, x, decay):
+  """lucidrains/routing-transformer `routing_transformer.py`: `kmeans_iter` (buckets = argmax of
+  unit x against the stored means, per-cluster sum over the batch, re-normalised; empty clusters
+  keep their mean) then `ema_inplace` (means * decay + new * (1 - decay)). x [B, T, H, D]."""
+  xu = _np_unit(np.asarray(x, np.float64)).transpose(0, 2, 1, 3)            # [B, H, T, D]
+  means = np.asarray(means, np.float64)
+  buckets = np.einsum("bhtd,hcd->bhtc", xu, means).argmax(-1)
+  new = means.copy()
+  for h in range(means.shape[0]):
+    for c in range(means.shape[1]):
+      sel = xu[:, h][buckets[:, h] == c]
+      if len(sel):
+        tot = sel.sum(0)
+        new[h, c] = tot / max(np.linalg.norm(tot), 1e-12)
+  routed = np.take_along_axis(means[None], buckets[..., None], axis=2)       # [B, H, T, D]
+  return means * decay + new * (1 - decay), np.mean((xu - routed) ** 2)
+
+
+def _kmeans_attention_oracle(q, k, v, means, w, shared_qk):
+  """lucidrains `KmeansAttention.forward` (non-causal), numpy: per cluster its w most similar
+  queries / keys (`distribution`, sorted), a softmax window each, outputs `scatter_mean`-ed."""
+  q, k, v, means = (np.asarray(a, np.float64).transpose(0, 2, 1, 3) if a.ndim == 4 else
+                    np.asarray(a, np.float64) for a in (q, k, v, means))
+  b, h, t, d = q.shape
+  if shared_qk:
+    k = q
+  dists = lambda x: np.einsum("bhtd,hcd->bhtc", _np_unit(x), means)
+  top = lambda dd: np.sort(np.argsort(-dd, axis=2, kind="stable")[:, :, :w], axis=2)  # [B,H,w,C]
+  kidx = top(dists(k))
+  qidx = kidx if shared_qk else top(dists(q))
+  if shared_qk:
+    k = _np_unit(k)
+  num, den = np.zeros_like(q), np.zeros(q.shape[:3])
+  for bi in range(b):
+    for hi in range(h):
+      for c in range(means.shape[1]):
+        qi, ki = qidx[bi, hi, :, c], kidx[bi, hi, :, c]
+        dots = q[bi, hi, qi] @ k[bi, hi, ki].T * d ** -0.5
+        if shared_qk:
+          dots[qi[:, None] == ki[None, :]] = -5e4
+        p = np.exp(dots - dots.max(-1, keepdims=True))
+        num[bi, hi, qi] += (p / p.sum(-1, keepdims=True)) @ v[bi, hi, ki]
+        den[bi, hi, qi] += 1
+  return (num / (den[..., None] + 1e-5)).transpose(0, 2, 1, 3)
+
+
+@pytest.mark.parametrize("shared_qk", [False, True])
+def test_routing_balanced_attention_and_kmeans_training_match_lucidrains(shared_qk):
+  from flax import nnx
+  from attnjax.nn.sparse import RoutingAttnFn
+  q, k, v = _qkv((2, 13), h=2, hk=2)
+  fn = RoutingAttnFn(2, 8, 3, 5, nnx.Rngs(1), shared_qk=shared_qk, ema_decay=0.9,
+                     commitment=1e-2)
+  cent = np.asarray(fn.centroids[...])
+  o_ref = _kmeans_attention_oracle(q, k, v, cent, 5, shared_qk)
+  # One training forward under the trainer's protocol: merge, capture the sown aux loss, return
+  # the non-Param state.
+  gd, params, rest = nnx.split(fn, nnx.Param, ...)
+
+  @jax.jit
+  def train_forward(rest, q, k, v):
+    m = nnx.merge(gd, params, rest)
+    o, inter = nnx.capture(lambda m: m(q, k, v, causal=False), nnx.Intermediate)(m)
+    return o, inter, nnx.state(m, nnx.Not(nnx.Param))
+
+  o, inter, new_rest = train_forward(rest, q, k, v)
+  np.testing.assert_allclose(o, o_ref, atol=2e-5)
+  x = q if shared_qk else jnp.concatenate([q, k], 1)       # shared QK: the keys are the queries
+  want, mse = _kmeans_ema_oracle(cent, x, 0.9)
+  np.testing.assert_allclose(new_rest["centroids"][...], want, atol=1e-5)
+  aux = [l for p, l in jax.tree_util.tree_leaves_with_path(inter) if "aux_loss" in str(p)]
+  np.testing.assert_allclose(sum(jnp.sum(a) for a in aux), 1e-2 * mse, rtol=1e-4)
+  # Every centroid moved towards its members (the EMA target is the mean direction).
+  assert np.abs(want - cent).max() > 1e-3
+  # Eval mode (model.eval()): the same forward leaves the centroids where they were.
+  fn.eval()
+  gd, params, rest = nnx.split(fn, nnx.Param, ...)
+  m = nnx.merge(gd, params, rest)
+  m(q, k, v, causal=False)
+  np.testing.assert_array_equal(m.centroids[...], cent)
 
 
 def test_causal_routing_does_not_see_the_future():

@@ -153,17 +153,87 @@ def routing_mask(q, k, centroids, *, window: int, causal: bool = True, balanced:
   return (rank < window) & visible
 
 
+def _kmeans_buckets(xu, centroids):
+  """Nearest stored centroid (as stored: the EMA leaves them slightly shorter than unit) of unit
+  vectors `xu [B, T, H, D]` -> `[B, H, T]` (lucidrains' `dists_and_buckets`)."""
+  return jnp.argmax(jnp.einsum("bthd,hcd->bhtc", xu, centroids.astype(jnp.float32)), -1)
+
+
 def update_centroids(centroids, x, decay: float = 0.999):
-  """Online k-means step: `mu_c <- decay mu_c + (1 - decay) mean{x^_i : argmax_c' x^_i.mu_c' = c}`,
-  then re-normalised; clusters with no member keep their centroid. `x [B, T, H, D]`."""
+  """The Routing Transformer's k-means EMA step as lucidrains/routing-transformer's `Kmeans`
+  (`kmeans_iter` then `update`/`ema_inplace`): every unit `x^_i` joins its nearest centroid; a
+  cluster's new mean is the re-normalised sum of its members over the batch (`kmeans_iter`),
+  an empty cluster keeps its centroid; then `mu <- decay mu + (1 - decay) new` (not re-normalised,
+  as the authors' EMA). `centroids [H, C, D]`, `x [B, T, H, D]` (detached)."""
   h, c, _ = centroids.shape
+  if x.ndim != 4 or x.shape[2] != h or x.shape[3] != centroids.shape[2]:
+    raise ValueError(f"x must be [B, T, H={h}, D={centroids.shape[2]}], got {x.shape}")
+  cent = jax.lax.stop_gradient(centroids).astype(jnp.float32)
   xu = _unit(jax.lax.stop_gradient(x))
-  assign = jnp.argmax(jnp.einsum("bthd,hcd->bhtc", xu, _unit(centroids)), -1)     # [B, H, T]
-  onehot = jax.nn.one_hot(assign, c, dtype=jnp.float32)                           # [B, H, T, C]
+  onehot = jax.nn.one_hot(_kmeans_buckets(xu, cent), c, dtype=jnp.float32)      # [B, H, T, C]
   sums = jnp.einsum("bhtc,bthd->hcd", onehot, xu)
-  counts = onehot.sum((0, 2))[..., None]                                           # [H, C, 1]
-  new = decay * centroids + (1 - decay) * sums / jnp.maximum(counts, 1.0)
-  return jnp.where(counts > 0, _unit(new), centroids)
+  counts = onehot.sum((0, 2))[..., None]                                        # [H, C, 1]
+  new = jnp.where(counts > 0, _unit(sums), cent)
+  return (decay * cent + (1 - decay) * new).astype(centroids.dtype)
+
+
+def commitment_loss(x, centroids):
+  """lucidrains' `Kmeans.forward` loss: `mean((x^ - mu_{nearest(x^)})^2)` over all elements, with
+  gradient into x only (the centroids are buffers). `x [B, T, H, D]` (times `commitment` = 1e-4
+  there)."""
+  xu = _unit(x)
+  cent = jax.lax.stop_gradient(centroids).astype(jnp.float32)
+  bucket = _kmeans_buckets(jax.lax.stop_gradient(xu), cent)                    # [B, H, T]
+  routed = cent[jnp.arange(cent.shape[0])[None, :, None], bucket]               # [B, H, T, D]
+  return jnp.mean((xu - routed.transpose(0, 2, 1, 3)) ** 2)
+
+
+def balanced_routing_attention(q, k, v, centroids, *, window: int, shared_qk: bool = False,
+                               scale=None):
+  """Non-causal Routing Transformer attention as lucidrains/routing-transformer `KmeansAttention`
+  on `[B, T, H, D]` (GQA: kv heads repeated) -> `[B, Tq, H, Dv]`.
+
+  Balanced membership both ways (`distribution`): centroid c takes its `w = min(window, Tq)`
+  most similar queries and its `min(window, Tk)` most similar keys (unit vectors against the
+  stored centroids), each sorted by position; every cluster is one softmax window of w queries
+  over its keys; a token's output is the mean over the windows it is in (`scatter_mean`, eps
+  1e-5), zero if it is in none. `shared_qk=True` (the paper's shared projection; pass k = q):
+  clusters come from the keys alone, queries = keys, keys unit-normalised, and a token's logit on
+  itself is -5e4 (attended only when nothing else is). Detached routing; O(C * w^2) per head.
+  """
+  _check_bthd(q, k, v)
+  b, tq, h, d = q.shape
+  tk = k.shape[1]
+  if centroids.ndim != 3 or centroids.shape[0] != h or centroids.shape[2] != d:
+    raise ValueError(f"centroids must be [H={h}, C, D={d}], got {centroids.shape}")
+  if window < 1:
+    raise ValueError(f"window must be >= 1, got {window}")
+  if shared_qk and tq != tk:
+    raise ValueError(f"shared_qk needs Tq == Tk (k is q), got {tq}, {tk}")
+  scale = d ** -0.5 if scale is None else scale
+  g = h // k.shape[2]
+  k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+  cent = jax.lax.stop_gradient(centroids).astype(jnp.float32)
+
+  def members(x, w):   # [B, H, C, w] sorted token indices: each centroid's w nearest tokens
+    dist = jnp.einsum("bthd,hcd->bhct", _unit(jax.lax.stop_gradient(x)), cent)
+    return jnp.sort(jax.lax.top_k(dist, w)[1], -1)
+
+  kidx = members(k, min(window, tk))
+  qidx = kidx if shared_qk else members(q, min(window, tq))
+  if shared_qk:
+    k = _unit(k).astype(q.dtype)
+  take = lambda a, idx: jnp.take_along_axis(a.transpose(0, 2, 1, 3)[:, :, None],
+                                            idx[..., None], axis=3)         # [B, H, C, w, D]
+  qw, kw, vw = take(q, qidx), take(k, kidx), take(v, kidx)
+  s = jnp.einsum("bhcid,bhcjd->bhcij", qw, kw, preferred_element_type=jnp.float32) * scale
+  if shared_qk:
+    s = jnp.where(qidx[..., :, None] == kidx[..., None, :], -5e4, s)
+  o = jnp.einsum("bhcij,bhcjd->bhcid", jax.nn.softmax(s, -1), vw.astype(jnp.float32))
+  onehot = jax.nn.one_hot(qidx, tq, dtype=jnp.float32)                      # [B, H, C, w, Tq]
+  num = jnp.einsum("bhcit,bhcid->bhtd", onehot, o)
+  den = onehot.sum((2, 3))[..., None]
+  return (num / (den + 1e-5)).transpose(0, 2, 1, 3).astype(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
