@@ -395,32 +395,38 @@ def _build_sea(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, ch
 
 
 @functools.lru_cache(maxsize=64)
-def _radial_layout(t, frame_tokens, window, block):
-  frames = -(-t // frame_tokens)
-  return L.from_rule(patterns.RadialRule(frames, frame_tokens, window), block_q=block,
-                     block_k=block, tq=t, tk=t)
+def _radial_layout(t, frame_tokens, block, decay_factor, model_type):
+  if t % frame_tokens:
+    raise ValueError(f"radial: T={t} must be a multiple of frame_tokens={frame_tokens} (whole "
+                     f"frames)")
+  return patterns.radial_layout(t // frame_tokens, frame_tokens, block, decay_factor=decay_factor,
+                                model_type=model_type)
 
 
 def radial_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=None,
-              frame_tokens: int = 4, window: int = 4, block: int = 4, **unused):
+              frame_tokens: int = 4, block: int = 4, decay_factor: float = 1.0,
+              model_type: str = "hunyuan", **unused):
   """Radial attention [102] as an `attn_fn` over tokens in frame-major order (`frame_tokens` per
-  frame; a short last frame is allowed): static symmetric layout, block-sparse path."""
+  frame, whole frames): the authors' static block mask (`patterns.radial_block_mask`), block-sparse
+  path."""
   if mask is not None:
     raise NotImplementedError("radial attention: decode is not implemented (non-causal)")
   if causal:
     raise PatternUndefinedError("radial: the causal pattern is undefined (video diffusion)")
   _self_only("radial", q, k, mask, "frames of one video")
-  lay = _radial_layout(q.shape[1], frame_tokens, window, block)
+  lay = _radial_layout(q.shape[1], frame_tokens, block, decay_factor, model_type)
   return block_sparse.block_sparse_attention(q, k, v, lay, q_segment_ids=q_segment_ids,
                                              kv_segment_ids=kv_segment_ids)
 
 
 @register_mixer("radial", "Radial attention: band halves as frame distance doubles (non-causal).")
 def _build_radial(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs,
-                  frame_tokens: int = 4, window: int = 4, block: int = 4, **options: Any):
+                  frame_tokens: int = 4, block: int = 4, decay_factor: float = 1.0,
+                  model_type: str = "hunyuan", **options: Any):
   if causal:
     raise PatternUndefinedError("radial: the causal pattern is undefined (video diffusion)")
-  fn = functools.partial(radial_fn, frame_tokens=frame_tokens, window=window, block=block)
+  fn = functools.partial(radial_fn, frame_tokens=frame_tokens, block=block,
+                         decay_factor=decay_factor, model_type=model_type)
   return MultiHeadAttention(d_model, num_heads, causal=causal, attn_fn=fn, rngs=rngs, **options)
 
 

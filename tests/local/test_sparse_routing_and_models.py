@@ -193,3 +193,74 @@ def test_cab_patterns_work_or_raise_pattern_undefined():
     y = fwd(m, x, ctx)
     np.testing.assert_allclose(fwd(m, x, ctx.at[:, 9:].set(3.0))[:, :5], y[:, :5], atol=1e-5,
                                err_msg=name)
+
+
+def _radial_mask_oracle(video_token_num, num_frame, block_size, decay_factor, model_type):
+  """Numpy transcription of mit-han-lab/radial-attention `radial_attn/attn_mask.py`:
+  `gen_log_mask_shrinked` with `get_window_width`, `get_diagonal_split_mask` (its hard-coded
+  threshold 128, "equal to block-size", is `block_size`) and `shrinkMaskStrict`; s = the token
+  count rounded up to whole blocks (no text tokens)."""
+  def shrink(mask, bs):
+    bn = mask.shape[0] // bs
+    m = mask[:bn * bs, :bn * bs].reshape(bn, bs, bn, bs)
+    col = m.sum(1) / bs
+    frac = (col > 1 / 3).sum(-1) / ((col > 0).sum(-1) + 1e-9)
+    return frac > 0.6
+
+  def window_width(i, j, tpf):
+    dist = abs(i - j)
+    if model_type == "wan":
+      if dist < 1:
+        return tpf
+      if dist == 1:
+        return tpf // 2
+    elif dist <= 1:
+      return tpf
+    decay = 2 ** tpf.bit_length() / 2 ** dist.bit_length() * decay_factor
+    return decay if decay >= block_size else block_size
+
+  def split_mask(i, j, tpf):
+    dist = abs(i - j)
+    decay = 2 ** tpf.bit_length() / 2 ** dist.bit_length()
+    if decay >= block_size:
+      return np.ones((tpf, tpf), bool)
+    return np.full((tpf, tpf), dist % int(block_size / decay) == 0)
+
+  s = -(-video_token_num // block_size) * block_size
+  final = np.zeros((s // block_size, s // block_size), bool)
+  tpf = video_token_num // num_frame
+  border = video_token_num // block_size
+  cols, rows = np.arange(tpf)[None, :], np.arange(tpf)[:, None]
+  final[border:] = True
+  final[:, border:] = True
+  for i in range(num_frame):
+    for j in range(num_frame):
+      if j == 0:
+        local = np.ones((tpf, tpf), bool)
+      else:
+        local = (np.abs(cols - rows) <= window_width(i, j, tpf)) & split_mask(i, j, tpf)
+      rr, rc = (i * tpf) % block_size, (j * tpf) % block_size
+      n_r = rr + ((tpf - 1) // block_size + 1) * block_size
+      n_c = rc + ((tpf - 1) // block_size + 1) * block_size
+      padded = np.zeros((n_r, n_c), bool)
+      padded[rr:rr + tpf, rc:rc + tpf] = local
+      bm = shrink(padded, block_size)
+      r0, c0 = (i * tpf) // block_size, (j * tpf) // block_size
+      tile = final[r0:r0 + bm.shape[0], c0:c0 + bm.shape[1]]
+      tile |= bm[:tile.shape[0], :tile.shape[1]]
+  return final
+
+
+@pytest.mark.parametrize("frames,tpf,block,decay,model", [
+    (12, 6, 4, 1.0, "hunyuan"), (6, 16, 4, 0.5, "wan"), (5, 5, 4, 1.0, "hunyuan")])
+def test_radial_layout_is_the_authors_mask(frames, tpf, block, decay, model):
+  from attnjax.ops.sparse import patterns as P
+  t = frames * tpf
+  want = _radial_mask_oracle(t, frames, block, decay, model)
+  lay = P.radial_layout(frames, tpf, block, decay_factor=decay, model_type=model)
+  L.check_layout(lay)
+  dense = np.kron(want, np.ones((block, block), bool))[:t, :t]
+  np.testing.assert_array_equal(np.asarray(L.dense_mask(lay))[0, 0], dense)
+  # Only key frame 0 is a sink: query frame 0 does not see every far frame.
+  if frames > 6:
+    assert dense[:, :tpf].all() and not dense[:tpf].all()
