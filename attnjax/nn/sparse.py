@@ -370,12 +370,17 @@ def _build_hyper(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, 
 
 
 class SEAAttnFn(nnx.Module):
-  """SEA [67] attention function: Performer random features (a buffer) estimate the chunk-level
-  attention; each query attends its top-k chunks (own chunk forced when causal)."""
+  """SEA [67] attention function: a Performer random-feature estimator (`proj`, a trained Param)
+  estimates the chunk-level attention; each query attends its top-k chunks (own chunk forced when
+  causal). The selection is detached, so the estimator learns only from SEA's distillation loss:
+  in training (`deterministic=False`; `model.eval()` sets it True) every full forward sows
+  `distill_weight * sea_distillation_loss` on detached q, k as "aux_loss" (KL from the exact
+  attention compressed to chunks to the estimate), which the trainer adds to the task loss."""
 
-  def __init__(self, head_dim, num_features, chunk_size, top_k, rngs):
-    self.proj = _Buffer(jax.random.normal(rngs.params(), (head_dim, num_features)))
-    self.chunk_size, self.top_k = chunk_size, top_k
+  def __init__(self, head_dim, num_features, chunk_size, top_k, rngs, *, distill_weight=1.0):
+    self.proj = nnx.Param(jax.random.normal(rngs.params(), (head_dim, num_features)))
+    self.chunk_size, self.top_k, self.distill_weight = chunk_size, top_k, distill_weight
+    self.deterministic = False
 
   def __call__(self, q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=None,
                **unused):
@@ -383,14 +388,21 @@ class SEAAttnFn(nnx.Module):
       raise NotImplementedError("sea: decode is not implemented")
     if q_segment_ids is not None:
       raise NotImplementedError("sea: segment_ids are not supported (chunks are absolute)")
-    return estimated.sea_attention(q, k, v, self.proj[...], chunk_size=self.chunk_size,
-                                   top_k=self.top_k, causal=causal)
+    proj = self.proj[...]
+    if not self.deterministic and self.distill_weight:
+      loss = estimated.sea_distillation_loss(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k),
+                                             proj, chunk_size=self.chunk_size, causal=causal)
+      self.sow(nnx.Intermediate, "aux_loss", self.distill_weight * loss)
+    return estimated.sea_attention(q, k, v, jax.lax.stop_gradient(proj),
+                                   chunk_size=self.chunk_size, top_k=self.top_k, causal=causal)
 
 
 @register_mixer("sea", "SEA: kernel-estimated chunk attention, top-k chunks per query (sparse).")
 def _build_sea(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, chunk_size: int = 4,
-               top_k: int = 2, num_features: int = 32, **options: Any):
-  fn = SEAAttnFn(d_model // num_heads, num_features, chunk_size, top_k, rngs)
+               top_k: int = 2, num_features: int = 32, distill_weight: float = 1.0,
+               **options: Any):
+  fn = SEAAttnFn(d_model // num_heads, num_features, chunk_size, top_k, rngs,
+                 distill_weight=distill_weight)
   return MultiHeadAttention(d_model, num_heads, causal=causal, attn_fn=fn, rngs=rngs, **options)
 
 

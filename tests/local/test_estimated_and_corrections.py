@@ -298,3 +298,65 @@ def test_flux_gate_and_forced_routes():
   np.testing.assert_allclose(ctx[:, -1], k.reshape(1, 21, -1).mean(1), atol=1e-6)
   with pytest.raises(ValueError, match="gate"):
     C.flux_attention(q, k, v, jnp.ones((2,)), sparse_fn=sparse)
+
+
+def _sea_kl_oracle(q, k, proj, chunk, causal):
+  """SEA's distillation target, numpy: KL(teacher || student) per query row, averaged; the teacher
+  is exact (causal) softmax attention summed over each key chunk, the student the FAVOR+ estimate
+  `phi(q) . sum_{j in c} phi(k_j)` (phi(x) = exp(w^T x' - |x'|^2 / 2), x' = x D^-1/4) normalised
+  over the chunks holding a visible key."""
+  q, k, proj = (np.asarray(a, np.float64) for a in (q, k, proj))
+  b, t, h, d = q.shape
+  g = h // k.shape[2]
+  nc = -(-t // chunk)
+  kl = []
+  phi = lambda x: np.exp((x * d ** -0.25) @ proj - 0.5 * ((x * d ** -0.25) ** 2).sum(-1)[:, None])
+  for bi in range(b):
+    for hi in range(h):
+      qh, kh = q[bi, :, hi], k[bi, :, hi // g]
+      s = qh @ kh.T / np.sqrt(d)
+      if causal:
+        s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
+      p = np.exp(s - s.max(-1, keepdims=True))
+      p /= p.sum(-1, keepdims=True)
+      fq, fk = phi(qh), phi(kh)
+      for i in range(t):
+        teacher = np.array([p[i, c * chunk:(c + 1) * chunk].sum() for c in range(nc)])
+        est = np.array([fq[i] @ fk[c * chunk:(c + 1) * chunk].sum(0) for c in range(nc)])
+        if causal:
+          est[np.arange(nc) * chunk > i] = 0
+        est /= est.sum()
+        m = teacher > 0
+        kl.append((teacher[m] * np.log(teacher[m] / est[m])).sum())
+  return np.mean(kl)
+
+
+def test_sea_mixer_trains_its_estimator_by_distillation():
+  from flax import nnx
+  from attnjax.nn.sparse import SEAAttnFn
+  q, k, v = _qkv(10, h=2, hk=1, d=4)
+  fn = SEAAttnFn(4, 16, 3, 2, nnx.Rngs(0), distill_weight=0.5)
+  gd, params, rest = nnx.split(fn, nnx.Param, ...)
+
+  @jax.jit
+  def aux_and_grad(params):
+    def loss(params):
+      m = nnx.merge(gd, params, rest)
+      o, inter = nnx.capture(lambda m: m(q, k, v, causal=True), nnx.Intermediate)(m)
+      aux = sum(jnp.sum(l) for p, l in jax.tree_util.tree_leaves_with_path(inter)
+                if "aux_loss" in str(p))
+      return aux, o
+    return jax.value_and_grad(loss, has_aux=True)(params)
+
+  (aux, _), grads = aux_and_grad(params)
+  np.testing.assert_allclose(float(aux), 0.5 * _sea_kl_oracle(q, k, params["proj"][...], 3, True),
+                             rtol=1e-4)
+  # The estimator learns from it: a few gradient steps on proj lower the distillation loss.
+  p = params
+  for _ in range(5):
+    (_, _), g = aux_and_grad(p)
+    p = jax.tree.map(lambda a, b: a - 2.0 * b, p, g)
+  assert float(aux_and_grad(p)[0][0]) < 0.95 * float(aux)
+  fn.eval()                                     # eval mode: nothing is sown
+  _, inter = nnx.capture(lambda m: m(q, k, v, causal=True), nnx.Intermediate)(fn)
+  assert not jax.tree.leaves(inter)

@@ -319,22 +319,30 @@ def sea_attention(q, k, v, proj, *, chunk_size: int, top_k: int, causal: bool = 
   return fn(q, k, v, lay, scale=scale, return_lse=return_lse)
 
 
-def sea_distillation_loss(q, k, proj, *, chunk_size: int, scale=None):
+def sea_distillation_loss(q, k, proj, *, chunk_size: int, scale=None, causal: bool = False):
   """KL(teacher || estimate) per row, averaged: the teacher is the exact attention compressed to
   chunks (`sum_{j in c} softmax_j(s_ij)`), the student `sea_estimate` (differentiable in `proj` and,
-  through the features, in q and k when not detached by the caller). O(T^2): a training loss."""
+  through the features, in q and k when not detached by the caller). `causal` (bottom-right
+  aligned): the teacher is causal attention and the estimate is normalised over the chunks that
+  hold a visible key (the selection never takes another). O(T^2): a training loss."""
   b, tk, hk, d = k.shape
-  h = q.shape[2]
+  tq, h = q.shape[1], q.shape[2]
   nc = -(-tk // chunk_size)
   scale = d ** -0.5 if scale is None else scale
   kr = jnp.repeat(k, h // hk, axis=2)
-  p = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, kr).astype(jnp.float32) * scale, -1)
+  s = jnp.einsum("bqhd,bkhd->bhqk", q, kr).astype(jnp.float32) * scale
+  pos = jnp.arange(tq) + (tk - tq)
+  if causal:
+    s = jnp.where(jnp.arange(tk)[None, :] <= pos[:, None], s, -jnp.inf)
+  p = jax.nn.softmax(s, -1)
   p = jnp.pad(p, ((0, 0), (0, 0), (0, 0), (0, nc * chunk_size - tk)))
   teacher = p.reshape(p.shape[:3] + (nc, chunk_size)).sum(-1)
   fq = performer_features(q, proj)
   fk = jnp.pad(performer_features(k, proj), ((0, 0), (0, 0), (0, nc * chunk_size - tk), (0, 0)))
   sums = jnp.repeat(fk.reshape(b, hk, nc, chunk_size, -1).sum(3), h // hk, axis=1)
   est = jnp.einsum("bhtr,bhcr->bhtc", fq, sums)
+  if causal:
+    est = jnp.where(jnp.arange(nc)[None, :] * chunk_size <= pos[:, None], est, 0.0)
   est = est / jnp.maximum(est.sum(-1, keepdims=True), 1e-30)
   kl = teacher * (jnp.log(jnp.maximum(teacher, 1e-30)) - jnp.log(jnp.maximum(est, 1e-30)))
   return jnp.mean(jnp.sum(kl, -1))
