@@ -341,12 +341,16 @@ def _build_landmark(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rng
 
 class HyperAttnFn(nnx.Module):
   """HyperAttention [51] attention function: fixed random LSH directions (a buffer) and a fixed
-  sampling seed, so a call is deterministic (the paper redraws samples at every call)."""
+  sampling seed, so a call is deterministic (the paper redraws samples at every call). Causal
+  calls use `query_blocks="bucket"` by default (a query's key block from its own LSH bucket): the
+  authors' rank partition lets later tokens change earlier outputs (see `hyper_attention`)."""
 
-  def __init__(self, head_dim, num_projs, block_size, sample_size, min_seq_len, seed, rngs):
+  def __init__(self, head_dim, num_projs, block_size, sample_size, min_seq_len, seed, rngs,
+               causal_query_blocks="bucket"):
     self.proj = _Buffer(jax.random.normal(rngs.params(), (head_dim, num_projs)))
     self.block_size, self.sample_size, self.min_seq_len, self.seed = (block_size, sample_size,
                                                                       min_seq_len, seed)
+    self.causal_query_blocks = causal_query_blocks
 
   def __call__(self, q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=None,
                **unused):
@@ -357,15 +361,16 @@ class HyperAttnFn(nnx.Module):
                                 "segments)")
     return estimated.hyper_attention(q, k, v, self.proj[...], block_size=self.block_size,
                                      sample_size=self.sample_size, key=jax.random.key(self.seed),
-                                     causal=causal, min_seq_len=self.min_seq_len)
+                                     causal=causal, min_seq_len=self.min_seq_len,
+                                     query_blocks=self.causal_query_blocks if causal else "rank")
 
 
 @register_mixer("hyper_attention", "HyperAttention: sortLSH block-diagonal + sampled columns.")
 def _build_hyper(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, num_projs: int = 3,
                  block_size: int = 4, sample_size: int = 4, min_seq_len: int = 4, seed: int = 0,
-                 **options: Any):
+                 causal_query_blocks: str = "bucket", **options: Any):
   fn = HyperAttnFn(d_model // num_heads, num_projs, block_size, sample_size, min_seq_len, seed,
-                   rngs)
+                   rngs, causal_query_blocks)
   return MultiHeadAttention(d_model, num_heads, causal=causal, attn_fn=fn, rngs=rngs, **options)
 
 

@@ -57,14 +57,16 @@ def _values_and_grads_match(fast, ref, args, atol=2e-5):
 PROJ = jax.random.normal(jax.random.key(11), (8, 3))
 
 
-def _hyper_counts_oracle(q, k, proj, *, block_size, sample_size, key, causal, min_seq_len):
+def _hyper_counts_oracle(q, k, proj, *, block_size, sample_size, key, causal, min_seq_len,
+                         query_blocks="rank"):
   """Numpy transcription of insuhan/hyper-attn `models/attention/hyper_attn.py` (`forward`,
   `forward_no_causal_mask`) and `angular_lsh.py` (`AngularLSH.hash`), written as the weight
   `C [B, H, Tq, Tk]` of key j in query i's estimate (the output is softmax(s + log C) over C > 0,
   which is what the lse merges compute). Shares nothing with the implementation but the jax RNG
   protocol for the sampled columns (split(key, 3) per recursion level: top, diagonal, lower-left;
   `randint(key, [B, Hk, m], 0, Tk)` in the sorted key order). One deliberate deviation from the
-  authors' padding: the short last key block has no zero-padded keys."""
+  authors' padding: the short last key block has no zero-padded keys. `query_blocks="bucket"`
+  (not the authors'): query i sees the sorted key block where its own bucket would be inserted."""
   q, k = np.asarray(q), np.asarray(k)
   r = proj.shape[1]
   perm = np.array([0, 1])                                   # _unit_hamming_distance_array
@@ -88,8 +90,13 @@ def _hyper_counts_oracle(q, k, proj, *, block_size, sample_size, key, causal, mi
       for hi in range(h):
         qi = np.argsort(lsh(qs[bi, :, hi]), kind="stable")
         ki = np.argsort(lsh(ks[bi, :, hi // g]), kind="stable")
+        k_sorted = lsh(ks[bi, :, hi // g])[ki]
         for p in range(nq):
           blk = p // qbs
+          if query_blocks == "bucket":
+            qi = np.arange(nq)
+            ins = np.searchsorted(k_sorted, lsh(qs[bi, p:p + 1, hi])[0], side="left")
+            blk = min(ins // block_size, n_blocks - 1)
           c[bi, hi, qi[p], ki[blk * block_size:(blk + 1) * block_size]] += 1
           if samp is not None:
             for s in samp[bi, hi // g]:
@@ -116,22 +123,32 @@ def _hyper_counts_oracle(q, k, proj, *, block_size, sample_size, key, causal, mi
   return forward(q, k, key, causal)
 
 
-@pytest.mark.parametrize("causal,t,block", [(False, 9, 4), (True, 13, 2)])
-def test_hyper_attention_matches_authors_code(causal, t, block):
+@pytest.mark.parametrize("causal,t,block,qb", [(False, 9, 4, "rank"), (True, 13, 2, "rank"),
+                                                (True, 13, 2, "bucket")])
+def test_hyper_attention_matches_authors_code(causal, t, block, qb):
   """Causal T=13, min_seq_len=6: padded to 14 -> halves of 7 (> 6: recurse, padded to 8 -> 4 + 4),
   whose lower-left 4 x 4 blocks fall back to exact attention (4 < min_seq_len) as the authors'
   code does; the 7 x 7 lower-left block is estimated."""
   q, k, v = _qkv(t)
-  kw = dict(block_size=block, sample_size=3, key=jax.random.key(3), causal=causal, min_seq_len=6)
+  kw = dict(block_size=block, sample_size=3, key=jax.random.key(3), causal=causal, min_seq_len=6,
+            query_blocks=qb)
   c = _hyper_counts_oracle(q, k, PROJ, **kw)
   mask, bias = jnp.asarray(c > 0), jnp.asarray(np.log(np.where(c > 0, c, 1.0)), jnp.float32)
   fast = lambda q, k, v: E.hyper_attention(q, k, v, PROJ, **kw)
   ref = lambda q, k, v: dot_product_attention(q, k, v, mask=mask, bias=bias,
                                               implementation="reference")
-  _values_and_grads_match(fast, ref, (q, k, v))
+  if qb == "rank":
+    _values_and_grads_match(fast, ref, (q, k, v))
+  else:                                             # same recursion: values suffice
+    np.testing.assert_allclose(jax.jit(fast)(q, k, v), jax.jit(ref)(q, k, v), atol=2e-5)
   if causal:
     assert not np.triu(c[0, 0], 1).any()            # recursion never reads the future
     assert (c[0, :, 11:13, 7:11] == 1).all()        # a lower-left 4 x 4 quarter is exact
+    # Routing: the authors' rank partition lets a later token move an earlier query's block;
+    # "bucket" does not (cut at 10, inside a block).
+    q2, k2 = (a.at[:, 10:].set(jax.random.normal(jax.random.key(8), a[:, 10:].shape)) for a in (q, k))
+    c2 = _hyper_counts_oracle(q2, k2, PROJ, **kw)
+    assert (np.array_equal(c[..., :10, :], c2[..., :10, :])) == (qb == "bucket")
 
 
 def test_hyper_attention_oracles():

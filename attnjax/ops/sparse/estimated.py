@@ -79,47 +79,71 @@ def _hyper_plan(q, k, proj, block_size: int, sample_size: int, key):
   return q_order, k_order, q_block, samples
 
 
-def _hyper_noncausal(q, k, v, proj, *, block_size, sample_size, key, scale):
+def _bucket_key_block(q, k, proj, k_order, block_size):
+  """`[B, H, Tq]`: the sorted key block where each query's own LSH bucket would be inserted
+  among the sorted key buckets (stable, clipped to the last block). Depends on the query and the
+  keys only, never on the other queries."""
+  h, hk = q.shape[2], k.shape[2]
+  k_hash = jnp.take_along_axis(angular_lsh_hash(k, proj), k_order, axis=-1)   # sorted [B, Hk, Tk]
+  k_hash = jnp.repeat(k_hash, h // hk, axis=1)
+  pos = jax.vmap(jax.vmap(jnp.searchsorted))(k_hash, angular_lsh_hash(q, proj))
+  return jnp.minimum(pos // block_size, -(-k.shape[1] // block_size) - 1).astype(jnp.int32)
+
+
+def _hyper_noncausal(q, k, v, proj, *, block_size, sample_size, key, scale, query_blocks="rank"):
   """Non-causal HyperAttention -> (o [B, Tq, H, Dv], lse [B, H, Tq])."""
   b, tq, h, d = q.shape
   tk, hk = k.shape[1], k.shape[2]
   g = h // hk
   q_order, k_order, q_block, samples = _hyper_plan(q, k, proj, block_size, sample_size, key)
-  qs = jnp.take_along_axis(q, q_order.transpose(0, 2, 1)[..., None], axis=1)
   ks = jnp.take_along_axis(k, k_order.transpose(0, 2, 1)[..., None], axis=1)
   vs = jnp.take_along_axis(v, k_order.transpose(0, 2, 1)[..., None], axis=1)
-  # Block-diagonal in the sorted orders: query rank p sees key ranks r with p // qb == r // bs.
-  nq, nk = -(-tq // q_block), -(-tk // block_size)
-  diag = np.eye(nq, nk, dtype=bool)[None, None]
-  lay = L.from_block_mask(diag, None, block_q=q_block, block_k=block_size, tq=tq, tk=tk)
+  nk = -(-tk // block_size)
+  if query_blocks == "bucket":
+    # Queries stay in place; each sees the one sorted key block its bucket falls in.
+    qs = q
+    q_blk = _bucket_key_block(q, k, proj, k_order, block_size)              # [B, H, Tq]
+    lay = L.from_block_mask(q_blk[..., None] == jnp.arange(nk), None, block_q=1,
+                            block_k=block_size, tq=tq, tk=tk, max_kv=1)
+  else:
+    # Block-diagonal in the sorted orders: query rank p sees key ranks r with p // qb == r // bs.
+    qs = jnp.take_along_axis(q, q_order.transpose(0, 2, 1)[..., None], axis=1)
+    nq = -(-tq // q_block)
+    q_blk = (jnp.arange(tq) // q_block)[None, None]                          # sorted rank -> block
+    lay = L.from_block_mask(np.eye(nq, nk, dtype=bool)[None, None], None, block_q=q_block,
+                            block_k=block_size, tq=tq, tk=tk)
   o, lse = block_sparse.block_sparse_attention(qs, ks, vs, lay, scale=scale, return_lse=True)
   if samples is not None:
     bi = jnp.arange(b)[:, None, None]
     hi = jnp.arange(hk)[None, :, None]
     k_sub = ks[bi, samples, hi]                                     # [B, Hk, m, D]
     v_sub = vs[bi, samples, hi]
-    q_blk = jnp.arange(tq) // q_block                                # sorted query rank -> block
     s_blk = jnp.repeat(samples // block_size, g, axis=1)             # [B, H, m]
-    keep = q_blk[None, None, :, None] != s_blk[:, :, None, :]        # hide the block-diagonal part
+    keep = q_blk[..., :, None] != s_blk[:, :, None, :]               # hide the block-diagonal part
     o_res, lse_res = dot_product_attention(qs, k_sub.transpose(0, 2, 1, 3),
                                            v_sub.transpose(0, 2, 1, 3), mask=keep, scale=scale,
                                            return_lse=True, implementation="reference")
     lse_res = lse_res + math.log(tk / sample_size)                  # unbiased column estimate
     o, lse = block_sparse.merge_attentions([o, o_res], [lse, lse_res])
+  if query_blocks == "bucket":
+    return o, lse
   q_rank = _ranks(q_order)                                           # [B, H, Tq]
   o = jnp.take_along_axis(o, q_rank.transpose(0, 2, 1)[..., None], axis=1)
   lse = jnp.take_along_axis(lse, q_rank, axis=-1)
   return o, lse
 
 
-def _hyper_counts_noncausal(q, k, proj, *, block_size, sample_size, key):
+def _hyper_counts_noncausal(q, k, proj, *, block_size, sample_size, key, query_blocks="rank"):
   """Dense definition: `C [B, H, Tq, Tk]`, the weight of key j in query i's estimated softmax."""
   h, hk = q.shape[2], k.shape[2]
   tk = k.shape[1]
   q_order, k_order, q_block, samples = _hyper_plan(q, k, proj, block_size, sample_size, key)
-  q_rank = _ranks(q_order)                                           # [B, H, Tq]
+  if query_blocks == "bucket":
+    q_blk = _bucket_key_block(q, k, proj, k_order, block_size)
+  else:
+    q_blk = _ranks(q_order) // q_block                               # [B, H, Tq]
   k_rank = jnp.repeat(_ranks(k_order), h // hk, axis=1)              # [B, H, Tk]
-  same = (q_rank // q_block)[..., :, None] == (k_rank // block_size)[..., None, :]
+  same = q_blk[..., :, None] == (k_rank // block_size)[..., None, :]
   counts = same.astype(jnp.float32)
   if samples is not None:
     hits = jax.nn.one_hot(samples, tk, dtype=jnp.float32).sum(2)     # [B, Hk, Tk] by sorted rank
@@ -159,7 +183,9 @@ def _hyper_recurse(q, k, v, *, key, causal, min_seq_len, noncausal_fn, exact_fn,
   return trim(out, t) if odd else out
 
 
-def _check_hyper_args(q, k, block_size, sample_size, min_seq_len, causal):
+def _check_hyper_args(q, k, block_size, sample_size, min_seq_len, causal, query_blocks="rank"):
+  if query_blocks not in ("rank", "bucket"):
+    raise ValueError(f"query_blocks must be 'rank' or 'bucket', got {query_blocks!r}")
   if block_size < 1 or sample_size < 0 or min_seq_len < 1:
     raise ValueError(f"block_size >= 1, sample_size >= 0 and min_seq_len >= 1 required, got "
                      f"{block_size}, {sample_size}, {min_seq_len}")
@@ -171,7 +197,7 @@ def _check_hyper_args(q, k, block_size, sample_size, min_seq_len, causal):
 
 def hyper_attention(q, k, v, proj, *, block_size: int = 256, sample_size: int = 256, key=None,
                     causal: bool = False, min_seq_len: int = 4096, scale=None,
-                    return_lse: bool = False):
+                    return_lse: bool = False, query_blocks: str = "rank"):
   """HyperAttention [51] on `[B, T, H, D]` (GQA: keys sorted per kv head).
 
   Non-causal: queries and keys are sorted by `angular_lsh_hash(., proj)`; query rank p attends the
@@ -185,13 +211,20 @@ def hyper_attention(q, k, v, proj, *, block_size: int = 256, sample_size: int = 
   non-causal and exact below `min_seq_len` queries). Paper/code defaults: 7 LSH projections,
   block 256, 256 samples, min_seq_len 4096. Memory: O(T * (block_size + sample_size)).
   Returns `o`, or `(o, lse [B, H, Tq])`.
+
+  `query_blocks="rank"` is the authors' partition: the p-th query in sorted order takes block
+  `p // qb`, so which keys a query sees depends on the other queries' buckets, and in the causal
+  recursion's lower-left blocks on *later* queries (the authors' causal mode is not causal in the
+  routing: changing a later token can change an earlier output). `"bucket"` (a deviation, for
+  causal language models): a query sees the sorted key block its own bucket falls in
+  (`_bucket_key_block`), so an output depends only on its query and the keys it may see.
   """
   _check_bthd(q, k, v)
-  _check_hyper_args(q, k, block_size, sample_size, min_seq_len, causal)
+  _check_hyper_args(q, k, block_size, sample_size, min_seq_len, causal, query_blocks)
 
   def noncausal(q_, k_, v_, kk):
     return _hyper_noncausal(q_, k_, v_, proj, block_size=block_size, sample_size=sample_size,
-                            key=kk, scale=scale)
+                            key=kk, scale=scale, query_blocks=query_blocks)
 
   def exact(q_, k_, v_, c):
     return dot_product_attention(q_, k_, v_, causal=c, scale=scale, return_lse=True,
@@ -208,15 +241,16 @@ def hyper_attention(q, k, v, proj, *, block_size: int = 256, sample_size: int = 
 
 
 def hyper_attention_counts(q, k, proj, *, block_size: int = 256, sample_size: int = 256, key=None,
-                           causal: bool = False, min_seq_len: int = 4096):
+                           causal: bool = False, min_seq_len: int = 4096,
+                           query_blocks: str = "rank"):
   """`C [B, H, Tq, Tk]` float: the dense definition of `hyper_attention`'s estimate, which equals
   `softmax_j(s_ij + log C_ij)` over `C_ij > 0` (the same sort orders, samples and recursion)."""
-  _check_hyper_args(q, k, block_size, sample_size, min_seq_len, causal)
+  _check_hyper_args(q, k, block_size, sample_size, min_seq_len, causal, query_blocks)
   h = q.shape[2]
 
   def noncausal(q_, k_, v_, kk):
     return _hyper_counts_noncausal(q_, k_, proj, block_size=block_size, sample_size=sample_size,
-                                   key=kk)
+                                   key=kk, query_blocks=query_blocks)
 
   def exact(q_, k_, v_, c):
     ones = jnp.ones((q_.shape[0], h, q_.shape[1], k_.shape[1]), jnp.float32)
