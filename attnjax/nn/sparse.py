@@ -321,12 +321,16 @@ def _build_dynamic_mask(*, d_model: int, num_heads: int, causal: bool, rngs: nnx
 def landmark_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=None,
                 block: int = 4, top_k: int | None = None, **unused):
   """Landmark attention [53] as an `attn_fn`: every `(block + 1)`-th position acts as the landmark
-  of the `block` tokens before it (the data pipeline places landmark tokens there). Causal only;
-  dense O(T^2) grouped softmax; no decoding or packed sequences."""
-  if mask is not None:
-    raise NotImplementedError("landmark: decode is not implemented")
+  of the `block` tokens before it (`attnjax.data.landmark.insert_landmarks` places the landmark
+  tokens there). Causal only; dense O(T^2) grouped softmax; no packed sequences. Decoding (cache
+  `mask` given) retrieves blocks through their landmarks as the full forward does (`top_k` other
+  blocks at most when set, the paper's inference retrieval)."""
   if q_segment_ids is not None:
     raise NotImplementedError("landmark: segment_ids are not supported (absolute landmark slots)")
+  if mask is not None:
+    m = jnp.broadcast_to(mask, mask.shape[:-2] + (q.shape[1], k.shape[1]))
+    q_pos = jnp.sum(m[(0,) * (m.ndim - 2)], axis=-1) - 1                  # cache mask: k <= q_pos
+    return dynamic.landmark_attention(q, k, v, block, top_k=top_k, q_pos=q_pos, key_mask=m)
   _self_only("landmark", q, k, mask, "landmarks are tokens of the sequence itself")
   return dynamic.landmark_attention(q, k, v, block, top_k=top_k)
 

@@ -264,3 +264,48 @@ def test_radial_layout_is_the_authors_mask(frames, tpf, block, decay, model):
   # Only key frame 0 is a sink: query frame 0 does not see every far frame.
   if frames > 6:
     assert dense[:, :tpf].all() and not dense[:tpf].all()
+
+
+def test_landmark_tokens_inserted_and_decoding_retrieves_blocks():
+  """Data: epfml/landmark-attention `data/utils.py` `apply_add_mem_tokens` (transcribed below)
+  appends the landmark id after every token whose index % freq == freq - 1. Decoding: a prefill
+  then one-token steps equal the full forward with top-1 block retrieval, and a decode query's
+  weights vanish on every earlier block except the one whose landmark scores highest."""
+  from attnjax.data import landmark as LD
+  from attnjax.ops.sparse import dynamic as D
+  toks = np.arange(1, 12)
+
+  def add_mem_tokens(tokens, freq, mem_id):
+    out = []
+    for t_idx, t in enumerate(tokens):
+      out.append(t)
+      if t_idx % freq == freq - 1:
+        out.append(mem_id)
+    return np.array(out)
+
+  got = LD.insert_landmarks(np.stack([toks, toks + 20]), 4, 99)
+  np.testing.assert_array_equal(got[0], add_mem_tokens(toks, 4, 99))
+  np.testing.assert_array_equal(got[1], add_mem_tokens(toks + 20, 4, 99))
+  np.testing.assert_array_equal(LD.landmark_slots(got.shape[1], 4), got[0] == 99)
+  np.testing.assert_array_equal(LD.landmark_slots(13, 4), D.landmark_positions(13, 4)[0])
+  np.testing.assert_array_equal(LD.remove_landmarks(got, 4)[0], toks)
+
+  m = build_mixer("landmark", d_model=16, num_heads=2, causal=True, rngs=nnx.Rngs(0), block=4,
+                  top_k=1)
+  x = jax.random.normal(jax.random.key(3), (1, 14, 16))
+  full = nnx.jit(lambda m, x: m(x))(m, x)
+  m.init_cache(1, 16)
+  step = nnx.jit(lambda m, x: m(x, decode=True))
+  outs = [step(m, x[:, :6])] + [step(m, x[:, t:t + 1]) for t in range(6, 14)]
+  np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(full), atol=1e-4)
+  # Op level, one decode query at position 13 against a 16-slot cache: blocks 0-3 and 5-8 have
+  # landmarks 4 and 9; only the better-scoring one's tokens keep weight (top_k=1).
+  q, k = jax.random.normal(jax.random.key(4), (2, 1, 16, 2, 8))
+  mask = (jnp.arange(16) <= 13)[None, None, None, :]
+  w = np.asarray(jax.jit(D.landmark_weights, static_argnums=2, static_argnames="top_k")(
+      q[:, 13:14], k, 4, top_k=1, q_pos=jnp.array([13]), key_mask=mask))[0, :, 0]
+  s = np.einsum("hd,khd->hk", np.asarray(q[0, 13]), np.asarray(k[0])) * 8 ** -0.5
+  for hh in range(2):
+    keep, drop = (0, 5) if s[hh, 4] > s[hh, 9] else (5, 0)
+    assert (w[hh, drop:drop + 4] == 0).all() and (w[hh, keep:keep + 4] > 0).all()
+    assert w[hh, 14:].sum() == 0 and abs(w[hh].sum() - 1) < 1e-5
