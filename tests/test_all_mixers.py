@@ -18,13 +18,14 @@ from attnjax import build_mixer, list_mixers
 
 D_MODEL, HEADS, T = 32, 2, 12
 ALL = sorted(list_mixers())
-_PURE = jax.jit(lambda gd, st, x, seg: nnx.merge(gd, st)(x, segment_ids=seg), static_argnums=0)
-
-
+@nnx.jit
 def _FWD(m, x, seg=None):
   """The forward's output; state a training forward changes (k-means centroids, running
-  statistics) is not written back, so every call sees the same module (as the trainer's eval)."""
-  return _PURE(*nnx.split(m), x, seg)
+  statistics) is put back, so every call sees the same module (as the trainer's eval step)."""
+  before = nnx.state(m)
+  y = m(x, segment_ids=seg)
+  nnx.update(m, before)
+  return y
 
 
 _FWD_SEG = _FWD
@@ -41,11 +42,11 @@ def _build(name, causal):
 def _check_grads_finite(name, m, x, causal):
   graphdef, params, rest = nnx.split(m, nnx.Param, ...)
 
-  def loss(p):
-    y = nnx.merge(graphdef, p, rest)(x)
+  def loss(p, r):   # fresh Variables for r here: a training forward may update buffers in it
+    y = nnx.merge(graphdef, p, jax.tree.map(lambda a: a, r))(x)
     return jnp.sum(y ** 2), y
 
-  (val, y), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  (val, y), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, rest)
   where = f"{name} (causal={causal})"
   assert y.shape == x.shape, f"{where}: output shape {y.shape} != {x.shape}"
   assert np.isfinite(float(val)), where

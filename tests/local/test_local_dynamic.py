@@ -150,6 +150,30 @@ def test_routing_balanced_attention_and_kmeans_training_match_lucidrains(shared_
   np.testing.assert_array_equal(m.centroids[...], cent)
 
 
+def test_routing_centroids_move_in_a_train_step_and_not_in_eval():
+  """experiments/trainer.py `make_steps`: the train step returns the centroids one EMA step on;
+  the eval step reports metrics only (its state is dropped)."""
+  import optax
+  from flax import nnx
+  from configs import mqar as mqar_config
+  from experiments import tasks as tasks_lib, trainer
+  cfg = mqar_config.get_config("tiny")
+  with cfg.unlocked():
+    cfg.model.mixer = "routing"
+    cfg.model.num_layers = 1
+  task = tasks_lib.make_task(cfg)
+  gd, params, rest = nnx.split(task.build_model(cfg, nnx.Rngs(0)), nnx.Param, ...)
+  before = [np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(rest)
+            if "centroids" in str(p)]
+  tx = optax.sgd(0.0)
+  train_step, eval_step = trainer.make_steps(gd, task, tx)
+  _, new_rest, _, metrics = train_step(params, rest, tx.init(params), next(task.train_loader))
+  after = [np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(new_rest)
+           if "centroids" in str(p)]
+  assert before and all(np.abs(a - b).max() > 1e-6 for a, b in zip(after, before))
+  assert float(metrics["aux_loss"]) > 0                     # the commitment loss is counted
+
+
 def test_causal_routing_does_not_see_the_future():
   """Changing tokens after position t leaves outputs at <= t unchanged (causal routing selects
   each query's top-w among its visible keys); the literal reading (whole-sequence top-w, then a
