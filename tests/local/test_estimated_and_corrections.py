@@ -375,5 +375,7 @@ def test_sea_mixer_trains_its_estimator_by_distillation():
     p = jax.tree.map(lambda a, b: a - 2.0 * b, p, g)
   assert float(aux_and_grad(p)[0][0]) < 0.95 * float(aux)
   fn.eval()                                     # eval mode: nothing is sown
-  _, inter = nnx.capture(lambda m: m(q, k, v, causal=True), nnx.Intermediate)(fn)
+  gd, params, rest = nnx.split(fn, nnx.Param, ...)
+  inter = jax.jit(lambda p: nnx.capture(lambda m: m(q, k, v, causal=True), nnx.Intermediate)(
+      nnx.merge(gd, p, rest))[1])(params)
   assert not jax.tree.leaves(inter)

