@@ -48,12 +48,14 @@ def _unit(x):
 
 
 def _routing_scores(q, k, centroids):
-  """Detached unit-vector similarities to the centroids: `(q [B, H, Tq, C], k [B, H, C, Tk])`."""
+  """Detached similarities of the unit queries / keys to the stored centroids (not re-normalised:
+  lucidrains' `dists_and_buckets` scores against the EMA means as they are, and so does
+  `update_centroids`): `(q [B, H, Tq, C], k [B, H, C, Tk])`."""
   h = centroids.shape[0]
   if q.shape[2] != h:
     raise ValueError(f"centroids must be [H={q.shape[2]}, C, D], got {centroids.shape}")
   g = q.shape[2] // k.shape[2]
-  mu = _unit(jax.lax.stop_gradient(centroids))
+  mu = jax.lax.stop_gradient(centroids).astype(jnp.float32)
   qs = jnp.einsum("bthd,hcd->bhtc", _unit(jax.lax.stop_gradient(q)), mu)
   ks = jnp.einsum("bthd,hcd->bhct", _unit(jnp.repeat(jax.lax.stop_gradient(k), g, axis=2)), mu)
   return qs, ks
