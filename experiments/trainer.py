@@ -109,7 +109,10 @@ def make_steps(graphdef, task: tasks_lib.Task, tx: optax.GradientTransformation,
   """
 
   def loss_fn(params, rest, batch):
-    model = nnx.merge(graphdef, params, rest)
+    # Fresh Variables for the non-Param state at this trace level: a training forward may update
+    # buffers (k-means centroids, running statistics), and nnx lets a Variable change only at the
+    # trace level it was made at (under value_and_grad, rest's own Variables are one level up).
+    model = nnx.merge(graphdef, params, jax.tree.map(lambda a: a, rest))
     # Mixers sow aux losses (MoH's load balance, Hedgehog's distillation); capture collects them
     # without storing them on the module.
     (loss, metrics), intermediates = nnx.capture(task.loss, nnx.Intermediate)(model, batch)

@@ -1,6 +1,6 @@
 """Every registered mixer, through the registry, in one contract test per mixer: it builds in the
 CAB patterns it defines (an undefined one raises NotImplementedError), has finite gradients,
-ignores the future when causal, keeps packed sequences apart, and (where it can decode) decodes
+ignores the future when causal (cut inside a chunk), keeps packed sequences apart, and (where it can decode) decodes
 like its full forward.
 
 All calls go through `nnx.jit` with one sequence shape `[2, T, D_MODEL]`, so each mixer compiles
@@ -18,8 +18,17 @@ from attnjax import build_mixer, list_mixers
 
 D_MODEL, HEADS, T = 32, 2, 12
 ALL = sorted(list_mixers())
-_FWD = nnx.jit(lambda m, x: m(x))
-_FWD_SEG = nnx.jit(lambda m, x, seg: m(x, segment_ids=seg))
+@nnx.jit
+def _FWD(m, x, seg=None):
+  """The forward's output; state a training forward changes (k-means centroids, running
+  statistics) is put back, so every call sees the same module (as the trainer's eval step)."""
+  before = nnx.state(m)
+  y = m(x, segment_ids=seg)
+  nnx.update(m, before)
+  return y
+
+
+_FWD_SEG = _FWD
 _STEP = nnx.jit(lambda m, x: m(x, decode=True))
 
 
@@ -33,11 +42,11 @@ def _build(name, causal):
 def _check_grads_finite(name, m, x, causal):
   graphdef, params, rest = nnx.split(m, nnx.Param, ...)
 
-  def loss(p):
-    y = nnx.merge(graphdef, p, rest)(x)
+  def loss(p, r):   # fresh Variables for r here: a training forward may update buffers in it
+    y = nnx.merge(graphdef, p, jax.tree.map(lambda a: a, r))(x)
     return jnp.sum(y ** 2), y
 
-  (val, y), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  (val, y), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, rest)
   where = f"{name} (causal={causal})"
   assert y.shape == x.shape, f"{where}: output shape {y.shape} != {x.shape}"
   assert np.isfinite(float(val)), where
@@ -56,10 +65,12 @@ def test_mixer_contract(name):
     return
   _check_grads_finite(name, m, x, True)
 
-  # Causal: changing tokens 8.. leaves outputs 0..7 unchanged.
+  # Causal: changing tokens 9.. leaves outputs 0..8 unchanged. 9 is inside a block or chunk of
+  # every default size (2, 3, 4, 8), so a chunk-routed mixer that reads its own chunk's later keys
+  # (e.g. a chunk mean over the whole chunk) fails here; a cut at a chunk boundary cannot see that.
   full = _FWD(m, x)
-  x2 = x.at[:, 8:].set(jax.random.normal(ks[1], (2, T - 8, D_MODEL)))
-  np.testing.assert_allclose(full[:, :8], _FWD(m, x2)[:, :8], atol=1e-4, err_msg=f"{name}: causal")
+  x2 = x.at[:, 9:].set(jax.random.normal(ks[1], (2, T - 9, D_MODEL)))
+  np.testing.assert_allclose(full[:, :9], _FWD(m, x2)[:, :9], atol=1e-4, err_msg=f"{name}: causal")
 
   # Packed sequences [a (7 tokens) | b (5 tokens)] equal a and b alone.
   seg = jnp.array([[0] * 7 + [1] * 5] * 2)

@@ -18,9 +18,20 @@ def test_each_query_key_appears_exactly_once_before_its_query(seed, vocab, seq, 
     assert len(set(qp)) == kv and np.all(qp >= 2 * kv) and np.all(qp < seq) and np.all(qp % 2 == 0)
     for p, t in zip(qp, tgt):
       key = x[p]
+      assert key in keys and x[np.flatnonzero(keys == key)[0] * 2 + 1] == t
       before = np.flatnonzero(x[:p] == key)
-      assert len(before) == 1, "queried key must occur exactly once before its query"
-      assert x[before[0] + 1] == t, "target is the value paired with the key"
+      if not rand:
+        assert len(before) == 1, "queried key must occur exactly once before its query"
+        assert x[before[0] + 1] == t, "target is the value paired with the key"
+  if rand:
+    # Zoology (`_mqar`: inputs[inputs == 0] = randint(vocab_size)): fillers uniform over the whole
+    # vocabulary, keys' half included; a zero filler survives only when 0 is drawn.
+    filler = np.ones(b.inputs.shape, bool)
+    filler[:, :2 * kv] = False
+    np.put_along_axis(filler, b.query_positions, False, axis=1)
+    tok = b.inputs[filler]
+    assert (tok < half).mean() > 0.35 and (tok >= half).mean() > 0.35
+    assert ((tok >= 1) & (tok < half)).any()
 
 
 def test_split_by_seed_and_determinism():

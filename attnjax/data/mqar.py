@@ -10,9 +10,11 @@ computes logits there alone, which Zoology's -100 labels amount to).
 
 Zoology's inputs are shifted by one (inputs = sequence[:-1]); we reproduce that layout so the query
 key sits at `2 * kv + 2 * gap` of the input and its target is the paired value.
-Filler positions are 0, as in Zoology's paper configs (`random_non_queries=False`); with
-`random_non_queries=True` fillers are random tokens drawn from the value half of the vocabulary
-and from unused keys, so a queried key still appears exactly once before its query.
+Filler positions are 0, as in Zoology's paper configs (`random_non_queries=False`, our default);
+with `random_non_queries=True` every filler 0 is replaced by a token drawn uniformly from the whole
+vocabulary `[0, vocab)`, as Zoology's `_mqar` does (`inputs[inputs == 0] = randint(vocab_size)`,
+HazyResearch/zoology `zoology/data/associative_recall.py`), so a filler may repeat a key, even a
+queried one, before its query.
 """
 
 from __future__ import annotations
@@ -85,11 +87,8 @@ def multiquery_ar(*, vocab_size: int, num_examples: int, seq_len: int, num_kv_pa
   np.put_along_axis(seq, query_pos, keys, axis=1)
   inputs = seq[:, :-1]
   if random_non_queries:
-    filler = inputs == 0
-    filler[:, 0] = False
-    # Values and never-used keys only, so each queried key still occurs exactly twice.
-    rand = rng.integers(half, vocab_size, size=inputs.shape)
-    inputs = np.where(filler, rand, inputs)
+    rand = rng.integers(0, vocab_size, size=inputs.shape)
+    inputs = np.where(inputs == 0, rand, inputs)
   return MQARBatch(inputs.astype(np.int32), query_pos.astype(np.int32), values.astype(np.int32))
 
 

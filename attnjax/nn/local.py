@@ -38,6 +38,9 @@ def na1d_attn_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_i
   """
   if q_segment_ids is not None:
     raise NotImplementedError("na1d: segment_ids are not supported (windows depend on borders)")
+  if mask is None and q.shape[1] != k.shape[1]:
+    raise PatternUndefinedError(f"na1d: cross attention is undefined (neighbourhoods live on one token "
+                                f"axis); got Tq={q.shape[1]}, Tk={k.shape[1]}")
   if mask is not None:
     # MultiHeadAttention decodes causally and passes the cache mask with causal=False.
     if stride != 1:

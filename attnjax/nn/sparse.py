@@ -25,9 +25,23 @@ from attnjax.nn.attention import MultiHeadAttention
 from attnjax.nn.layers import dense
 from attnjax.ops import block_sparse
 from attnjax.ops import layout as L
+from attnjax.ops.operators._common import PatternUndefinedError
 from attnjax.ops.softmax import dot_product_attention
 from attnjax.ops.sparse import corrections, dynamic, estimated, patterns, routing
 from attnjax.registry import register_mixer
+
+
+def _self_only(name, q, k, mask, why="one token sequence"):
+  """Raises `PatternUndefinedError` on a cross call (`Tk != Tq` outside decoding): the mechanism
+  is defined on one sequence (`why`)."""
+  if mask is None and q.shape[1] != k.shape[1]:
+    raise PatternUndefinedError(f"{name}: cross attention is undefined ({why}); got Tq={q.shape[1]}, "
+                                f"Tk={k.shape[1]}")
+
+
+def _causal_only(name, causal):
+  if not causal:
+    raise PatternUndefinedError(f"{name}: the non-causal pattern is undefined (causal only)")
 
 
 @functools.lru_cache(maxsize=64)
@@ -43,6 +57,7 @@ def sliding_window_sparse_fn(q, k, v, *, causal, mask=None, q_segment_ids=None,
     q_pos = jnp.sum(mask, axis=-1, keepdims=True) - 1
     nb = mask & (jnp.arange(k.shape[1]) >= q_pos - window)
     return dot_product_attention(q, k, v, mask=nb, implementation="reference")
+  _self_only("sliding_window_sparse", q, k, mask, "the window is on one token axis")
   lay = _window_layout(q.shape[1], window, 0 if causal else window, block)
   return block_sparse.block_sparse_attention(q, k, v, lay, q_segment_ids=q_segment_ids,
                                              kv_segment_ids=kv_segment_ids)
@@ -98,8 +113,8 @@ def static_pattern_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segm
   `attn_fn`; `a`, `b` are the pattern's two integer options (see `_static_layout`)."""
   if mask is not None:
     raise NotImplementedError(f"{kind} pattern: decode is not implemented")
-  if not causal:
-    raise NotImplementedError(f"{kind} pattern is causal only")
+  _causal_only(f"{kind} pattern", causal)
+  _self_only(f"{kind} pattern", q, k, mask, "a static block pattern on one token axis")
   if q_segment_ids is not None:
     raise NotImplementedError(f"{kind} pattern: segment_ids are not supported (absolute blocks)")
   lay = _static_layout(kind, q.shape[1], block, q.shape[2], a, b)
@@ -109,8 +124,7 @@ def static_pattern_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segm
 @register_mixer("power_attention", "PowerAttention: causal blocks at distance 0, 1, 2^m (+ sink).")
 def _build_power(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, block: int = 4,
                  num_sink_blocks: int = 1, **options: Any):
-  if not causal:
-    raise NotImplementedError("power_attention is causal only")
+  _causal_only("power_attention", causal)
   fn = functools.partial(static_pattern_fn, kind="power", block=block, a=num_sink_blocks)
   return MultiHeadAttention(d_model, num_heads, causal=causal, attn_fn=fn, rngs=rngs, **options)
 
@@ -118,8 +132,7 @@ def _build_power(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, 
 @register_mixer("s2_attention", "S2-Attention: per-head strided block shards + local band (causal).")
 def _build_s2(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, block: int = 4,
               local_blocks: int = 1, vert_stride: int = 2, **options: Any):
-  if not causal:
-    raise NotImplementedError("s2_attention is causal only")
+  _causal_only("s2_attention", causal)
   fn = functools.partial(static_pattern_fn, kind="s2", block=block, a=local_blocks, b=vert_stride)
   return MultiHeadAttention(d_model, num_heads, causal=causal, attn_fn=fn, rngs=rngs, **options)
 
@@ -127,8 +140,7 @@ def _build_s2(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, blo
 @register_mixer("sink_local_sparse", "Attention sinks + causal local window (block-sparse path).")
 def _build_sink_local(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs,
                       block: int = 4, num_sink: int = 2, window: int = 8, **options: Any):
-  if not causal:
-    raise NotImplementedError("sink_local_sparse is causal only")
+  _causal_only("sink_local_sparse", causal)
   fn = functools.partial(static_pattern_fn, kind="sink_local", block=block, a=num_sink, b=window)
   return MultiHeadAttention(d_model, num_heads, causal=causal, attn_fn=fn, rngs=rngs, **options)
 
@@ -136,8 +148,7 @@ def _build_sink_local(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.R
 @register_mixer("strided_sparse", "Sparse Transformer strided pattern: local band + every stride-th.")
 def _build_strided(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, block: int = 4,
                    stride: int = 4, local: int = 4, **options: Any):
-  if not causal:
-    raise NotImplementedError("strided_sparse is causal only")
+  _causal_only("strided_sparse", causal)
   fn = functools.partial(static_pattern_fn, kind="strided", block=block, a=stride, b=local)
   return MultiHeadAttention(d_model, num_heads, causal=causal, attn_fn=fn, rngs=rngs, **options)
 
@@ -198,41 +209,77 @@ def _visibility(q, k, *, causal, mask, q_segment_ids, kv_segment_ids):
 
 
 class RoutingAttnFn(nnx.Module):
-  """Routing Transformer [29] attention function with `num_clusters` centroids per head (a buffer,
-  updated by `update(x)` with the online k-means EMA, not inside the forward pass, so that a call
-  is a pure function of its input).
+  """Routing Transformer [29] attention function with `num_clusters` centroids per head (a
+  non-Param buffer), trained as lucidrains/routing-transformer trains them.
 
-  Non-causal: balanced clusters (`dynamic.routing_attention`, each centroid takes its `window`
-  nearest keys). Causal, decoding and packed sequences: a key joins its nearest centroid (argmax),
-  so that a token's cluster never depends on other tokens and a cached decode step sees exactly
-  what the full forward saw; computed as a dense mask (O(T^2) memory). (`dynamic.routing_attention
-  (causal=True)` offers the balanced causal reading: per-query top-w among visible keys.)"""
+  Training (`deterministic=False`, the default; `model.eval()` sets it True, as for BatchNorm):
+  every full forward (not a decode step) moves the centroids one k-means EMA step
+  (`dynamic.update_centroids`, decay `ema_decay`) towards the unit queries and keys (keys only
+  with `shared_qk`) assigned to them, and sows the commitment loss `commitment *
+  dynamic.commitment_loss` as "aux_loss" (the trainer adds every sown aux loss and returns the
+  changed buffers from its step). Routing uses the centroids from before the step.
 
-  def __init__(self, num_heads, head_dim, num_clusters, window, rngs):
+  Non-causal self attention without packing: `dynamic.balanced_routing_attention` (balanced top-w
+  query and key membership per cluster, lucidrains' `KmeansAttention`). Causal, decoding, cross
+  and packed sequences: a query and a key each join their nearest centroid (argmax), so a token's
+  cluster never depends on other tokens and a decode step sees exactly what the full forward saw
+  (the balanced top-w over the whole sequence would let later tokens push earlier ones out of a
+  cluster); a dense mask (O(T^2) memory). `shared_qk=True` routes with k = q (the paper's shared
+  projection: keys unit-normalised, a token sees itself only when nothing else is visible); its
+  decode is not implemented (the cache holds k-projections)."""
+
+  def __init__(self, num_heads, head_dim, num_clusters, window, rngs, *, shared_qk=False,
+               ema_decay=0.999, commitment=1e-4):
+    if not 0.0 <= ema_decay <= 1.0:
+      raise ValueError(f"ema_decay must be in [0, 1], got {ema_decay}")
     c = jax.random.normal(rngs.params(), (num_heads, num_clusters, head_dim))
     self.centroids = _Buffer(c / jnp.linalg.norm(c, axis=-1, keepdims=True))
-    self.window = window
+    self.window, self.shared_qk = window, shared_qk
+    self.ema_decay, self.commitment = ema_decay, commitment
+    self.deterministic = False
 
-  def update(self, x, decay: float = 0.999):
+  def update(self, x, decay: float | None = None):
+    """One k-means EMA step on `x [B, T, H, D]` (what a training forward does)."""
+    decay = self.ema_decay if decay is None else decay
     self.centroids[...] = dynamic.update_centroids(self.centroids[...], x, decay)
 
   def __call__(self, q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=None,
                **unused):
     cent = self.centroids[...]
-    if not causal and mask is None and q_segment_ids is None:
-      return dynamic.routing_attention(q, k, v, cent, window=min(self.window, k.shape[1]),
-                                       causal=False)
+    if self.shared_qk:
+      if mask is not None:
+        raise NotImplementedError("routing(shared_qk=True): decode is not implemented (the cache "
+                                  "holds the k projection, not q)")
+      if q.shape[1] != k.shape[1] or q.shape[2] != k.shape[2]:
+        raise PatternUndefinedError("routing(shared_qk=True): cross attention is undefined (keys "
+                                    "are the queries)")
+      k = q
+    if not self.deterministic and mask is None:
+      kr = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
+      x = kr if self.shared_qk else jnp.concatenate([q, kr], axis=1)
+      self.sow(nnx.Intermediate, "aux_loss", self.commitment * dynamic.commitment_loss(x, cent))
+      self.centroids[...] = dynamic.update_centroids(cent, x, self.ema_decay)
+    if not causal and mask is None and q_segment_ids is None and q.shape[1] == k.shape[1]:
+      return dynamic.balanced_routing_attention(q, k, v, cent, window=self.window,
+                                                shared_qk=self.shared_qk)
     same = dynamic.routing_mask(q, k, cent, window=min(self.window, k.shape[1]), causal=False,
                                 balanced=False)
     vis = same & _visibility(q, k, causal=causal, mask=mask, q_segment_ids=q_segment_ids,
                              kv_segment_ids=kv_segment_ids)
+    if self.shared_qk:
+      k = dynamic._unit(k).astype(q.dtype)
+      eye = jnp.eye(q.shape[1], dtype=bool)
+      others = vis & ~eye
+      vis = jnp.where(others.any(-1, keepdims=True), others, vis)
     return dot_product_attention(q, k, v, mask=vis, implementation="reference")
 
 
 @register_mixer("routing", "Routing Transformer: k-means routed attention (online centroids).")
 def _build_routing(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs,
-                   num_clusters: int = 3, window: int = 8, **options: Any):
-  fn = RoutingAttnFn(num_heads, d_model // num_heads, num_clusters, window, rngs)
+                   num_clusters: int = 3, window: int = 8, shared_qk: bool = False,
+                   ema_decay: float = 0.999, commitment: float = 1e-4, **options: Any):
+  fn = RoutingAttnFn(num_heads, d_model // num_heads, num_clusters, window, rngs,
+                     shared_qk=shared_qk, ema_decay=ema_decay, commitment=commitment)
   # No RoPE by default: clusters of rotated vectors would depend on absolute positions, so a packed
   # sequence would route differently from the same sequence alone.
   options.setdefault("rope", False)
@@ -279,32 +326,40 @@ def _build_dynamic_mask(*, d_model: int, num_heads: int, causal: bool, rngs: nnx
 def landmark_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=None,
                 block: int = 4, top_k: int | None = None, **unused):
   """Landmark attention [53] as an `attn_fn`: every `(block + 1)`-th position acts as the landmark
-  of the `block` tokens before it (the data pipeline places landmark tokens there). Causal only;
-  dense O(T^2) grouped softmax; no decoding or packed sequences."""
-  if mask is not None:
-    raise NotImplementedError("landmark: decode is not implemented")
+  of the `block` tokens before it (`attnjax.data.landmark.insert_landmarks` places the landmark
+  tokens there). Causal only; dense O(T^2) grouped softmax; no packed sequences. Decoding (cache
+  `mask` given) retrieves blocks through their landmarks as the full forward does (`top_k` other
+  blocks at most when set, the paper's inference retrieval)."""
   if q_segment_ids is not None:
     raise NotImplementedError("landmark: segment_ids are not supported (absolute landmark slots)")
+  if mask is not None:
+    m = jnp.broadcast_to(mask, mask.shape[:-2] + (q.shape[1], k.shape[1]))
+    q_pos = jnp.sum(m[(0,) * (m.ndim - 2)], axis=-1) - 1                  # cache mask: k <= q_pos
+    return dynamic.landmark_attention(q, k, v, block, top_k=top_k, q_pos=q_pos, key_mask=m)
+  _self_only("landmark", q, k, mask, "landmarks are tokens of the sequence itself")
   return dynamic.landmark_attention(q, k, v, block, top_k=top_k)
 
 
 @register_mixer("landmark", "Landmark attention: grouped softmax gated by a landmark per block.")
 def _build_landmark(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, block: int = 4,
                     top_k: int | None = None, **options: Any):
-  if not causal:
-    raise NotImplementedError("landmark attention is causal only")
+  _causal_only("landmark", causal)
   fn = functools.partial(landmark_fn, block=block, top_k=top_k)
   return MultiHeadAttention(d_model, num_heads, causal=causal, attn_fn=fn, rngs=rngs, **options)
 
 
 class HyperAttnFn(nnx.Module):
   """HyperAttention [51] attention function: fixed random LSH directions (a buffer) and a fixed
-  sampling seed, so a call is deterministic (the paper redraws samples at every call)."""
+  sampling seed, so a call is deterministic (the paper redraws samples at every call). Causal
+  calls use `query_blocks="bucket"` by default (a query's key block from its own LSH bucket): the
+  authors' rank partition lets later tokens change earlier outputs (see `hyper_attention`)."""
 
-  def __init__(self, head_dim, num_projs, block_size, sample_size, min_seq_len, seed, rngs):
+  def __init__(self, head_dim, num_projs, block_size, sample_size, min_seq_len, seed, rngs,
+               causal_query_blocks="bucket"):
     self.proj = _Buffer(jax.random.normal(rngs.params(), (head_dim, num_projs)))
     self.block_size, self.sample_size, self.min_seq_len, self.seed = (block_size, sample_size,
                                                                       min_seq_len, seed)
+    self.causal_query_blocks = causal_query_blocks
 
   def __call__(self, q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=None,
                **unused):
@@ -315,25 +370,31 @@ class HyperAttnFn(nnx.Module):
                                 "segments)")
     return estimated.hyper_attention(q, k, v, self.proj[...], block_size=self.block_size,
                                      sample_size=self.sample_size, key=jax.random.key(self.seed),
-                                     causal=causal, min_seq_len=self.min_seq_len)
+                                     causal=causal, min_seq_len=self.min_seq_len,
+                                     query_blocks=self.causal_query_blocks if causal else "rank")
 
 
 @register_mixer("hyper_attention", "HyperAttention: sortLSH block-diagonal + sampled columns.")
 def _build_hyper(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, num_projs: int = 3,
                  block_size: int = 4, sample_size: int = 4, min_seq_len: int = 4, seed: int = 0,
-                 **options: Any):
+                 causal_query_blocks: str = "bucket", **options: Any):
   fn = HyperAttnFn(d_model // num_heads, num_projs, block_size, sample_size, min_seq_len, seed,
-                   rngs)
+                   rngs, causal_query_blocks)
   return MultiHeadAttention(d_model, num_heads, causal=causal, attn_fn=fn, rngs=rngs, **options)
 
 
 class SEAAttnFn(nnx.Module):
-  """SEA [67] attention function: Performer random features (a buffer) estimate the chunk-level
-  attention; each query attends its top-k chunks (own chunk forced when causal)."""
+  """SEA [67] attention function: a Performer random-feature estimator (`proj`, a trained Param)
+  estimates the chunk-level attention; each query attends its top-k chunks (own chunk forced when
+  causal). The selection is detached, so the estimator learns only from SEA's distillation loss:
+  in training (`deterministic=False`; `model.eval()` sets it True) every full forward sows
+  `distill_weight * sea_distillation_loss` on detached q, k as "aux_loss" (KL from the exact
+  attention compressed to chunks to the estimate), which the trainer adds to the task loss."""
 
-  def __init__(self, head_dim, num_features, chunk_size, top_k, rngs):
-    self.proj = _Buffer(jax.random.normal(rngs.params(), (head_dim, num_features)))
-    self.chunk_size, self.top_k = chunk_size, top_k
+  def __init__(self, head_dim, num_features, chunk_size, top_k, rngs, *, distill_weight=1.0):
+    self.proj = nnx.Param(jax.random.normal(rngs.params(), (head_dim, num_features)))
+    self.chunk_size, self.top_k, self.distill_weight = chunk_size, top_k, distill_weight
+    self.deterministic = False
 
   def __call__(self, q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=None,
                **unused):
@@ -341,41 +402,57 @@ class SEAAttnFn(nnx.Module):
       raise NotImplementedError("sea: decode is not implemented")
     if q_segment_ids is not None:
       raise NotImplementedError("sea: segment_ids are not supported (chunks are absolute)")
-    return estimated.sea_attention(q, k, v, self.proj[...], chunk_size=self.chunk_size,
-                                   top_k=self.top_k, causal=causal)
+    proj = self.proj[...]
+    if not self.deterministic and self.distill_weight:
+      loss = estimated.sea_distillation_loss(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k),
+                                             proj, chunk_size=self.chunk_size, causal=causal)
+      self.sow(nnx.Intermediate, "aux_loss", self.distill_weight * loss)
+    return estimated.sea_attention(q, k, v, jax.lax.stop_gradient(proj),
+                                   chunk_size=self.chunk_size, top_k=self.top_k, causal=causal)
 
 
 @register_mixer("sea", "SEA: kernel-estimated chunk attention, top-k chunks per query (sparse).")
 def _build_sea(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, chunk_size: int = 4,
-               top_k: int = 2, num_features: int = 32, **options: Any):
-  fn = SEAAttnFn(d_model // num_heads, num_features, chunk_size, top_k, rngs)
+               top_k: int = 2, num_features: int = 32, distill_weight: float = 1.0,
+               **options: Any):
+  fn = SEAAttnFn(d_model // num_heads, num_features, chunk_size, top_k, rngs,
+                 distill_weight=distill_weight)
   return MultiHeadAttention(d_model, num_heads, causal=causal, attn_fn=fn, rngs=rngs, **options)
 
 
 @functools.lru_cache(maxsize=64)
-def _radial_layout(t, frame_tokens, window, block):
-  frames = -(-t // frame_tokens)
-  return L.from_rule(patterns.RadialRule(frames, frame_tokens, window), block_q=block,
-                     block_k=block, tq=t, tk=t)
+def _radial_layout(t, frame_tokens, block, decay_factor, model_type):
+  if t % frame_tokens:
+    raise ValueError(f"radial: T={t} must be a multiple of frame_tokens={frame_tokens} (whole "
+                     f"frames)")
+  return patterns.radial_layout(t // frame_tokens, frame_tokens, block, decay_factor=decay_factor,
+                                model_type=model_type)
 
 
 def radial_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=None,
-              frame_tokens: int = 4, window: int = 4, block: int = 4, **unused):
+              frame_tokens: int = 4, block: int = 4, decay_factor: float = 1.0,
+              model_type: str = "hunyuan", **unused):
   """Radial attention [102] as an `attn_fn` over tokens in frame-major order (`frame_tokens` per
-  frame; a short last frame is allowed): static symmetric layout, block-sparse path."""
-  if mask is not None or causal:
-    raise NotImplementedError("radial attention is non-causal (video diffusion); no decode")
-  lay = _radial_layout(q.shape[1], frame_tokens, window, block)
+  frame, whole frames): the authors' static block mask (`patterns.radial_block_mask`), block-sparse
+  path."""
+  if mask is not None:
+    raise NotImplementedError("radial attention: decode is not implemented (non-causal)")
+  if causal:
+    raise PatternUndefinedError("radial: the causal pattern is undefined (video diffusion)")
+  _self_only("radial", q, k, mask, "frames of one video")
+  lay = _radial_layout(q.shape[1], frame_tokens, block, decay_factor, model_type)
   return block_sparse.block_sparse_attention(q, k, v, lay, q_segment_ids=q_segment_ids,
                                              kv_segment_ids=kv_segment_ids)
 
 
 @register_mixer("radial", "Radial attention: band halves as frame distance doubles (non-causal).")
 def _build_radial(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs,
-                  frame_tokens: int = 4, window: int = 4, block: int = 4, **options: Any):
+                  frame_tokens: int = 4, block: int = 4, decay_factor: float = 1.0,
+                  model_type: str = "hunyuan", **options: Any):
   if causal:
-    raise NotImplementedError("radial attention is non-causal")
-  fn = functools.partial(radial_fn, frame_tokens=frame_tokens, window=window, block=block)
+    raise PatternUndefinedError("radial: the causal pattern is undefined (video diffusion)")
+  fn = functools.partial(radial_fn, frame_tokens=frame_tokens, block=block,
+                         decay_factor=decay_factor, model_type=model_type)
   return MultiHeadAttention(d_model, num_heads, causal=causal, attn_fn=fn, rngs=rngs, **options)
 
 
@@ -393,6 +470,7 @@ class FluxAttnFn(nnx.Module):
                **unused):
     if q_segment_ids is not None:
       raise NotImplementedError("flux_attention: segment_ids are not supported (pooled router)")
+    _self_only("flux_attention", q, k, mask, "the router pools the query's own prefix")
     if mask is not None:
       # Decoding: the router sees the mean of the visible cached keys; window from the cache mask.
       vis = mask[0, 0].astype(jnp.float32)                                   # [Tq, Tk]

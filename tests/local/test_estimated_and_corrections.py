@@ -57,19 +57,98 @@ def _values_and_grads_match(fast, ref, args, atol=2e-5):
 PROJ = jax.random.normal(jax.random.key(11), (8, 3))
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_hyper_attention_equals_dense_definition(causal):
-  q, k, v = _qkv(13)
-  kw = dict(block_size=4, sample_size=5, key=jax.random.key(3), causal=causal, min_seq_len=6)
+def _hyper_counts_oracle(q, k, proj, *, block_size, sample_size, key, causal, min_seq_len,
+                         query_blocks="rank"):
+  """Numpy transcription of insuhan/hyper-attn `models/attention/hyper_attn.py` (`forward`,
+  `forward_no_causal_mask`) and `angular_lsh.py` (`AngularLSH.hash`), written as the weight
+  `C [B, H, Tq, Tk]` of key j in query i's estimate (the output is softmax(s + log C) over C > 0,
+  which is what the lse merges compute). Shares nothing with the implementation but the jax RNG
+  protocol for the sampled columns (split(key, 3) per recursion level: top, diagonal, lower-left;
+  `randint(key, [B, Hk, m], 0, Tk)` in the sorted key order). One deliberate deviation from the
+  authors' padding: the short last key block has no zero-padded keys. `query_blocks="bucket"`
+  (not the authors'): query i sees the sorted key block where its own bucket would be inserted."""
+  q, k = np.asarray(q), np.asarray(k)
+  r = proj.shape[1]
+  perm = np.array([0, 1])                                   # _unit_hamming_distance_array
+  for n in range(2, r + 1):
+    perm = np.concatenate([perm, perm[::-1] + 2 ** (n - 1)])
+  lsh = lambda x: perm[((x @ np.asarray(proj)) > 0).astype(int) @ (2 ** np.arange(r))]
+  g = q.shape[2] // k.shape[2]
+
+  def no_causal(qs, ks, kk):
+    b, nq, h, _ = qs.shape
+    nk = ks.shape[1]
+    if min_seq_len > nq:                                    # exact attention
+      return np.ones((b, h, nq, nk))
+    n_blocks = -(-nk // block_size)
+    qbs = -(-(-(-nq // block_size) * block_size) // n_blocks)
+    samp = None
+    if sample_size > 0 and kk is not None and nq > qbs and nk > block_size:
+      samp = np.asarray(jax.random.randint(kk, (b, ks.shape[2], sample_size), 0, nk))
+    c = np.zeros((b, h, nq, nk))
+    for bi in range(b):
+      for hi in range(h):
+        qi = np.argsort(lsh(qs[bi, :, hi]), kind="stable")
+        ki = np.argsort(lsh(ks[bi, :, hi // g]), kind="stable")
+        k_sorted = lsh(ks[bi, :, hi // g])[ki]
+        for p in range(nq):
+          blk = p // qbs
+          if query_blocks == "bucket":
+            qi = np.arange(nq)
+            ins = np.searchsorted(k_sorted, lsh(qs[bi, p:p + 1, hi])[0], side="left")
+            blk = min(ins // block_size, n_blocks - 1)
+          c[bi, hi, qi[p], ki[blk * block_size:(blk + 1) * block_size]] += 1
+          if samp is not None:
+            for s in samp[bi, hi // g]:
+              if s // block_size != blk:
+                c[bi, hi, qi[p], ki[s]] += nk / sample_size
+    return c
+
+  def forward(qs, ks, kk, causal):
+    n = ks.shape[1]
+    if not causal:
+      return no_causal(qs, ks, kk)
+    if n <= min_seq_len:
+      return np.broadcast_to(np.tril(np.ones((n, n))), (qs.shape[0], qs.shape[2], n, n))
+    if n % 2:                                                # pad with an all-zero row
+      qs, ks = (np.concatenate([a, np.zeros_like(a[:, :1])], 1) for a in (qs, ks))
+    m = qs.shape[1] // 2
+    kks = (None,) * 3 if kk is None else jax.random.split(kk, 3)
+    c = np.zeros((qs.shape[0], qs.shape[2], 2 * m, 2 * m))
+    c[..., :m, :m] = forward(qs[:, :m], ks[:, :m], kks[0], True)
+    c[..., m:, m:] = forward(qs[:, m:], ks[:, m:], kks[1], True)
+    c[..., m:, :m] = no_causal(qs[:, m:], ks[:, :m], kks[2])
+    return c[..., :n, :n]
+
+  return forward(q, k, key, causal)
+
+
+@pytest.mark.parametrize("causal,t,block,qb", [(False, 9, 4, "rank"), (True, 13, 2, "rank"),
+                                                (True, 13, 2, "bucket")])
+def test_hyper_attention_matches_authors_code(causal, t, block, qb):
+  """Causal T=13, min_seq_len=6: padded to 14 -> halves of 7 (> 6: recurse, padded to 8 -> 4 + 4),
+  whose lower-left 4 x 4 blocks fall back to exact attention (4 < min_seq_len) as the authors'
+  code does; the 7 x 7 lower-left block is estimated."""
+  q, k, v = _qkv(t)
+  kw = dict(block_size=block, sample_size=3, key=jax.random.key(3), causal=causal, min_seq_len=6,
+            query_blocks=qb)
+  c = _hyper_counts_oracle(q, k, PROJ, **kw)
+  mask, bias = jnp.asarray(c > 0), jnp.asarray(np.log(np.where(c > 0, c, 1.0)), jnp.float32)
   fast = lambda q, k, v: E.hyper_attention(q, k, v, PROJ, **kw)
-  ref = lambda q, k, v: E.hyper_attention_reference(q, k, v, PROJ, **kw)
-  _values_and_grads_match(fast, ref, (q, k, v))
-  c = np.asarray(_hyper_counts(q, k, PROJ, **kw))
+  ref = lambda q, k, v: dot_product_attention(q, k, v, mask=mask, bias=bias,
+                                              implementation="reference")
+  if qb == "rank":
+    _values_and_grads_match(fast, ref, (q, k, v))
+  else:                                             # same recursion: values suffice
+    np.testing.assert_allclose(jax.jit(fast)(q, k, v), jax.jit(ref)(q, k, v), atol=2e-5)
   if causal:
     assert not np.triu(c[0, 0], 1).any()            # recursion never reads the future
-  # The block-diagonal part: every query sees its whole sorted block (block_size keys, non-causal).
-  c0 = np.asarray(_hyper_counts(q, k, PROJ, block_size=4, sample_size=0, min_seq_len=5))
-  assert set(np.unique((c0 > 0).sum(-1))) <= {4, 1}  # 13 = 3 * 4 + 1: the last block has 1 key
+    assert (c[0, :, 11:13, 7:11] == 1).all()        # a lower-left 4 x 4 quarter is exact
+    # Routing: the authors' rank partition lets a later token move an earlier query's block;
+    # "bucket" does not (cut at 10, inside a block).
+    q2, k2 = (a.at[:, 10:].set(jax.random.normal(jax.random.key(8), a[:, 10:].shape)) for a in (q, k))
+    c2 = _hyper_counts_oracle(q2, k2, PROJ, **kw)
+    assert (np.array_equal(c[..., :10, :], c2[..., :10, :])) == (qb == "bucket")
 
 
 def test_hyper_attention_oracles():
@@ -236,3 +315,67 @@ def test_flux_gate_and_forced_routes():
   np.testing.assert_allclose(ctx[:, -1], k.reshape(1, 21, -1).mean(1), atol=1e-6)
   with pytest.raises(ValueError, match="gate"):
     C.flux_attention(q, k, v, jnp.ones((2,)), sparse_fn=sparse)
+
+
+def _sea_kl_oracle(q, k, proj, chunk, causal):
+  """SEA's distillation target, numpy: KL(teacher || student) per query row, averaged; the teacher
+  is exact (causal) softmax attention summed over each key chunk, the student the FAVOR+ estimate
+  `phi(q) . sum_{j in c} phi(k_j)` (phi(x) = exp(w^T x' - |x'|^2 / 2), x' = x D^-1/4) normalised
+  over the chunks holding a visible key."""
+  q, k, proj = (np.asarray(a, np.float64) for a in (q, k, proj))
+  b, t, h, d = q.shape
+  g = h // k.shape[2]
+  nc = -(-t // chunk)
+  kl = []
+  phi = lambda x: np.exp((x * d ** -0.25) @ proj - 0.5 * ((x * d ** -0.25) ** 2).sum(-1)[:, None])
+  for bi in range(b):
+    for hi in range(h):
+      qh, kh = q[bi, :, hi], k[bi, :, hi // g]
+      s = qh @ kh.T / np.sqrt(d)
+      if causal:
+        s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
+      p = np.exp(s - s.max(-1, keepdims=True))
+      p /= p.sum(-1, keepdims=True)
+      fq, fk = phi(qh), phi(kh)
+      for i in range(t):
+        teacher = np.array([p[i, c * chunk:(c + 1) * chunk].sum() for c in range(nc)])
+        est = np.array([fq[i] @ fk[c * chunk:(c + 1) * chunk].sum(0) for c in range(nc)])
+        if causal:
+          est[np.arange(nc) * chunk > i] = 0
+        est /= est.sum()
+        m = teacher > 0
+        kl.append((teacher[m] * np.log(teacher[m] / est[m])).sum())
+  return np.mean(kl)
+
+
+def test_sea_mixer_trains_its_estimator_by_distillation():
+  from flax import nnx
+  from attnjax.nn.sparse import SEAAttnFn
+  q, k, v = _qkv(10, h=2, hk=1, d=4)
+  fn = SEAAttnFn(4, 16, 3, 2, nnx.Rngs(0), distill_weight=0.5)
+  gd, params, rest = nnx.split(fn, nnx.Param, ...)
+
+  @jax.jit
+  def aux_and_grad(params):
+    def loss(params):
+      m = nnx.merge(gd, params, rest)
+      o, inter = nnx.capture(lambda m: m(q, k, v, causal=True), nnx.Intermediate)(m)
+      aux = sum(jnp.sum(l) for p, l in jax.tree_util.tree_leaves_with_path(inter)
+                if "aux_loss" in str(p))
+      return aux, o
+    return jax.value_and_grad(loss, has_aux=True)(params)
+
+  (aux, _), grads = aux_and_grad(params)
+  np.testing.assert_allclose(float(aux), 0.5 * _sea_kl_oracle(q, k, params["proj"][...], 3, True),
+                             rtol=1e-4)
+  # The estimator learns from it: a few gradient steps on proj lower the distillation loss.
+  p = params
+  for _ in range(5):
+    (_, _), g = aux_and_grad(p)
+    p = jax.tree.map(lambda a, b: a - 2.0 * b, p, g)
+  assert float(aux_and_grad(p)[0][0]) < 0.95 * float(aux)
+  fn.eval()                                     # eval mode: nothing is sown
+  gd, params, rest = nnx.split(fn, nnx.Param, ...)
+  inter = jax.jit(lambda p: nnx.capture(lambda m: m(q, k, v, causal=True), nnx.Intermediate)(
+      nnx.merge(gd, p, rest))[1])(params)
+  assert not jax.tree.leaves(inter)

@@ -48,12 +48,14 @@ def _unit(x):
 
 
 def _routing_scores(q, k, centroids):
-  """Detached unit-vector similarities to the centroids: `(q [B, H, Tq, C], k [B, H, C, Tk])`."""
+  """Detached similarities of the unit queries / keys to the stored centroids (not re-normalised:
+  lucidrains' `dists_and_buckets` scores against the EMA means as they are, and so does
+  `update_centroids`): `(q [B, H, Tq, C], k [B, H, C, Tk])`."""
   h = centroids.shape[0]
   if q.shape[2] != h:
     raise ValueError(f"centroids must be [H={q.shape[2]}, C, D], got {centroids.shape}")
   g = q.shape[2] // k.shape[2]
-  mu = _unit(jax.lax.stop_gradient(centroids))
+  mu = jax.lax.stop_gradient(centroids).astype(jnp.float32)
   qs = jnp.einsum("bthd,hcd->bhtc", _unit(jax.lax.stop_gradient(q)), mu)
   ks = jnp.einsum("bthd,hcd->bhct", _unit(jnp.repeat(jax.lax.stop_gradient(k), g, axis=2)), mu)
   return qs, ks
@@ -153,17 +155,87 @@ def routing_mask(q, k, centroids, *, window: int, causal: bool = True, balanced:
   return (rank < window) & visible
 
 
+def _kmeans_buckets(xu, centroids):
+  """Nearest stored centroid (as stored: the EMA leaves them slightly shorter than unit) of unit
+  vectors `xu [B, T, H, D]` -> `[B, H, T]` (lucidrains' `dists_and_buckets`)."""
+  return jnp.argmax(jnp.einsum("bthd,hcd->bhtc", xu, centroids.astype(jnp.float32)), -1)
+
+
 def update_centroids(centroids, x, decay: float = 0.999):
-  """Online k-means step: `mu_c <- decay mu_c + (1 - decay) mean{x^_i : argmax_c' x^_i.mu_c' = c}`,
-  then re-normalised; clusters with no member keep their centroid. `x [B, T, H, D]`."""
+  """The Routing Transformer's k-means EMA step as lucidrains/routing-transformer's `Kmeans`
+  (`kmeans_iter` then `update`/`ema_inplace`): every unit `x^_i` joins its nearest centroid; a
+  cluster's new mean is the re-normalised sum of its members over the batch (`kmeans_iter`),
+  an empty cluster keeps its centroid; then `mu <- decay mu + (1 - decay) new` (not re-normalised,
+  as the authors' EMA). `centroids [H, C, D]`, `x [B, T, H, D]` (detached)."""
   h, c, _ = centroids.shape
+  if x.ndim != 4 or x.shape[2] != h or x.shape[3] != centroids.shape[2]:
+    raise ValueError(f"x must be [B, T, H={h}, D={centroids.shape[2]}], got {x.shape}")
+  cent = jax.lax.stop_gradient(centroids).astype(jnp.float32)
   xu = _unit(jax.lax.stop_gradient(x))
-  assign = jnp.argmax(jnp.einsum("bthd,hcd->bhtc", xu, _unit(centroids)), -1)     # [B, H, T]
-  onehot = jax.nn.one_hot(assign, c, dtype=jnp.float32)                           # [B, H, T, C]
+  onehot = jax.nn.one_hot(_kmeans_buckets(xu, cent), c, dtype=jnp.float32)      # [B, H, T, C]
   sums = jnp.einsum("bhtc,bthd->hcd", onehot, xu)
-  counts = onehot.sum((0, 2))[..., None]                                           # [H, C, 1]
-  new = decay * centroids + (1 - decay) * sums / jnp.maximum(counts, 1.0)
-  return jnp.where(counts > 0, _unit(new), centroids)
+  counts = onehot.sum((0, 2))[..., None]                                        # [H, C, 1]
+  new = jnp.where(counts > 0, _unit(sums), cent)
+  return (decay * cent + (1 - decay) * new).astype(centroids.dtype)
+
+
+def commitment_loss(x, centroids):
+  """lucidrains' `Kmeans.forward` loss: `mean((x^ - mu_{nearest(x^)})^2)` over all elements, with
+  gradient into x only (the centroids are buffers). `x [B, T, H, D]` (times `commitment` = 1e-4
+  there)."""
+  xu = _unit(x)
+  cent = jax.lax.stop_gradient(centroids).astype(jnp.float32)
+  bucket = _kmeans_buckets(jax.lax.stop_gradient(xu), cent)                    # [B, H, T]
+  routed = cent[jnp.arange(cent.shape[0])[None, :, None], bucket]               # [B, H, T, D]
+  return jnp.mean((xu - routed.transpose(0, 2, 1, 3)) ** 2)
+
+
+def balanced_routing_attention(q, k, v, centroids, *, window: int, shared_qk: bool = False,
+                               scale=None):
+  """Non-causal Routing Transformer attention as lucidrains/routing-transformer `KmeansAttention`
+  on `[B, T, H, D]` (GQA: kv heads repeated) -> `[B, Tq, H, Dv]`.
+
+  Balanced membership both ways (`distribution`): centroid c takes its `w = min(window, Tq)`
+  most similar queries and its `min(window, Tk)` most similar keys (unit vectors against the
+  stored centroids), each sorted by position; every cluster is one softmax window of w queries
+  over its keys; a token's output is the mean over the windows it is in (`scatter_mean`, eps
+  1e-5), zero if it is in none. `shared_qk=True` (the paper's shared projection; pass k = q):
+  clusters come from the keys alone, queries = keys, keys unit-normalised, and a token's logit on
+  itself is -5e4 (attended only when nothing else is). Detached routing; O(C * w^2) per head.
+  """
+  _check_bthd(q, k, v)
+  b, tq, h, d = q.shape
+  tk = k.shape[1]
+  if centroids.ndim != 3 or centroids.shape[0] != h or centroids.shape[2] != d:
+    raise ValueError(f"centroids must be [H={h}, C, D={d}], got {centroids.shape}")
+  if window < 1:
+    raise ValueError(f"window must be >= 1, got {window}")
+  if shared_qk and tq != tk:
+    raise ValueError(f"shared_qk needs Tq == Tk (k is q), got {tq}, {tk}")
+  scale = d ** -0.5 if scale is None else scale
+  g = h // k.shape[2]
+  k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+  cent = jax.lax.stop_gradient(centroids).astype(jnp.float32)
+
+  def members(x, w):   # [B, H, C, w] sorted token indices: each centroid's w nearest tokens
+    dist = jnp.einsum("bthd,hcd->bhct", _unit(jax.lax.stop_gradient(x)), cent)
+    return jnp.sort(jax.lax.top_k(dist, w)[1], -1)
+
+  kidx = members(k, min(window, tk))
+  qidx = kidx if shared_qk else members(q, min(window, tq))
+  if shared_qk:
+    k = _unit(k).astype(q.dtype)
+  take = lambda a, idx: jnp.take_along_axis(a.transpose(0, 2, 1, 3)[:, :, None],
+                                            idx[..., None], axis=3)         # [B, H, C, w, D]
+  qw, kw, vw = take(q, qidx), take(k, kidx), take(v, kidx)
+  s = jnp.einsum("bhcid,bhcjd->bhcij", qw, kw, preferred_element_type=jnp.float32) * scale
+  if shared_qk:
+    s = jnp.where(qidx[..., :, None] == kidx[..., None, :], -5e4, s)
+  o = jnp.einsum("bhcij,bhcjd->bhcid", jax.nn.softmax(s, -1), vw.astype(jnp.float32))
+  onehot = jax.nn.one_hot(qidx, tq, dtype=jnp.float32)                      # [B, H, C, w, Tq]
+  num = jnp.einsum("bhcit,bhcid->bhtd", onehot, o)
+  den = onehot.sum((2, 3))[..., None]
+  return (num / (den + 1e-5)).transpose(0, 2, 1, 3).astype(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,63 +416,76 @@ def landmark_positions(t: int, block: int):
   return is_lm, np.where(p >= t, t, p)
 
 
-def landmark_weights(q, k, block: int, *, top_k: int | None = None, scale=None):
-  """Landmark attention's causal weights `[B, H, T, T]` (grouped softmax, Mohtashami & Jaggi 2023).
+def landmark_weights(q, k, block: int, *, top_k: int | None = None, scale=None, q_pos=None,
+                     key_mask=None):
+  """Landmark attention's causal weights `[B, H, Tq, Tk]` (grouped softmax, Mohtashami & Jaggi 2023).
 
   Groups for query i and key j <= i: `G_ij = p_j` for a normal key, `-1` for i's own landmark, `p_i`
   for other landmarks (they compete with i's block). `S = softmax of the scores inside each group`;
   the weight is 0 on landmarks, `S_ij` when `G_ij = G_ii`, else `S_ij * S_{i, p_j}` (a block's tokens
   are gated by its landmark), so normal rows sum to 1. `top_k` (inference retrieval) keeps, per
   query, only the k other blocks whose landmarks score highest; the rest leave the softmax; top_k >=
-  #blocks is the training-time grouped softmax (catalog oracle). Dense O(T^2): a reference, checked
-  against the paper's equations (read via a public summary of the paper's Section 3.1).
+  #blocks is the training-time grouped softmax (catalog oracle). Dense O(Tq * Tk): a reference,
+  checked against the paper's equations (read via a public summary of the paper's Section 3.1).
+
+  Decoding: `q_pos [Tq]` (int, may be traced) are the queries' positions in the key sequence
+  (default: bottom-right aligned, `Tk - Tq + arange(Tq)`) and `key_mask [..., Tq, Tk]` (bool) hides
+  the cache slots not yet written; a query then retrieves blocks through their landmarks exactly
+  as in the full forward (its own block's landmark, still in the future, plays no part).
   """
-  b, t, h, d = q.shape
-  hk = k.shape[2]
+  b, tq, h, d = q.shape
+  tk, hk = k.shape[1], k.shape[2]
   scale = d ** -0.5 if scale is None else scale
-  is_lm, p = landmark_positions(t, block)
-  i = np.arange(t)[:, None]
-  j = np.arange(t)[None, :]
-  group = np.where(~is_lm[None, :], p[None, :], np.where(p[:, None] == j, -1, p[:, None]))
+  is_lm_np, p_np = landmark_positions(tk, block)
+  is_lm, p = jnp.asarray(is_lm_np), jnp.asarray(p_np)
+  i = (jnp.arange(tq) + (tk - tq) if q_pos is None else jnp.asarray(q_pos))[:, None]
+  j = jnp.arange(tk)[None, :]
+  p_i = jnp.where(i % (block + 1) == block, i, (i // (block + 1)) * (block + 1) + block)
+  p_i = jnp.minimum(p_i, tk)                       # the same clip as p: one group per row
+  group = jnp.where(~is_lm[None, :], p[None, :], jnp.where(p_i == j, -1, p_i))    # [Tq, Tk]
   vis = j <= i
   kr = jnp.repeat(k, h // hk, axis=2)
   s = jnp.einsum("bqhd,bkhd->bhqk", q, kr, preferred_element_type=jnp.float32) * scale
-  vis = jnp.broadcast_to(jnp.asarray(vis), s.shape)
+  vis = jnp.broadcast_to(vis, s.shape)
+  if key_mask is not None:
+    vis = vis & key_mask
   if top_k is not None:
     # Keep the top-k other-block landmarks per query; the others, and their blocks' tokens, leave
     # the grouped softmax (retrieval).
-    other_lm = jnp.asarray(is_lm[None, :] & (p[:, None] != j) & (j <= i))
+    other_lm = is_lm[None, :] & (p_i != j) & vis
     ls = jnp.where(other_lm, jax.lax.stop_gradient(s), -jnp.inf)
-    thr = jax.lax.top_k(ls, min(top_k, t))[0][..., -1:]
-    dropped_lm = other_lm & (ls < thr)                                   # [B, H, T, T]
-    lm_of_j = np.minimum(p, t - 1)
-    other_block_tok = jnp.asarray(~is_lm[None, :] & (p[None, :] != p[:, None]) & (p[None, :] < t))
+    thr = jax.lax.top_k(ls, min(top_k, tk))[0][..., -1:]
+    dropped_lm = other_lm & (ls < thr)                                   # [B, H, Tq, Tk]
+    lm_of_j = jnp.minimum(p, tk - 1)
+    other_block_tok = ~is_lm[None, :] & (p[None, :] != p_i) & (p[None, :] < tk)
     vis = vis & ~dropped_lm & ~(other_block_tok & dropped_lm[..., lm_of_j])
-  vis = jnp.broadcast_to(jnp.asarray(vis), s.shape)
   s = jnp.where(vis, s, -jnp.inf)
-  gid = jnp.asarray(np.where(group < 0, t + 1, group) + (t + 2) * i)    # [T, T] row-unique ids
-  nseg = t * (t + 2)
+  row = jnp.arange(tq)[:, None]
+  gid = jnp.where(group < 0, tk + 1, group) + (tk + 2) * row           # [Tq, Tk] row-unique ids
+  nseg = tq * (tk + 2)
   per_row = lambda f: jax.vmap(jax.vmap(lambda x: f(x.ravel(), gid.ravel(), nseg)))
   # Per-group max (not per-row): a group far below the row max must not underflow to zero.
   gmax = jax.lax.stop_gradient(per_row(jax.ops.segment_max)(s))[..., gid]
   e = jnp.where(vis, jnp.exp(jnp.where(vis, s - gmax, 0.0)), 0.0)
-  den = per_row(jax.ops.segment_sum)(e)[..., gid]                       # [B, H, T, T]
+  den = per_row(jax.ops.segment_sum)(e)[..., gid]                       # [B, H, Tq, Tk]
   sm = jnp.where(vis, e / jnp.where(den > 0, den, 1.0), 0.0)
-  same = jnp.asarray(group == np.diagonal(group)[:, None])
-  gate = jnp.take_along_axis(sm, jnp.broadcast_to(jnp.asarray(np.minimum(p, t - 1))[None, None,
-                                                                                   None, :],
+  own = jnp.where(i[:, 0] % (block + 1) == block, -1, p_i[:, 0])   # G_ii
+  same = group == own[:, None]
+  gate = jnp.take_along_axis(sm, jnp.broadcast_to(jnp.minimum(p, tk - 1)[None, None, None, :],
                                                   sm.shape), axis=-1)
   w = jnp.where(same, sm, sm * gate)
-  return jnp.where(jnp.asarray(is_lm)[None, :], 0.0, w)
+  return jnp.where(is_lm[None, :], 0.0, w)
 
 
-def landmark_attention(q, k, v, block: int, *, top_k: int | None = None, scale=None):
+def landmark_attention(q, k, v, block: int, *, top_k: int | None = None, scale=None, q_pos=None,
+                       key_mask=None):
   """Landmark attention [53] on `[B, T, H, D]` whose tokens include a landmark after every `block`
-  tokens (`landmark_positions`): `o_i = sum_j w_ij v_j` with `landmark_weights`. Paper: block 50,
-  k = 4 retrieved blocks at inference."""
+  tokens (`landmark_positions`; `attnjax.data.landmark.insert_landmarks` puts them there):
+  `o_i = sum_j w_ij v_j` with `landmark_weights` (`q_pos`, `key_mask`: decoding against a cache).
+  Paper: block 50, k = 4 retrieved blocks at inference."""
   _check_bthd(q, k, v)
   if block < 1:
     raise ValueError(f"block must be >= 1, got {block}")
-  w = landmark_weights(q, k, block, top_k=top_k, scale=scale)
+  w = landmark_weights(q, k, block, top_k=top_k, scale=scale, q_pos=q_pos, key_mask=key_mask)
   vr = jnp.repeat(v, q.shape[2] // k.shape[2], axis=2).astype(jnp.float32)
   return jnp.einsum("bhqk,bkhd->bqhd", w, vr).astype(q.dtype)

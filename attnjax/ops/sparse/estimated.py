@@ -25,6 +25,7 @@ import numpy as np
 
 from attnjax.ops import block_sparse
 from attnjax.ops import layout as L
+from attnjax.ops.operators._common import PatternUndefinedError
 from attnjax.ops.softmax import dot_product_attention
 from attnjax.ops.sparse.routing import chunk_selection_layout
 
@@ -67,55 +68,82 @@ def _hyper_plan(q, k, proj, block_size: int, sample_size: int, key):
   q_order = jnp.argsort(angular_lsh_hash(q, proj), axis=-1, stable=True).astype(jnp.int32)
   k_order = jnp.argsort(angular_lsh_hash(k, proj), axis=-1, stable=True).astype(jnp.int32)
   n_blocks = -(-tk // block_size)
-  q_block = -(-tq // n_blocks)
+  # The authors pad the sorted queries to a multiple of block_size and split them into n_blocks
+  # equal blocks (so q_block == block_size when Tq == Tk); the short last key block is kept short
+  # here (their zero-padded keys would take softmax mass with score 0).
+  q_block = -(-(-(-tq // block_size) * block_size) // n_blocks)
   samples = None
-  if sample_size > 0 and key is not None and n_blocks > 1:
+  if sample_size > 0 and key is not None and n_blocks > 1 and tq > q_block:
     # Sampled positions in the *sorted* key order (uniform over keys either way).
     samples = jax.random.randint(key, (k.shape[0], k.shape[2], sample_size), 0, tk)
   return q_order, k_order, q_block, samples
 
 
-def _hyper_noncausal(q, k, v, proj, *, block_size, sample_size, key, scale):
+def _bucket_key_block(q, k, proj, k_order, block_size):
+  """`[B, H, Tq]`: the sorted key block where each query's own LSH bucket would be inserted
+  among the sorted key buckets (stable, clipped to the last block). Depends on the query and the
+  keys only, never on the other queries."""
+  h, hk = q.shape[2], k.shape[2]
+  k_hash = jnp.take_along_axis(angular_lsh_hash(k, proj), k_order, axis=-1)   # sorted [B, Hk, Tk]
+  k_hash = jnp.repeat(k_hash, h // hk, axis=1)
+  pos = jax.vmap(jax.vmap(jnp.searchsorted))(k_hash, angular_lsh_hash(q, proj))
+  return jnp.minimum(pos // block_size, -(-k.shape[1] // block_size) - 1).astype(jnp.int32)
+
+
+def _hyper_noncausal(q, k, v, proj, *, block_size, sample_size, key, scale, query_blocks="rank"):
   """Non-causal HyperAttention -> (o [B, Tq, H, Dv], lse [B, H, Tq])."""
   b, tq, h, d = q.shape
   tk, hk = k.shape[1], k.shape[2]
   g = h // hk
   q_order, k_order, q_block, samples = _hyper_plan(q, k, proj, block_size, sample_size, key)
-  qs = jnp.take_along_axis(q, q_order.transpose(0, 2, 1)[..., None], axis=1)
   ks = jnp.take_along_axis(k, k_order.transpose(0, 2, 1)[..., None], axis=1)
   vs = jnp.take_along_axis(v, k_order.transpose(0, 2, 1)[..., None], axis=1)
-  # Block-diagonal in the sorted orders: query rank p sees key ranks r with p // qb == r // bs.
-  nq, nk = -(-tq // q_block), -(-tk // block_size)
-  diag = np.eye(nq, nk, dtype=bool)[None, None]
-  lay = L.from_block_mask(diag, None, block_q=q_block, block_k=block_size, tq=tq, tk=tk)
+  nk = -(-tk // block_size)
+  if query_blocks == "bucket":
+    # Queries stay in place; each sees the one sorted key block its bucket falls in.
+    qs = q
+    q_blk = _bucket_key_block(q, k, proj, k_order, block_size)              # [B, H, Tq]
+    lay = L.from_block_mask(q_blk[..., None] == jnp.arange(nk), None, block_q=1,
+                            block_k=block_size, tq=tq, tk=tk, max_kv=1)
+  else:
+    # Block-diagonal in the sorted orders: query rank p sees key ranks r with p // qb == r // bs.
+    qs = jnp.take_along_axis(q, q_order.transpose(0, 2, 1)[..., None], axis=1)
+    nq = -(-tq // q_block)
+    q_blk = (jnp.arange(tq) // q_block)[None, None]                          # sorted rank -> block
+    lay = L.from_block_mask(np.eye(nq, nk, dtype=bool)[None, None], None, block_q=q_block,
+                            block_k=block_size, tq=tq, tk=tk)
   o, lse = block_sparse.block_sparse_attention(qs, ks, vs, lay, scale=scale, return_lse=True)
   if samples is not None:
     bi = jnp.arange(b)[:, None, None]
     hi = jnp.arange(hk)[None, :, None]
     k_sub = ks[bi, samples, hi]                                     # [B, Hk, m, D]
     v_sub = vs[bi, samples, hi]
-    q_blk = jnp.arange(tq) // q_block                                # sorted query rank -> block
     s_blk = jnp.repeat(samples // block_size, g, axis=1)             # [B, H, m]
-    keep = q_blk[None, None, :, None] != s_blk[:, :, None, :]        # hide the block-diagonal part
+    keep = q_blk[..., :, None] != s_blk[:, :, None, :]               # hide the block-diagonal part
     o_res, lse_res = dot_product_attention(qs, k_sub.transpose(0, 2, 1, 3),
                                            v_sub.transpose(0, 2, 1, 3), mask=keep, scale=scale,
                                            return_lse=True, implementation="reference")
     lse_res = lse_res + math.log(tk / sample_size)                  # unbiased column estimate
     o, lse = block_sparse.merge_attentions([o, o_res], [lse, lse_res])
+  if query_blocks == "bucket":
+    return o, lse
   q_rank = _ranks(q_order)                                           # [B, H, Tq]
   o = jnp.take_along_axis(o, q_rank.transpose(0, 2, 1)[..., None], axis=1)
   lse = jnp.take_along_axis(lse, q_rank, axis=-1)
   return o, lse
 
 
-def _hyper_counts_noncausal(q, k, proj, *, block_size, sample_size, key):
+def _hyper_counts_noncausal(q, k, proj, *, block_size, sample_size, key, query_blocks="rank"):
   """Dense definition: `C [B, H, Tq, Tk]`, the weight of key j in query i's estimated softmax."""
   h, hk = q.shape[2], k.shape[2]
   tk = k.shape[1]
   q_order, k_order, q_block, samples = _hyper_plan(q, k, proj, block_size, sample_size, key)
-  q_rank = _ranks(q_order)                                           # [B, H, Tq]
+  if query_blocks == "bucket":
+    q_blk = _bucket_key_block(q, k, proj, k_order, block_size)
+  else:
+    q_blk = _ranks(q_order) // q_block                               # [B, H, Tq]
   k_rank = jnp.repeat(_ranks(k_order), h // hk, axis=1)              # [B, H, Tk]
-  same = (q_rank // q_block)[..., :, None] == (k_rank // block_size)[..., None, :]
+  same = q_blk[..., :, None] == (k_rank // block_size)[..., None, :]
   counts = same.astype(jnp.float32)
   if samples is not None:
     hits = jax.nn.one_hot(samples, tk, dtype=jnp.float32).sum(2)     # [B, Hk, Tk] by sorted rank
@@ -124,37 +152,52 @@ def _hyper_counts_noncausal(q, k, proj, *, block_size, sample_size, key):
   return counts
 
 
-def _hyper_recurse(q, k, v, *, key, causal, min_seq_len, noncausal_fn, exact_fn, combine):
-  """HyperAttention's causal recursion: exact below `min_seq_len`, else split at h = ceil(T/2):
-  the two diagonal halves recurse (causal), the lower-left quarter is non-causal; `combine(top,
-  diag, off)` assembles the three parts (outputs merged by lse, or count matrices placed)."""
+def _hyper_recurse(q, k, v, *, key, causal, min_seq_len, noncausal_fn, exact_fn, combine, trim):
+  """HyperAttention's causal recursion (insuhan/hyper-attn `hyper_attn.py`, `forward`): exact
+  causal attention when `T <= min_seq_len`; else an odd T gets one all-zero row of q, k, v (only
+  the padded query can see the padded key, and its row is dropped by `trim(result, T)`), the two
+  diagonal halves recurse, and the lower-left quarter is non-causal, itself exact when its
+  `T/2 < min_seq_len` queries are fewer than `min_seq_len` (`forward_no_causal_mask`).
+  `combine(top, diag, off)` assembles the parts (outputs merged by lse, or count matrices)."""
   t = q.shape[1]
   if not causal:
     return exact_fn(q, k, v, False) if t < min_seq_len else noncausal_fn(q, k, v, key)
   if t <= min_seq_len:
     return exact_fn(q, k, v, True)
-  half = (t + 1) // 2
+  odd = t % 2
+  if odd:
+    pad = lambda a: jnp.pad(a, ((0, 0), (0, 1), (0, 0), (0, 0)))
+    q, k, v = pad(q), pad(k), pad(v)
+  half = (t + odd) // 2
   keys = (None,) * 3 if key is None else tuple(jax.random.split(key, 3))
   rec = lambda a, b_, c, kk: _hyper_recurse(a, b_, c, key=kk, causal=True, min_seq_len=min_seq_len,
                                             noncausal_fn=noncausal_fn, exact_fn=exact_fn,
-                                            combine=combine)
+                                            combine=combine, trim=trim)
   top = rec(q[:, :half], k[:, :half], v[:, :half], keys[0])
   diag = rec(q[:, half:], k[:, half:], v[:, half:], keys[1])
-  off = noncausal_fn(q[:, half:], k[:, :half], v[:, :half], keys[2])
-  return combine(top, diag, off)
+  if half < min_seq_len:
+    off = exact_fn(q[:, half:], k[:, :half], v[:, :half], False)
+  else:
+    off = noncausal_fn(q[:, half:], k[:, :half], v[:, :half], keys[2])
+  out = combine(top, diag, off)
+  return trim(out, t) if odd else out
 
 
-def _check_hyper_args(q, k, block_size, sample_size, min_seq_len, causal):
+def _check_hyper_args(q, k, block_size, sample_size, min_seq_len, causal, query_blocks="rank"):
+  if query_blocks not in ("rank", "bucket"):
+    raise ValueError(f"query_blocks must be 'rank' or 'bucket', got {query_blocks!r}")
   if block_size < 1 or sample_size < 0 or min_seq_len < 1:
     raise ValueError(f"block_size >= 1, sample_size >= 0 and min_seq_len >= 1 required, got "
                      f"{block_size}, {sample_size}, {min_seq_len}")
   if causal and q.shape[1] != k.shape[1]:
-    raise ValueError(f"causal HyperAttention needs Tq == Tk, got {q.shape[1]}, {k.shape[1]}")
+    raise PatternUndefinedError(f"hyper_attention: causal cross attention is undefined (the causal "
+                                f"recursion halves one sequence); got Tq={q.shape[1]}, "
+                                f"Tk={k.shape[1]}")
 
 
 def hyper_attention(q, k, v, proj, *, block_size: int = 256, sample_size: int = 256, key=None,
                     causal: bool = False, min_seq_len: int = 4096, scale=None,
-                    return_lse: bool = False):
+                    return_lse: bool = False, query_blocks: str = "rank"):
   """HyperAttention [51] on `[B, T, H, D]` (GQA: keys sorted per kv head).
 
   Non-causal: queries and keys are sorted by `angular_lsh_hash(., proj)`; query rank p attends the
@@ -163,17 +206,25 @@ def hyper_attention(q, k, v, proj, *, block_size: int = 256, sample_size: int = 
   (with replacement) from `key`, outside the query's block, weighted `Tk / sample_size`, merged
   through the log-sum-exp (the estimated normaliser is unbiased). `key=None` or `sample_size=0`:
   block-diagonal part only. Queries with `Tq < min_seq_len` use exact attention, as in the authors'
-  code. Causal (Tq == Tk): exact when `T <= min_seq_len`, else recursive halving (the two diagonal
-  halves recurse, the lower-left block is non-causal). Paper/code defaults: 7 LSH projections,
+  code. Causal (Tq == Tk): exact when `T <= min_seq_len`, else recursive halving as the authors'
+  `forward` (odd T padded by one zero row; the two diagonal halves recurse, the lower-left block is
+  non-causal and exact below `min_seq_len` queries). Paper/code defaults: 7 LSH projections,
   block 256, 256 samples, min_seq_len 4096. Memory: O(T * (block_size + sample_size)).
   Returns `o`, or `(o, lse [B, H, Tq])`.
+
+  `query_blocks="rank"` is the authors' partition: the p-th query in sorted order takes block
+  `p // qb`, so which keys a query sees depends on the other queries' buckets, and in the causal
+  recursion's lower-left blocks on *later* queries (the authors' causal mode is not causal in the
+  routing: changing a later token can change an earlier output). `"bucket"` (a deviation, for
+  causal language models): a query sees the sorted key block its own bucket falls in
+  (`_bucket_key_block`), so an output depends only on its query and the keys it may see.
   """
   _check_bthd(q, k, v)
-  _check_hyper_args(q, k, block_size, sample_size, min_seq_len, causal)
+  _check_hyper_args(q, k, block_size, sample_size, min_seq_len, causal, query_blocks)
 
   def noncausal(q_, k_, v_, kk):
     return _hyper_noncausal(q_, k_, v_, proj, block_size=block_size, sample_size=sample_size,
-                            key=kk, scale=scale)
+                            key=kk, scale=scale, query_blocks=query_blocks)
 
   def exact(q_, k_, v_, c):
     return dot_product_attention(q_, k_, v_, causal=c, scale=scale, return_lse=True,
@@ -184,20 +235,22 @@ def hyper_attention(q, k, v, proj, *, block_size: int = 256, sample_size: int = 
     return jnp.concatenate([top[0], ob], 1), jnp.concatenate([top[1], lb], -1)
 
   o, lse = _hyper_recurse(q, k, v, key=key, causal=causal, min_seq_len=min_seq_len,
-                          noncausal_fn=noncausal, exact_fn=exact, combine=combine)
+                          noncausal_fn=noncausal, exact_fn=exact, combine=combine,
+                          trim=lambda r, t: (r[0][:, :t], r[1][..., :t]))
   return (o, lse) if return_lse else o
 
 
 def hyper_attention_counts(q, k, proj, *, block_size: int = 256, sample_size: int = 256, key=None,
-                           causal: bool = False, min_seq_len: int = 4096):
+                           causal: bool = False, min_seq_len: int = 4096,
+                           query_blocks: str = "rank"):
   """`C [B, H, Tq, Tk]` float: the dense definition of `hyper_attention`'s estimate, which equals
   `softmax_j(s_ij + log C_ij)` over `C_ij > 0` (the same sort orders, samples and recursion)."""
-  _check_hyper_args(q, k, block_size, sample_size, min_seq_len, causal)
+  _check_hyper_args(q, k, block_size, sample_size, min_seq_len, causal, query_blocks)
   h = q.shape[2]
 
   def noncausal(q_, k_, v_, kk):
     return _hyper_counts_noncausal(q_, k_, proj, block_size=block_size, sample_size=sample_size,
-                                   key=kk)
+                                   key=kk, query_blocks=query_blocks)
 
   def exact(q_, k_, v_, c):
     ones = jnp.ones((q_.shape[0], h, q_.shape[1], k_.shape[1]), jnp.float32)
@@ -208,7 +261,8 @@ def hyper_attention_counts(q, k, proj, *, block_size: int = 256, sample_size: in
     return jnp.concatenate([upper, jnp.concatenate([off, diag], -1)], -2)
 
   return _hyper_recurse(q, k, k, key=key, causal=causal, min_seq_len=min_seq_len,
-                        noncausal_fn=noncausal, exact_fn=exact, combine=combine)
+                        noncausal_fn=noncausal, exact_fn=exact, combine=combine,
+                        trim=lambda c, t: c[..., :t, :t])
 
 
 def hyper_attention_reference(q, k, v, proj, *, scale=None, return_lse=False, **kw):
@@ -299,22 +353,30 @@ def sea_attention(q, k, v, proj, *, chunk_size: int, top_k: int, causal: bool = 
   return fn(q, k, v, lay, scale=scale, return_lse=return_lse)
 
 
-def sea_distillation_loss(q, k, proj, *, chunk_size: int, scale=None):
+def sea_distillation_loss(q, k, proj, *, chunk_size: int, scale=None, causal: bool = False):
   """KL(teacher || estimate) per row, averaged: the teacher is the exact attention compressed to
   chunks (`sum_{j in c} softmax_j(s_ij)`), the student `sea_estimate` (differentiable in `proj` and,
-  through the features, in q and k when not detached by the caller). O(T^2): a training loss."""
+  through the features, in q and k when not detached by the caller). `causal` (bottom-right
+  aligned): the teacher is causal attention and the estimate is normalised over the chunks that
+  hold a visible key (the selection never takes another). O(T^2): a training loss."""
   b, tk, hk, d = k.shape
-  h = q.shape[2]
+  tq, h = q.shape[1], q.shape[2]
   nc = -(-tk // chunk_size)
   scale = d ** -0.5 if scale is None else scale
   kr = jnp.repeat(k, h // hk, axis=2)
-  p = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, kr).astype(jnp.float32) * scale, -1)
+  s = jnp.einsum("bqhd,bkhd->bhqk", q, kr).astype(jnp.float32) * scale
+  pos = jnp.arange(tq) + (tk - tq)
+  if causal:
+    s = jnp.where(jnp.arange(tk)[None, :] <= pos[:, None], s, -jnp.inf)
+  p = jax.nn.softmax(s, -1)
   p = jnp.pad(p, ((0, 0), (0, 0), (0, 0), (0, nc * chunk_size - tk)))
   teacher = p.reshape(p.shape[:3] + (nc, chunk_size)).sum(-1)
   fq = performer_features(q, proj)
   fk = jnp.pad(performer_features(k, proj), ((0, 0), (0, 0), (0, nc * chunk_size - tk), (0, 0)))
   sums = jnp.repeat(fk.reshape(b, hk, nc, chunk_size, -1).sum(3), h // hk, axis=1)
   est = jnp.einsum("bhtr,bhcr->bhtc", fq, sums)
+  if causal:
+    est = jnp.where(jnp.arange(nc)[None, :] * chunk_size <= pos[:, None], est, 0.0)
   est = est / jnp.maximum(est.sum(-1, keepdims=True), 1e-30)
   kl = teacher * (jnp.log(jnp.maximum(teacher, 1e-30)) - jnp.log(jnp.maximum(est, 1e-30)))
   return jnp.mean(jnp.sum(kl, -1))

@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from attnjax.ops import layout as L
-from attnjax.ops.layout import MaskRule, _xp
+from attnjax.ops.layout import MaskRule
 
 
 def _check_pos(**kw):
@@ -133,43 +133,80 @@ def s2_layout(t: int, num_heads: int, block: int = 64, local_blocks: int = 2, ve
                            mask_rule=L.CausalRule(0))
 
 
-@dataclasses.dataclass(frozen=True)
-class RadialRule(MaskRule):
-  """Radial attention [102] on `num_frames x frame_tokens` tokens (frame-major order).
-
-  Query (frame f, spatial c) sees key (frame g, spatial r) iff f == 0 or g == 0 (frame 0 is a
-  dense sink both ways, which keeps the mask symmetric as the catalog's oracle asks), or `|c - r| <=
-  w(|f - g|) // 2` with `w(0) = frame_tokens` (whole frame) and `w(dist) = window >> floor(log2
-  dist)` for dist >= 1: the spatial band halves each time the temporal distance doubles (the
-  catalog's band rule; "from abstract", the authors' 128-block shrinking and `split_factor` are not
-  reproduced). Non-causal and symmetric. `floor(log2)` is computed with compares so that the rule
-  stays kernel-traceable.
-  """
-  num_frames: int
-  frame_tokens: int
-  window: int
-
-  def __call__(self, q_idx, k_idx):
-    xp = _xp(q_idx, k_idx)
-    f, c = q_idx // self.frame_tokens, q_idx % self.frame_tokens
-    g, r = k_idx // self.frame_tokens, k_idx % self.frame_tokens
-    dist = xp.abs(f - g)
-    log2 = 0
-    for m in range(1, max(1, self.num_frames).bit_length() + 1):
-      log2 = log2 + xp.where(dist >= (1 << m), 1, 0)
-    w = xp.where(dist == 0, 2 * self.frame_tokens, self.window >> log2)
-    inside = (f < self.num_frames) & (g < self.num_frames) & (q_idx >= 0) & (k_idx >= 0)
-    return inside & ((g == 0) | (f == 0) | (xp.abs(c - r) <= w // 2))
+def _radial_band(dist: int, frame_tokens: int, block: int, decay_factor: float, model_type: str):
+  """Spatial band half-width for frames `dist` apart (authors' `get_window_width`): the whole
+  frame near the diagonal, then `2^bitlen(F) / 2^bitlen(dist) * decay_factor`, never below one
+  block (the minimum band width)."""
+  if model_type == "wan":
+    if dist < 1:
+      return frame_tokens
+    if dist == 1:
+      return frame_tokens // 2
+  elif dist <= 1:                                          # "hunyuan"
+    return frame_tokens
+  decay = 2 ** frame_tokens.bit_length() / 2 ** dist.bit_length() * decay_factor
+  return max(decay, block)
 
 
-def radial_layout(num_frames: int, frame_tokens: int, window: int, block: int = 64):
-  """Static Radial-attention layout over `num_frames * frame_tokens` tokens (see `RadialRule`)."""
-  if num_frames < 1 or frame_tokens < 1 or window < 1:
-    raise ValueError("num_frames, frame_tokens and window must be >= 1, got "
-                     f"{num_frames}, {frame_tokens}, {window}")
+def _radial_keeps_frame(dist: int, frame_tokens: int, block: int) -> bool:
+  """Temporal subsampling (authors' `get_diagonal_split_mask`): once the undecayed band is
+  narrower than a block, only every `block / band`-th frame distance is kept."""
+  decay = 2 ** frame_tokens.bit_length() / 2 ** dist.bit_length()
+  return decay >= block or dist % int(block / decay) == 0
+
+
+def radial_block_mask(num_frames: int, frame_tokens: int, block: int, *, decay_factor: float = 1.0,
+                      model_type: str = "hunyuan") -> np.ndarray:
+  """Radial attention [102] block mask `[nB, nB]` over `num_frames * frame_tokens` tokens in
+  frame-major order, `nB = ceil(T / block)`: mit-han-lab/radial-attention `radial_attn/
+  attn_mask.py` `gen_log_mask_shrinked`. For query frame i and key frame j the token mask is all
+  ones when j == 0 (key frame 0 is the attention sink; query frame 0 is not special), else the
+  band `|c - r| <= _radial_band(|i - j|)` on frames kept by `_radial_keeps_frame`; each frame
+  pair's mask, placed at its offset inside its blocks, is shrunk to blocks by the authors'
+  density rule (`shrinkMaskStrict`: a block is kept when > 60% of its non-empty columns are > 1/3
+  full) and OR-ed in. A last partial block is dense (the authors' video/text border). The
+  authors hard-code the subsampling threshold at 128, "equal to block-size": `block` here."""
+  if model_type not in ("hunyuan", "wan"):
+    raise ValueError(f"model_type must be 'hunyuan' or 'wan', got {model_type!r}")
   t = num_frames * frame_tokens
-  return L.from_rule(RadialRule(num_frames, frame_tokens, window), block_q=block, block_k=block,
-                     tq=t, tk=t)
+  nb = -(-t // block)
+  out = np.zeros((nb, nb), bool)
+  out[t // block:] = True
+  out[:, t // block:] = True
+  r = np.arange(frame_tokens)
+  nblk = (frame_tokens - 1) // block + 1
+  for i in range(num_frames):
+    for j in range(num_frames):
+      dist = abs(i - j)
+      if j == 0:
+        local = np.ones((frame_tokens, frame_tokens), bool)
+      elif _radial_keeps_frame(dist, frame_tokens, block):
+        local = np.abs(r[None, :] - r[:, None]) <= _radial_band(dist, frame_tokens, block,
+                                                                decay_factor, model_type)
+      else:
+        continue
+      ro, co = (i * frame_tokens) % block, (j * frame_tokens) % block
+      canvas = np.zeros((ro + nblk * block, co + nblk * block), bool)
+      canvas[ro:ro + frame_tokens, co:co + frame_tokens] = local
+      cols = canvas[:nblk * block, :nblk * block].reshape(nblk, block, nblk, block).mean(1)
+      frac = (cols > 1 / 3).sum(-1) / ((cols > 0).sum(-1) + 1e-9)
+      r0, c0 = i * frame_tokens // block, j * frame_tokens // block
+      tile = out[r0:r0 + nblk, c0:c0 + nblk]
+      tile |= (frac > 0.6)[:tile.shape[0], :tile.shape[1]]
+  return out
+
+
+def radial_layout(num_frames: int, frame_tokens: int, block: int = 64, *, decay_factor: float = 1.0,
+                  model_type: str = "hunyuan"):
+  """Static Radial-attention layout over `num_frames * frame_tokens` tokens: whole blocks of
+  `radial_block_mask` (non-causal; not symmetric: key frame 0 is a sink, query frame 0 is not)."""
+  if num_frames < 1 or frame_tokens < 1 or block < 1:
+    raise ValueError("num_frames, frame_tokens and block must be >= 1, got "
+                     f"{num_frames}, {frame_tokens}, {block}")
+  t = num_frames * frame_tokens
+  bm = radial_block_mask(num_frames, frame_tokens, block, decay_factor=decay_factor,
+                         model_type=model_type)
+  return L.from_block_mask(bm[None, None], None, block_q=block, block_k=block, tq=t, tk=t)
 
 
 def reachable_blocks(block_mask: np.ndarray, num_layers: int) -> np.ndarray:

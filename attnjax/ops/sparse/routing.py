@@ -29,17 +29,64 @@ def _chunk_means(k, chunk):
   return (sums / sizes[None, :, None, None]).transpose(0, 2, 1, 3)
 
 
+def _own_chunk_prefix_gate(q, k, chunk_size, h):
+  """`[B, H, Tq]` float32: `q_i . mean(k_j, chunk_start(i) <= j <= i)`, the causal gate of each
+  query's own chunk over the keys it may see (Tq == Tk aligned bottom-right)."""
+  b, tq, _, d = q.shape
+  tk, hk = k.shape[1], k.shape[2]
+  pos = jnp.arange(tq) + (tk - tq)
+  kf = jax.lax.stop_gradient(k).astype(jnp.float32)
+  csum = jnp.cumsum(kf, axis=1)                                             # [B, Tk, Hk, D]
+  start = (pos // chunk_size) * chunk_size
+  before = jnp.where((start > 0)[None, :, None, None],
+                     jnp.take(csum, jnp.maximum(start - 1, 0), axis=1), 0.0)
+  mean = (jnp.take(csum, pos, axis=1) - before) / (pos - start + 1).astype(jnp.float32)[
+      None, :, None, None]                                                  # [B, Tq, Hk, D]
+  mean = jnp.repeat(mean, h // hk, axis=2)
+  return jnp.einsum("bthd,bthd->bht", jax.lax.stop_gradient(q).astype(jnp.float32), mean)
+
+
+def _vmoba_threshold_select(gate, valid, own_mask, threshold: float, cap: int):
+  """VMoBA's per-(query, head) threshold selection (KwaiVGI/VMoBA `src/vmoba.py`,
+  `_select_threshold_query_head`) on `gate [..., nC]`: gates min-max normalised over the valid
+  chunks; the own chunk's share of the normalised mass counts first, then the other chunks are
+  added in decreasing order up to and including the first one at which the cumulative share
+  reaches `threshold` (so at least one other chunk whenever one is valid, as in the authors' code);
+  at most `cap` chunks in all (a static cap for static shapes; the authors' code has none)."""
+  eps = 1e-6
+  nc = gate.shape[-1]
+  gmin = jnp.min(jnp.where(valid, gate, jnp.inf), -1, keepdims=True)
+  gmax = jnp.max(jnp.where(valid, gate, -jnp.inf), -1, keepdims=True)
+  denom = gmax - gmin
+  denom = jnp.where(denom <= eps, 1.0, denom)
+  norm = jnp.where(valid, (gate - gmin) / denom, 0.0)
+  total = norm.sum(-1, keepdims=True)
+  has_own = (own_mask & valid).any(-1, keepdims=True)
+  remain = jnp.maximum(threshold - (norm * own_mask).sum(-1, keepdims=True) / (total + eps), 0.0)
+  others = valid & ~own_mask
+  # Invalid chunks sort last (the authors' zeros tie with them and are dropped by `valid` after).
+  vals, idx = jax.lax.top_k(jnp.where(others, norm, -1.0), nc)
+  ratio = jnp.cumsum(jnp.maximum(vals, 0.0), -1) / (total + eps)
+  cond = ratio >= remain
+  cutoff = jnp.where(cond.any(-1, keepdims=True), jnp.argmax(cond, -1)[..., None], nc - 1)
+  rank = jnp.arange(nc)
+  take = (rank <= cutoff) & (rank < cap - has_own.astype(jnp.int32)) & (vals >= 0)
+  chosen = ((idx[..., None] == rank) & take[..., None]).any(-2)
+  return (chosen | own_mask) & valid
+
+
 def moba_selection(q, k, *, chunk_size: int, top_k: int, causal: bool = True,
                    threshold: float | None = None):
   """MoBA gate: `[B, H, Tq, nC]` bool, the top-k chunks of every query token (Tq == Tk assumed
   aligned bottom-right when causal). Causal: the query's own chunk is always selected, future
   chunks never; fewer than k chunks are selected when fewer are visible. Not differentiable.
 
-  `threshold` (VMoBA's threshold selection, per query token): chunks are taken in decreasing gate
-  order (own chunk first when causal) while the softmax mass of the gates taken so far is below
-  `threshold`, at most `top_k` (a static cap keeps shapes static); so the count is monotone in the
-  threshold, 1 chunk at threshold 0 and `top_k` at threshold 1. Reading: VMoBA ranks (query, block)
-  pairs globally per head; the per-token variant is chosen here so that every query keeps >= 1 block.
+  `threshold` (VMoBA's threshold selection, `_vmoba_threshold_select`): the own chunk plus other
+  chunks in decreasing gate order until their min-max-normalised gate mass reaches `threshold`,
+  at most `top_k` chunks. The own chunk is the one holding the query's (aligned) position; when
+  `Tq != Tk` and not causal there is none. Causal (an extension: VMoBA is non-causal): only
+  visible chunks compete, and the own chunk's gate is `q . mean` of its keys up to the query, so
+  no selection reads a later key.
   """
   if threshold is not None and not 0.0 <= threshold <= 1.0:
     raise ValueError(f"threshold must be in [0, 1], got {threshold}")
@@ -50,22 +97,20 @@ def moba_selection(q, k, *, chunk_size: int, top_k: int, causal: bool = True,
   means = _chunk_means(jax.lax.stop_gradient(k), chunk_size)               # [B, Hk, nC, D]
   means = jnp.repeat(means, h // hk, axis=1)
   gate = jnp.einsum("bthd,bhcd->bhtc", jax.lax.stop_gradient(q).astype(jnp.float32), means)
-  raw = gate
-  if causal:
-    pos = jnp.arange(tq) + (tk - tq)
-    own = (pos // chunk_size)[:, None]
-    c = jnp.arange(nc)[None]
-    raw = jnp.where(c > own, -jnp.inf, gate)
-    gate = jnp.where(c == own, jnp.inf, raw)
-  vals, idx = jax.lax.top_k(gate, kk)
-  ok = vals > -jnp.inf
+  c = jnp.arange(nc)[None]
+  own = ((jnp.arange(tq) + (tk - tq)) // chunk_size)[:, None]
   if threshold is not None:
-    prob = jnp.take_along_axis(jax.nn.softmax(raw, axis=-1), idx, axis=-1)
-    mass_before = jnp.cumsum(prob, axis=-1) - prob
-    ok = ok & ((mass_before < threshold) | (jnp.arange(kk) == 0))
-  sel = jnp.zeros(gate.shape, bool)
-  onehot = (idx[..., None] == jnp.arange(nc)) & ok[..., None]
-  return sel | onehot.any(-2)
+    own_mask = (c == own) if (causal or tq == tk) else jnp.zeros((tq, nc), bool)
+    valid = (c <= own) if causal else jnp.ones((tq, nc), bool)
+    if causal:
+      gate = jnp.where(own_mask, _own_chunk_prefix_gate(q, k, chunk_size, h)[..., None], gate)
+    return _vmoba_threshold_select(gate, jnp.broadcast_to(valid, gate.shape),
+                                   jnp.broadcast_to(own_mask, gate.shape), threshold, kk)
+  if causal:
+    gate = jnp.where(c > own, -jnp.inf, jnp.where(c == own, jnp.inf, gate))
+  vals, idx = jax.lax.top_k(gate, kk)
+  onehot = (idx[..., None] == jnp.arange(nc)) & (vals > -jnp.inf)[..., None]
+  return onehot.any(-2)
 
 
 def moba_layout(q, k, *, chunk_size: int, top_k: int, causal: bool = True,
