@@ -20,7 +20,8 @@ The returned module's contract:
   registration). `build_mixer` raises `PatternUndefinedError` for a `causal` flag with no defined
   pattern, and installs one check at the entry of the mixer's `__call__` that raises it for a call
   in an undefined pattern (`context=` given to a self-only mixer, ...), before any computation.
-  `pattern_table()` lists the declarations (`benchmarks/cab_patterns.md` is generated from it).
+  `pattern_table()` lists the declarations (`experiments/cab_patterns.py` writes them to
+  `benchmarks/cab_patterns.md`).
 * With `decode=True` the module reads and updates its cache (`init_cache(batch_size, max_len,
   dtype)` must have been called); a prefill of T tokens followed by single-token steps equals
   the full causal forward. Mixers that cannot decode raise `NotImplementedError` naming themselves.
@@ -228,7 +229,8 @@ def pattern_table() -> list[dict[str, Any]]:
 
 
 def pattern_table_markdown() -> str:
-  """`pattern_table()` as a markdown table (what `benchmarks/cab_patterns.md` holds)."""
+  """`pattern_table()` as a markdown table (`experiments/cab_patterns.py` writes it to
+  `benchmarks/cab_patterns.md`)."""
   mark = {True: "yes", False: "-", None: "?"}
   lines = ["| mixer | self | causal self | cross | causal cross | why the others are undefined |",
            "| --- | --- | --- | --- | --- | --- |"]
@@ -298,9 +300,3 @@ def build_mixer(name: str, *, d_model: int, num_heads: int, causal: bool, rngs: 
     _guard_call(type(module))
   return module
 
-
-if __name__ == "__main__":
-  # `python -m attnjax.registry > benchmarks/cab_patterns.md`. Through the package: run as
-  # __main__, this file is a second copy of the module, whose registry the families never fill.
-  from attnjax import registry as _registry
-  print(_registry.pattern_table_markdown(), end="")
