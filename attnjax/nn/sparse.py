@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attnjax.cab import PatternUndefinedError
 from attnjax.nn.attention import MultiHeadAttention
 from attnjax.nn.layers import dense
 from attnjax.ops import block_sparse
@@ -99,7 +100,7 @@ def static_pattern_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segm
   if mask is not None:
     raise NotImplementedError(f"{kind} pattern: decode is not implemented")
   if not causal:
-    raise NotImplementedError(f"{kind} pattern is causal only")
+    raise PatternUndefinedError(f"{kind} pattern is causal only")
   if q_segment_ids is not None:
     raise NotImplementedError(f"{kind} pattern: segment_ids are not supported (absolute blocks)")
   lay = _static_layout(kind, q.shape[1], block, q.shape[2], a, b)
@@ -110,7 +111,7 @@ def static_pattern_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segm
 def _build_power(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, block: int = 4,
                  num_sink_blocks: int = 1, **options: Any):
   if not causal:
-    raise NotImplementedError("power_attention is causal only")
+    raise PatternUndefinedError("power_attention is causal only")
   fn = functools.partial(static_pattern_fn, kind="power", block=block, a=num_sink_blocks)
   return MultiHeadAttention(d_model, num_heads, causal=causal, attn_fn=fn, rngs=rngs, **options)
 
@@ -119,7 +120,7 @@ def _build_power(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, 
 def _build_s2(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, block: int = 4,
               local_blocks: int = 1, vert_stride: int = 2, **options: Any):
   if not causal:
-    raise NotImplementedError("s2_attention is causal only")
+    raise PatternUndefinedError("s2_attention is causal only")
   fn = functools.partial(static_pattern_fn, kind="s2", block=block, a=local_blocks, b=vert_stride)
   return MultiHeadAttention(d_model, num_heads, causal=causal, attn_fn=fn, rngs=rngs, **options)
 
@@ -128,7 +129,7 @@ def _build_s2(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, blo
 def _build_sink_local(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs,
                       block: int = 4, num_sink: int = 2, window: int = 8, **options: Any):
   if not causal:
-    raise NotImplementedError("sink_local_sparse is causal only")
+    raise PatternUndefinedError("sink_local_sparse is causal only")
   fn = functools.partial(static_pattern_fn, kind="sink_local", block=block, a=num_sink, b=window)
   return MultiHeadAttention(d_model, num_heads, causal=causal, attn_fn=fn, rngs=rngs, **options)
 
@@ -137,7 +138,7 @@ def _build_sink_local(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.R
 def _build_strided(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, block: int = 4,
                    stride: int = 4, local: int = 4, **options: Any):
   if not causal:
-    raise NotImplementedError("strided_sparse is causal only")
+    raise PatternUndefinedError("strided_sparse is causal only")
   fn = functools.partial(static_pattern_fn, kind="strided", block=block, a=stride, b=local)
   return MultiHeadAttention(d_model, num_heads, causal=causal, attn_fn=fn, rngs=rngs, **options)
 
@@ -287,7 +288,7 @@ def landmark_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_id
 def _build_landmark(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, block: int = 4,
                     top_k: int | None = None, **options: Any):
   if not causal:
-    raise NotImplementedError("landmark attention is causal only")
+    raise PatternUndefinedError("landmark attention is causal only")
   fn = functools.partial(landmark_fn, block=block, top_k=top_k)
   return MultiHeadAttention(d_model, num_heads, causal=causal, attn_fn=fn, rngs=rngs, **options)
 
@@ -369,7 +370,7 @@ def radial_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=
 def _build_radial(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs,
                   frame_tokens: int = 4, window: int = 4, block: int = 4, **options: Any):
   if causal:
-    raise NotImplementedError("radial attention is non-causal")
+    raise PatternUndefinedError("radial attention is non-causal")
   fn = functools.partial(radial_fn, frame_tokens=frame_tokens, window=window, block=block)
   return MultiHeadAttention(d_model, num_heads, causal=causal, attn_fn=fn, rngs=rngs, **options)
 

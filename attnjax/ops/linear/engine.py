@@ -25,6 +25,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from attnjax.cab import PatternUndefinedError
+
 #: Added to the denominator `scale * q_t . z_t` when `normalize=True` (fla's value; all-zero
 #: features give `0 / eps = 0`, never NaN).
 NORMALIZE_EPS = 1e-10
@@ -345,8 +347,9 @@ def linear_attention(q, k, v, *, log_decay=None, scale=None, normalize=False, ca
     raise ValueError(f"v must be [B, Tk, H, Dv] with [B, Tk, H]={list(k.shape[:3])}, got {list(v.shape)}")
   dv = v.shape[-1]
   if tk != t and (causal or segment_ids is not None):
-    raise ValueError(f"k, v length Tk={tk} differs from q length T={t}: only causal=False without "
-                     "segment_ids (cross attention) allows it")
+    raise PatternUndefinedError(
+        f"k, v length Tk={tk} differs from q length T={t}: the 'causal_cross' pattern (and packed "
+        "cross attention) is undefined here; only causal=False without segment_ids allows it")
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
   if not causal and log_decay is not None:

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnjax.cab import PatternUndefinedError
 from attnjax.ops import block_sparse
 from attnjax.ops import layout as L
 from attnjax.ops.softmax import dot_product_attention
@@ -149,7 +150,8 @@ def _check_hyper_args(q, k, block_size, sample_size, min_seq_len, causal):
     raise ValueError(f"block_size >= 1, sample_size >= 0 and min_seq_len >= 1 required, got "
                      f"{block_size}, {sample_size}, {min_seq_len}")
   if causal and q.shape[1] != k.shape[1]:
-    raise ValueError(f"causal HyperAttention needs Tq == Tk, got {q.shape[1]}, {k.shape[1]}")
+    raise PatternUndefinedError(f"hyper_attention: the 'causal_cross' pattern is undefined (causal "
+                                f"HyperAttention needs Tq == Tk), got {q.shape[1]}, {k.shape[1]}")
 
 
 def hyper_attention(q, k, v, proj, *, block_size: int = 256, sample_size: int = 256, key=None,
