@@ -93,8 +93,12 @@ def test_mixer_contract(name):
 # ---------------------------------------------------------------------------------------------
 # The CAB contract: four patterns per mixer, each defined (and right) or PatternUndefinedError.
 
-S, J, P = 14, 10, 5    # context length; the context token and the query token perturbed below
-# J = 10 lies inside a chunk of 4 and of 8 (the defaults of the chunked mixers), not at an edge.
+# Context lengths: longer than T for non-causal cross; shorter for causal cross, so that query 0
+# sees no key (its output must be finite and context-free) and bottom-right and top-left alignment
+# differ. J: the context token perturbed, inside a chunk of 4 and of 8 (the chunked mixers'
+# defaults) and not in the first chunk, so queries in J's chunk that must not see J can choose
+# among earlier chunks; P: the query token perturbed.
+S, S_CAUSAL, J, P = 14, 11, 10, 5
 # Known deviations that another item of issue 14 fixes; strict, so the fix turns them into failures
 # (remove the entry then).
 KNOWN = {("vmoba", "causal_cross"): "VMoBA's own-chunk gate averages the whole chunk, later keys "
@@ -120,7 +124,7 @@ def test_undefined_patterns_raise(name):
   """Building in a causal flag with no defined pattern, or calling in an undefined pattern,
   raises exactly PatternUndefinedError (not a ValueError / TypeError from inside the maths)."""
   x = jnp.ones((1, T, D_MODEL))
-  ctx = jnp.ones((1, S, D_MODEL))
+  ctx = jnp.ones((1, S_CAUSAL, D_MODEL))
   defined = mixer_patterns(name)
   for pattern in (p for p in PATTERNS if p not in defined):
     causal, cross = pattern.startswith("causal"), pattern.endswith("cross")
@@ -137,14 +141,16 @@ def test_undefined_patterns_raise(name):
 @pytest.mark.parametrize("name,pattern", CROSS)
 def test_cross_pattern(name, pattern):
   causal = pattern == "causal_cross"
-  ks = jax.random.split(jax.random.key(1), 2)
+  s = S_CAUSAL if causal else S
+  ks = jax.random.split(jax.random.key(1), 3)
   x = jax.random.normal(ks[0], (2, T, D_MODEL))
-  ctx = jax.random.normal(ks[1], (2, S, D_MODEL))
+  ctx = jax.random.normal(ks[1], (2, s, D_MODEL))
   m = build_mixer(name, d_model=D_MODEL, num_heads=HEADS, causal=causal, rngs=nnx.Rngs(0))
-  # One call (one compile) on three stacked batches: as given, context token J moved, query P moved.
-  xs = jnp.concatenate([x, x, x.at[:, P].add(3.0)])
-  cs = jnp.concatenate([ctx, ctx.at[:, J].add(3.0), ctx])
-  y, y_ctx, y_x = jnp.split(_FWD_CTX(m, xs, cs), 3)
+  # One call (one compile) on four stacked batches: as given; context token J moved; query token P
+  # moved; a different context altogether.
+  xs = jnp.concatenate([x, x, x.at[:, P].add(3.0), x])
+  cs = jnp.concatenate([ctx, ctx.at[:, J].add(3.0), ctx, jax.random.normal(ks[2], ctx.shape)])
+  y, y_ctx, y_x, y_new = jnp.split(_FWD_CTX(m, xs, cs), 4)
   assert y.shape == x.shape and np.all(np.isfinite(y)), (name, pattern, y.shape)
 
   def change(y2):                                   # per query: max |change| over batch, channels
@@ -154,8 +160,10 @@ def test_cross_pattern(name, pattern):
   if not causal:
     assert d_ctx.max() > 1e-4, f"{name} {pattern}: the output does not read the context"
     return
-  sees = np.arange(T) + S - T >= J                  # bottom-right aligned causal cross
+  sees = np.arange(T) + s - T >= J                  # bottom-right aligned causal cross
   assert d_ctx[~sees].max() < 1e-5, f"{name} {pattern}: context key {J} reaches earlier queries"
-  first = J - (S - T)                               # the first query that sees key J
+  first = J - (s - T)                               # the first query that sees key J
   assert d_ctx[first] > 1e-4, f"{name} {pattern}: context key {J} does not reach query {first}"
   assert change(y_x)[:P].max() < 1e-5, f"{name} {pattern}: query {P} changes earlier outputs"
+  blind = T - s                                     # queries 0 .. T-S-1 see no context key
+  assert change(y_new)[:blind].max() < 1e-5, f"{name} {pattern}: queries with no key read the context"
