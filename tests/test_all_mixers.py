@@ -167,3 +167,33 @@ def test_cross_pattern(name, pattern):
   assert change(y_x)[:P].max() < 1e-5, f"{name} {pattern}: query {P} changes earlier outputs"
   blind = T - s                                     # queries 0 .. T-S-1 see no context key
   assert change(y_new)[:blind].max() < 1e-5, f"{name} {pattern}: queries with no key read the context"
+
+
+def test_patterns_declared_at_registration(monkeypatch):
+  """`register_mixer(..., patterns=)`: the build-time and call-time checks apply per instance, so
+  one class serves mixers with different patterns, and a module built directly is not checked."""
+  for table in ("_MIXERS", "_DOCS", "_PATTERNS"):
+    monkeypatch.setattr(registry, table, dict(getattr(registry, table)))
+
+  class Tiny(nnx.Module):
+    def __init__(self, causal):
+      self.causal = causal
+
+    def __call__(self, x, *, context=None):
+      return x if context is None else x + context.mean(axis=1, keepdims=True)
+
+  for name, patterns in (("tiny_causal", ("causal_self",)), ("tiny_all", PATTERNS)):
+    registry.register_mixer(name, "test", patterns=patterns)(
+        lambda *, d_model, num_heads, causal, rngs: Tiny(causal))
+  x, ctx = jnp.ones((1, 3, 4)), jnp.ones((1, 5, 4))
+  with pytest.raises(PatternUndefinedError, match=r"tiny_causal: the non-causal pattern .*'self'"):
+    build_mixer("tiny_causal", d_model=4, num_heads=1, causal=False, rngs=nnx.Rngs(0))
+  m = build_mixer("tiny_causal", d_model=4, num_heads=1, causal=True, rngs=nnx.Rngs(0))
+  assert m(x).shape == x.shape
+  with pytest.raises(PatternUndefinedError, match="tiny_causal: the 'causal_cross' pattern"):
+    m(x, context=ctx)
+  both = build_mixer("tiny_all", d_model=4, num_heads=1, causal=True, rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(both(x, context=ctx), 2.0)
+  np.testing.assert_allclose(Tiny(True)(x, context=ctx), 2.0)       # not built by the registry
+  with pytest.raises(ValueError, match="unknown CAB pattern"):
+    registry.register_mixer("tiny_bad", patterns=("causal",))
