@@ -3,12 +3,15 @@
 * `attnjax.ops`: pure functions on `[B, T, H, D]` arrays (reference + fast paths).
 * `attnjax.nn`: Flax NNX layers that own projections and parameters.
 * `attnjax.models`: backbones (`DecoderLM`, `ViT`, ...) that take any registered mixer.
-* `attnjax.registry`: mixers by name (`list_mixers()`, `build_mixer(...)`).
+* `attnjax.registry`: mixers by name (`list_mixers()`, `build_mixer(...)`), and the CAB patterns
+  each defines (`mixer_patterns(name)`, `pattern_table()`; `attnjax.cab`).
 """
 
 from attnjax import ops
-from attnjax.registry import build_mixer, list_mixers, register_mixer
+from attnjax.cab import PatternUndefinedError
+from attnjax.registry import build_mixer, list_mixers, mixer_patterns, register_mixer
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "build_mixer", "list_mixers", "register_mixer", "__version__"]
+__all__ = ["ops", "PatternUndefinedError", "build_mixer", "list_mixers", "mixer_patterns",
+           "register_mixer", "__version__"]

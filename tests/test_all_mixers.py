@@ -1,12 +1,17 @@
 """Every registered mixer, through the registry, in one contract test per mixer: it builds in the
-CAB patterns it defines (an undefined one raises NotImplementedError), has finite gradients,
-ignores the future when causal (cut inside a chunk), keeps packed sequences apart, and (where it can decode) decodes
-like its full forward.
+self patterns it declares (`attnjax.registry.mixer_patterns`), has finite gradients, ignores the
+future when causal (cut inside a chunk), keeps packed sequences apart, and (where it can decode) decodes like its full
+forward. Then the CAB contract over all four patterns: every pattern a mixer does not declare
+raises exactly `PatternUndefinedError` naming the mixer and the pattern, and every cross pattern it
+declares gives finite `[B, T, d_model]` outputs that read the context, bottom-right aligned causal
+for `causal_cross` (query i sees context keys j <= i + S - T, and no later query).
 
 All calls go through `nnx.jit` with one sequence shape `[2, T, D_MODEL]`, so each mixer compiles
 its forward once and reuses it: "the same tokens alone" are read off a causal forward whose first
 tokens are those tokens (a causal output at i depends on tokens <= i only, which the causality
 check verifies first). Compiles, not arithmetic, are what this CPU spends its time on here."""
+
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +19,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from attnjax import build_mixer, list_mixers
+from attnjax import PatternUndefinedError, build_mixer, list_mixers, mixer_patterns
+from attnjax import registry
+from attnjax.cab import PATTERNS, pattern_name
 
 D_MODEL, HEADS, T = 32, 2, 12
 ALL = sorted(list_mixers())
@@ -33,10 +40,9 @@ _STEP = nnx.jit(lambda m, x: m(x, decode=True))
 
 
 def _build(name, causal):
-  try:
-    return build_mixer(name, d_model=D_MODEL, num_heads=HEADS, causal=causal, rngs=nnx.Rngs(0))
-  except NotImplementedError:  # a CAB pattern the mechanism does not define
-    return None
+  if pattern_name(causal=causal, cross=False) not in mixer_patterns(name):
+    return None                # undeclared: test_undefined_patterns_raise checks that it raises
+  return build_mixer(name, d_model=D_MODEL, num_heads=HEADS, causal=causal, rngs=nnx.Rngs(0))
 
 
 def _check_grads_finite(name, m, x, causal):
@@ -93,3 +99,114 @@ def test_mixer_contract(name):
     return                             # the mixer does not decode (it says so)
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=2e-4, rtol=2e-3,
                              err_msg=f"{name}: decode")
+
+
+# ---------------------------------------------------------------------------------------------
+# The CAB contract: four patterns per mixer, each defined (and right) or PatternUndefinedError.
+
+# Context lengths: longer than T for non-causal cross; shorter for causal cross, so that query 0
+# sees no key (its output must be finite and context-free) and bottom-right and top-left alignment
+# differ. J: the context token perturbed, inside a chunk of 4 and of 8 (the chunked mixers'
+# defaults) and not in the first chunk, so queries in J's chunk that must not see J can choose
+# among earlier chunks; P: the query token perturbed.
+S, S_CAUSAL, J, P = 14, 11, 10, 5
+# 2D grid mixers can define cross attention only against a context on the query grid (S == T).
+SAME_GRID_CROSS = {"swin", "swin_rmt", "halo", "bra", "na2d", "freeswim"}
+# Known deviations, marked strict xfail so that a fix turns them into failures (remove the entry
+# then). None today.
+KNOWN: dict[tuple[str, str], str] = {}
+CROSS = [pytest.param(n, p, marks=[pytest.mark.xfail(strict=True, reason=KNOWN[n, p])]
+                      if (n, p) in KNOWN else [])
+         for n in ALL for p in ("cross", "causal_cross") if p in (mixer_patterns(n) or ())]
+_FWD_CTX = nnx.jit(lambda m, x, c: m(x, context=c))
+
+
+def test_every_mixer_declares_its_patterns_and_the_table_is_current():
+  table = registry.pattern_table()
+  assert [r["mixer"] for r in table] == ALL
+  assert not [r["mixer"] for r in table if r["self"] is None], "mixers without a pattern declaration"
+  # (A declaration whose name matches no registration is not an error: a misspelt name leaves the
+  # real mixer undeclared, which the line above catches.)
+  md = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "cab_patterns.md"
+  assert md.read_text().endswith(registry.pattern_table_markdown()), \
+      "benchmarks/cab_patterns.md is stale: regenerate it (see its first lines)"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_undefined_patterns_raise(name):
+  """Building in a causal flag with no defined pattern, or calling in an undefined pattern,
+  raises exactly PatternUndefinedError (not a ValueError / TypeError from inside the maths)."""
+  x = jnp.ones((1, T, D_MODEL))
+  ctx = jnp.ones((1, S_CAUSAL, D_MODEL))
+  defined = mixer_patterns(name)
+  for pattern in (p for p in PATTERNS if p not in defined):
+    causal, cross = pattern.startswith("causal"), pattern.endswith("cross")
+    with pytest.raises(Exception) as err:
+      # Abstract parameters: the refusal must come before any arithmetic (and builds cost ~0).
+      m = nnx.eval_shape(lambda: build_mixer(name, d_model=D_MODEL, num_heads=HEADS, causal=causal,
+                                             rngs=nnx.Rngs(0)))
+      m(x, context=ctx) if cross else m(x)
+    assert type(err.value) is PatternUndefinedError, (name, pattern, err.value)
+    msg = str(err.value)
+    assert msg.startswith(f"{name}:") and repr(pattern) in msg, msg
+
+
+@pytest.mark.parametrize("name,pattern", CROSS)
+def test_cross_pattern(name, pattern):
+  causal = pattern == "causal_cross"
+  s = S_CAUSAL if causal else T if name in SAME_GRID_CROSS else S
+  ks = jax.random.split(jax.random.key(1), 3)
+  x = jax.random.normal(ks[0], (2, T, D_MODEL))
+  ctx = jax.random.normal(ks[1], (2, s, D_MODEL))
+  m = build_mixer(name, d_model=D_MODEL, num_heads=HEADS, causal=causal, rngs=nnx.Rngs(0))
+  # One call (one compile) on four stacked batches: as given; context token J moved; query token P
+  # moved; a different context altogether.
+  xs = jnp.concatenate([x, x, x.at[:, P].add(3.0), x])
+  cs = jnp.concatenate([ctx, ctx.at[:, J].add(3.0), ctx, jax.random.normal(ks[2], ctx.shape)])
+  y, y_ctx, y_x, y_new = jnp.split(_FWD_CTX(m, xs, cs), 4)
+  assert y.shape == x.shape and np.all(np.isfinite(y)), (name, pattern, y.shape)
+
+  def change(y2):                                   # per query: max |change| over batch, channels
+    return np.abs(np.asarray(y2 - y)).max(axis=(0, 2))
+
+  d_ctx = change(y_ctx)
+  if not causal:
+    assert d_ctx.max() > 1e-4, f"{name} {pattern}: the output does not read the context"
+    return
+  sees = np.arange(T) + s - T >= J                  # bottom-right aligned causal cross
+  assert d_ctx[~sees].max() < 1e-5, f"{name} {pattern}: context key {J} reaches earlier queries"
+  first = J - (s - T)                               # the first query that sees key J
+  assert d_ctx[first] > 1e-4, f"{name} {pattern}: context key {J} does not reach query {first}"
+  assert change(y_x)[:P].max() < 1e-5, f"{name} {pattern}: query {P} changes earlier outputs"
+  blind = T - s                                     # queries 0 .. T-S-1 see no context key
+  assert change(y_new)[:blind].max() < 1e-5, f"{name} {pattern}: queries with no key read the context"
+
+
+def test_patterns_declared_at_registration(monkeypatch):
+  """`register_mixer(..., patterns=)`: the build-time and call-time checks apply per instance, so
+  one class serves mixers with different patterns, and a module built directly is not checked."""
+  for table in ("_MIXERS", "_DOCS", "_PATTERNS"):
+    monkeypatch.setattr(registry, table, dict(getattr(registry, table)))
+
+  class Tiny(nnx.Module):
+    def __init__(self, causal):
+      self.causal = causal
+
+    def __call__(self, x, *, context=None):
+      return x if context is None else x + context.mean(axis=1, keepdims=True)
+
+  for name, patterns in (("tiny_causal", ("causal_self",)), ("tiny_all", PATTERNS)):
+    registry.register_mixer(name, "test", patterns=patterns)(
+        lambda *, d_model, num_heads, causal, rngs: Tiny(causal))
+  x, ctx = jnp.ones((1, 3, 4)), jnp.ones((1, 5, 4))
+  with pytest.raises(PatternUndefinedError, match=r"tiny_causal: the non-causal pattern .*'self'"):
+    build_mixer("tiny_causal", d_model=4, num_heads=1, causal=False, rngs=nnx.Rngs(0))
+  m = build_mixer("tiny_causal", d_model=4, num_heads=1, causal=True, rngs=nnx.Rngs(0))
+  assert m(x).shape == x.shape
+  with pytest.raises(PatternUndefinedError, match="tiny_causal: the 'causal_cross' pattern"):
+    m(x, context=ctx)
+  both = build_mixer("tiny_all", d_model=4, num_heads=1, causal=True, rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(both(x, context=ctx), 2.0)
+  np.testing.assert_allclose(Tiny(True)(x, context=ctx), 2.0)       # not built by the registry
+  with pytest.raises(ValueError, match="unknown CAB pattern"):
+    registry.register_mixer("tiny_bad", patterns=("causal",))

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attnjax.cab import PatternUndefinedError
 from attnjax.nn.attention import MultiHeadAttention
 from attnjax.nn.layers import RMSNorm, ShortConv, dense
 from attnjax.ops import masks as masks_lib
@@ -120,7 +121,7 @@ class LinearMixer(nnx.Module, _StateCache):
     if key_dim % num_heads or d_model % num_heads:
       raise ValueError(f"key_dim={key_dim} and d_model={d_model} must be divisible by num_heads={num_heads}")
     if decay != "none" and not causal:
-      raise NotImplementedError(f"decay={decay!r} needs causal=True (a bidirectional state has no decay)")
+      raise PatternUndefinedError(f"decay={decay!r} needs causal=True (a bidirectional state has no decay)")
     self.h, self.dk, self.dv = num_heads, key_dim // num_heads, d_model // num_heads
     self.causal, self.feature_map, self.normalize, self.decay = causal, feature_map, normalize, decay
     self.chunk_size, self.form = chunk_size, form
@@ -254,7 +255,7 @@ class DeltaNetMixer(nnx.Module, _StateCache):
   def __init__(self, d_model: int, num_heads: int, *, causal: bool = True, gated: bool = True,
                chunk_size: int = 64, form: str | None = None, rngs: nnx.Rngs):
     if not causal:
-      raise NotImplementedError("deltanet / gated_deltanet are causal recurrences (causal=True only)")
+      raise PatternUndefinedError("deltanet / gated_deltanet are causal recurrences (causal=True only)")
     self.h, self.d = num_heads, d_model // num_heads
     self.gated, self.chunk_size, self.form = gated, chunk_size, form
     self.q_proj = dense(d_model, d_model, axes=("embed", "heads"), rngs=rngs)
@@ -468,7 +469,7 @@ register_mixer_class(
 
 def _noncausal_only(name: str, causal: bool) -> None:
   if causal:
-    raise NotImplementedError(f"mixer {name!r} is defined non-causal only (a vision / bidirectional "
+    raise PatternUndefinedError(f"mixer {name!r} is defined non-causal only (a vision / bidirectional "
                               "mechanism); build it with causal=False")
 
 
@@ -541,7 +542,7 @@ class LightNetMixer(_QKVBase):
 
   def __init__(self, d_model, num_heads, *, causal=True, gate_low_rank=16, rngs, **kw):
     if not causal:
-      raise NotImplementedError("mixer 'lightnet' is a causal recurrence (causal=True only)")
+      raise PatternUndefinedError("mixer 'lightnet' is a causal recurrence (causal=True only)")
     super().__init__(d_model, num_heads, causal=causal, rngs=rngs, **kw)
     self.norm = RMSNorm(self.d, axis_name="head_dim")
     self.g_down = dense(d_model, gate_low_rank, axes=("embed", None), rngs=rngs)
@@ -907,7 +908,7 @@ class WindowLinearMixer(_QKVBase):
   def __init__(self, d_model, num_heads, *, causal=True, window=64, window_logit_init=-2.197,
                rngs, **kw):
     if not causal:
-      raise NotImplementedError("mixer 'lolcats_window' is causal only (a window of past keys)")
+      raise PatternUndefinedError("mixer 'lolcats_window' is causal only (a window of past keys)")
     if not isinstance(window, int) or window < 1:
       raise ValueError(f"window must be an int >= 1, got {window!r}")
     super().__init__(d_model, num_heads, causal=causal, rngs=rngs, **kw)
@@ -953,7 +954,7 @@ class NAtSMixer(_QKVBase):
 
   def __init__(self, d_model, num_heads, *, causal=True, route_chunk=16, router_bias=0.0, rngs, **kw):
     if not causal:
-      raise NotImplementedError("mixer 'nats' is causal only (a KV cache and a recurrent state)")
+      raise PatternUndefinedError("mixer 'nats' is causal only (a KV cache and a recurrent state)")
     super().__init__(d_model, num_heads, causal=causal, rngs=rngs, **kw)
     self.route_chunk = route_chunk
     self.router = dense(d_model, 2, axes=("embed", None), rngs=rngs, use_bias=True)
@@ -1161,7 +1162,7 @@ class StillMixer(WindowLinearMixer):
   def __init__(self, d_model, num_heads, *, causal=True, window=64, top_k=4, select_chunk=None,
                np_map: bool = True, rngs, **kw):
     if not causal:
-      raise NotImplementedError("mixer 'still' is causal only (a window of past keys)")
+      raise PatternUndefinedError("mixer 'still' is causal only (a window of past keys)")
     if not isinstance(np_map, bool):
       raise ValueError(f"np_map must be a bool, got {np_map!r}")
     self.np_map = np_map
@@ -1235,7 +1236,7 @@ class SeqBoatMixer(nnx.Module, _StateCache):
   def __init__(self, d_model, num_heads, *, causal=True, window=64, ndim=16, chunk_size=64,
                activation="softmax", router_bias=0.0, form=None, rngs):
     if not causal:
-      raise NotImplementedError("mixer 'seqboat' is built causal only here (an EMA scanned forward)")
+      raise PatternUndefinedError("mixer 'seqboat' is built causal only here (an EMA scanned forward)")
     if d_model % num_heads:
       raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
     if not isinstance(window, int) or window < 1:

@@ -21,11 +21,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attnjax.cab import PatternUndefinedError
 from attnjax.nn.attention import MultiHeadAttention
 from attnjax.nn.layers import dense
 from attnjax.ops import block_sparse
 from attnjax.ops import layout as L
-from attnjax.ops.operators._common import PatternUndefinedError
 from attnjax.ops.softmax import dot_product_attention
 from attnjax.ops.sparse import corrections, dynamic, estimated, patterns, routing
 from attnjax.registry import register_mixer

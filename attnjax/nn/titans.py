@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attnjax.cab import PatternUndefinedError
 from attnjax.nn.layers import RMSNorm, dense
 from attnjax.ops.linear import titans as tops
 from attnjax.ops.rope import apply_rope
@@ -70,7 +71,7 @@ class NeuralMemory(nnx.Module, _Cached):
                max_lr: float = 0.5, momentum: bool = True, retain_bias: float = 4.0,
                rngs: nnx.Rngs):
     if not causal:
-      raise NotImplementedError("titans memory: the test-time-trained memory is a causal recurrence "
+      raise PatternUndefinedError("titans memory: the test-time-trained memory is a causal recurrence "
                                 "(causal=True only)")
     if d_model % num_heads:
       raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
@@ -449,7 +450,7 @@ class TitansMAC(nnx.Module, _Cached):
 
 def _causal_only(name, causal):
   if not causal:
-    raise NotImplementedError(f"{name}: Titans' memory is a causal recurrence (causal=True only)")
+    raise PatternUndefinedError(f"{name}: Titans' memory is a causal recurrence (causal=True only)")
 
 
 @register_mixer("titans_memory", "Titans neural memory (test-time GD with momentum + forget gate; Miras loss/retention options).")

@@ -80,7 +80,7 @@ def test_aaren_cross_is_undefined_and_noncausal_summary():
   m = _build("aaren", causal=False)
   y = m(_x(1))
   np.testing.assert_allclose(y, jnp.broadcast_to(y[:, -1:], y.shape), atol=1e-5)
-  with pytest.raises(ValueError, match="cross attention is not defined"):
+  with pytest.raises(ValueError, match="aaren: the .cross. pattern is undefined"):
     m(_x(1), context=_x(2))
 
 

@@ -130,10 +130,13 @@ def select_delta_form(t: int, *, backend: str | None = None) -> FormChoice:
   return select_form(t, "delta", backend=backend)
 
 
-def _run_form(form, q, k, v, beta, g, s0, runs, *, chunk_size):
+def _run_form(form, q, k, v, beta, g, s0, runs, *, chunk_size, want_state=True):
   if form == "recurrent":
-    return _recurrent(q, k, v, beta, g, s0, runs)
-  return _chunked(q, k, v, beta, g, s0, runs, q.shape[2] if form == "parallel" else chunk_size)
+    o, s = _recurrent(q, k, v, beta, g, s0, runs)
+  else:
+    o, s = _chunked(q, k, v, beta, g, s0, runs, q.shape[2] if form == "parallel" else chunk_size)
+  # Without the final state the split's backward gets no zero cotangent to carry back through it.
+  return (o, s) if want_state else (o, None)
 
 
 def delta_rule(q, k, v, beta, *, log_decay=None, scale=None, initial_state=None,
@@ -162,7 +165,7 @@ def delta_rule(q, k, v, beta, *, log_decay=None, scale=None, initial_state=None,
   qf, kf, vf = tr(q), tr(k), tr(v)
   runs = None if segment_ids is None else run_ids(segment_ids)
   choice = select_delta_form(t) if form is None else FormChoice(form, form)
-  run = functools.partial(_run_form, chunk_size=chunk_size)
+  run = functools.partial(_run_form, chunk_size=chunk_size, want_state=output_final_state)
   if choice.primal == choice.differentiated:
     o, s = run(choice.primal, qf, kf, vf, bt, g, s0, runs)
   else:

@@ -27,6 +27,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from attnjax.cab import PatternUndefinedError
+
 #: Added to the denominator `scale * q_t . z_t` when `normalize=True` (fla's value; all-zero
 #: features give `0 / eps = 0`, never NaN).
 NORMALIZE_EPS = 1e-10
@@ -376,14 +378,16 @@ def _split_forms_bwd(run, primal_form, differentiated_form, vjp, ct):
 split_forms.defvjp(_split_forms_fwd, _split_forms_bwd)
 
 
-def _run_core(form, q, k, v, g, s0, runs, *, vector, chunk_size):
-  return _core(q, k, v, g, vector, s0, runs, form, chunk_size)
+def _run_core(form, q, k, v, g, s0, runs, *, vector, chunk_size, want_state):
+  o, s = _core(q, k, v, g, vector, s0, runs, form, chunk_size)
+  # Without the final state the split's backward gets no zero cotangent to carry back through it.
+  return (o, s) if want_state else (o, None)
 
 
-def _causal(q, k, v, g, vector, s0, runs, choice: "FormChoice", chunk_size):
+def _causal(q, k, v, g, vector, s0, runs, choice: "FormChoice", chunk_size, want_state=True):
   if choice.primal == choice.differentiated:
     return _core(q, k, v, g, vector, s0, runs, choice.primal, chunk_size)
-  run = functools.partial(_run_core, vector=vector, chunk_size=chunk_size)
+  run = functools.partial(_run_core, vector=vector, chunk_size=chunk_size, want_state=want_state)
   return split_forms(run, choice.primal, choice.differentiated, q, k, v, g, s0, runs)
 
 
@@ -458,8 +462,9 @@ def linear_attention(q, k, v, *, log_decay=None, scale=None, normalize=False, ca
     raise ValueError(f"v must be [B, Tk, H, Dv] with [B, Tk, H]={list(k.shape[:3])}, got {list(v.shape)}")
   dv = v.shape[-1]
   if tk != t and (causal or segment_ids is not None):
-    raise ValueError(f"k, v length Tk={tk} differs from q length T={t}: only causal=False without "
-                     "segment_ids (cross attention) allows it")
+    raise PatternUndefinedError(
+        f"k, v length Tk={tk} differs from q length T={t}: the 'causal_cross' pattern (and packed "
+        "cross attention) is undefined here; only causal=False without segment_ids allows it")
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
   if not causal and log_decay is not None:
@@ -485,7 +490,7 @@ def linear_attention(q, k, v, *, log_decay=None, scale=None, normalize=False, ca
   elif causal:
     g, vector = _canonical_decay(log_decay, b, t, h, dk)
     choice = (select_form(t, decay_kind(log_decay)) if form is None else FormChoice(form, form))
-    o, s = _causal(qf, kf, vf, g, vector, s0, runs, choice, chunk_size)
+    o, s = _causal(qf, kf, vf, g, vector, s0, runs, choice, chunk_size, output_final_state)
   else:
     o, s = _noncausal(qf, kf, vf, s0, runs, form, chunk_size)
 

@@ -11,14 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from attnjax.cab import PatternUndefinedError  # noqa: F401  (re-exported: operators raise it)
 from attnjax.ops import masks as masks_lib
-
-
-class PatternUndefinedError(NotImplementedError, ValueError):
-  """A CAB pattern (causal / cross) that the mechanism does not define.
-
-  Both a `NotImplementedError` (what the registry-wide tests skip on) and a `ValueError` (bad
-  argument for this operator)."""
 
 
 def check_qkv(name: str, q, k, v, *, same_v_heads: bool = True) -> None:

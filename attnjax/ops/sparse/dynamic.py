@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnjax.cab import PatternUndefinedError
 from attnjax.ops import block_sparse
 from attnjax.ops import layout as L
 from attnjax.ops.softmax import dot_product_attention
@@ -109,7 +110,8 @@ def routing_attention(q, k, v, centroids, *, window: int, causal: bool = True, s
   _check_bthd(q, k, v)
   b, tq, h, d = q.shape
   if causal and tq != k.shape[1]:
-    raise ValueError("causal routing attention needs Tq == Tk")
+    raise PatternUndefinedError("routing_attention: the 'causal_cross' pattern is undefined (causal "
+                                "routing attention needs Tq == Tk)")
   _check_window(window, k.shape[1])
   scale = d ** -0.5 if scale is None else scale
   g = h // k.shape[2]

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnjax.cab import PatternUndefinedError
 from attnjax.ops import block_sparse
 from attnjax.ops import layout as L
 from attnjax.ops.operators._common import PatternUndefinedError
