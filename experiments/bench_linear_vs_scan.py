@@ -12,7 +12,8 @@ T, times, in one process and interleaved (round-robin over the methods, median o
   shapes, up to `--softmax_max_t`.
 
 Each method runs forward (`o`) and forward+backward (grads of `sum(o * w)` w.r.t. every input),
-each jitted and compiled before timing; each round starts at a different method. A method whose time exceeds `--max_seconds` at some T is
+each jitted and compiled before timing; in each round every timed call follows an untimed call of
+the same program. A method whose time exceeds `--max_seconds` at some T is
 not run at longer T. Writes `<out>.json` and `<out>.md` after every case (a cut-short run keeps
 what it measured); the markdown ends with the fastest engine form per (kind, T, pass), the table
 `engine.FORM_TABLE` is read from.
@@ -165,7 +166,8 @@ def _markdown(env: dict, rows: list[dict]) -> str:
            f"- date (UTC): {env['date_utc']}", f"- command: `{env['command']}`",
            f"- machine: {common.machine_summary(env)}", f"- versions: {common.version_summary(env)}",
            f"- shape: {env['shape']}",
-           f"- time: median of {env['repeats']} interleaved rounds after a warm-up, ms; "
+           f"- time: median of {env['repeats']} interleaved rounds (each timed call right after an "
+           "untimed one), ms; "
            "`default` is the engine as called with `form=None`", ""]
   methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
   for kind in [k for k in KINDS if any(r["kind"] == k for r in rows)]:
@@ -230,17 +232,13 @@ def main(argv):
             row["MiB"] = round(common.compiled_memory(exe).get("peak_bytes", 0) / 2 ** 20, 1)
             compiled[(method, pas)] = (exe, pargs, row)
           rows.append(row)
-      # Interleaved rounds: every method sees the same machine load. Each round starts at another
-      # method, because a call right after one that freed large buffers (the scan's backward, dense
-      # softmax) runs measurably slower; the median then drops that round.
+      # Interleaved rounds: every method sees the same machine load. Each timed call follows an
+      # untimed call of the same program, because a call right after another program that freed
+      # large buffers (the scan's backward, dense softmax) runs up to ~3x slower.
       times = {key: [] for key in compiled}
-      for key, (exe, pargs, _) in compiled.items():
-        jax.block_until_ready(exe(*pargs))  # warm-up
-      keys = list(compiled)
-      shift = -(-len(keys) // max(_REPEATS.value, 1))
-      for rnd in range(_REPEATS.value):
-        for key in keys[rnd * shift:] + keys[:rnd * shift]:
-          exe, pargs, _ = compiled[key]
+      for _ in range(_REPEATS.value):
+        for key, (exe, pargs, _) in compiled.items():
+          jax.block_until_ready(exe(*pargs))
           t0 = time.perf_counter()
           jax.block_until_ready(exe(*pargs))
           times[key].append(time.perf_counter() - t0)
