@@ -193,10 +193,13 @@ def _markdown(env: dict, rows: list[dict]) -> str:
       lines.append(f"| {kind} | {t} | {best.get((kind, t, 'fwd'), '')} | "
                    f"{best.get((kind, t, 'fwd_bwd'), '')} |")
     lines.append("")
-  notes = [r for r in rows if r.get("note")]
+  notes = {}
+  for r in rows:   # one line per (method, reason), with the lengths it applies to
+    if r.get("note"):
+      notes.setdefault((r["method"], r["note"]), set()).add(r["T"])
   if notes:
-    lines += ["Not run: " + "; ".join(f"{r['kind']} {r['method']} {r['pass']} T={r['T']}: {r['note']}"
-                                      for r in notes), ""]
+    lines += ["Not run:"] + [f"- {m}, T = {', '.join(map(str, sorted(ts)))}: {note}"
+                             for (m, note), ts in notes.items()] + [""]
   return "\n".join(lines)
 
 
