@@ -90,8 +90,9 @@ def _measure(n: int) -> list[dict]:
     b_sh = jax.tree.map(lambda x: sh.batch_sharding(mesh, np.ndim(x)), task.eval_batches[0])
     train_step, _ = trainer.make_steps(graphdef, task, tx, (p_sh, r_sh, o_sh, b_sh))
     first = sh.shard_batch(batches[0], mesh)
+    guard = trainer.init_guard(0)   # the non-finite guard every train step carries
     t0 = time.perf_counter()
-    compiled = train_step.lower(params, rest, opt_state, first).compile()
+    compiled = train_step.lower(params, rest, opt_state, first, guard).compile()
     compile_s = time.perf_counter() - t0
     temp = common.compiled_memory(compiled).get("temp_bytes")
     rec = {"devices": n, "strategy": strategy, "mesh": dict(mesh.shape),
@@ -103,7 +104,7 @@ def _measure(n: int) -> list[dict]:
     for i, batch in enumerate(batches):
       batch = sh.shard_batch(batch, mesh)
       t0 = time.perf_counter()
-      params, rest, opt_state, metrics = compiled(params, rest, opt_state, batch)
+      params, rest, opt_state, metrics, guard = compiled(params, rest, opt_state, batch, guard)
       jax.block_until_ready((params, metrics))
       if i >= _WARMUP.value:
         times.append(time.perf_counter() - t0)

@@ -27,9 +27,13 @@ from attnjax.analysis import heads, sinks
 from attnjax.data import mqar as mqar_data
 from experiments import tasks as tasks_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to configs/probe.py (or similar).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created if missing).")
+
+def _define_flags():
+  """The entry point's flags, defined only when run as a program: `experiments.compare` defines
+  `--config` too, and both modules are imported by the test suite in one process."""
+  config_flags.DEFINE_config_file("config", None, "Path to configs/probe.py (or similar).",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Output directory (created if missing).")
 
 PROBES = ("sink_mass", "sink_rate", "dormant", "entropy", "attention_distance", "value_drain",
           "act_sinks", "head_importance", "key_mass_first")
@@ -163,8 +167,8 @@ def probe(config, workdir: str) -> dict[str, Any]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  config = _CONFIG.value
-  workdir = _WORKDIR.value or os.path.join("workdirs", f"probe_{config.task}")
+  config = flags.FLAGS.config
+  workdir = flags.FLAGS.workdir or os.path.join("workdirs", f"probe_{config.task}")
   logging.info("config:\n%s", config)
   out = probe(config, workdir)
   m = out["metrics"]
@@ -173,4 +177,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

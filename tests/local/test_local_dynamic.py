@@ -167,7 +167,8 @@ def test_routing_centroids_move_in_a_train_step_and_not_in_eval():
             if "centroids" in str(p)]
   tx = optax.sgd(0.0)
   train_step, eval_step = trainer.make_steps(gd, task, tx)
-  _, new_rest, _, metrics = train_step(params, rest, tx.init(params), next(task.train_loader))
+  _, new_rest, _, metrics, _ = train_step(params, rest, tx.init(params), next(task.train_loader),
+                                          trainer.init_guard(0))
   after = [np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(new_rest)
            if "centroids" in str(p)]
   assert before and all(np.abs(a - b).max() > 1e-6 for a, b in zip(after, before))
