@@ -109,7 +109,7 @@ class LinearMixer(nnx.Module, _StateCache):
                output_norm: bool = False, output_gate: str | None = None, window: int = 0,
                num_features: int | None = None, distill: bool = False, distill_weight: float = 1.0,
                layer_index: int = 0, num_layers: int = 1, gate_low_rank: int = 16,
-               gate_normalizer: float = 16.0, chunk_size: int = 64, form: str | None = None,
+               gate_normalizer: float = 16.0, chunk_size: int | None = None, form: str | None = None,
                rngs: nnx.Rngs):
     if feature_map not in FEATURE_MAPS:
       raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")

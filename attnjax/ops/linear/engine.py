@@ -52,12 +52,14 @@ def _concrete_range(x):
 @dataclasses.dataclass(frozen=True)
 class FormChoice:
   """The forms a `form=None` call runs: `primal` when the call is not differentiated, and
-  `differentiated` under `jax.grad` / `jax.vjp` (forward and backward both run it)."""
+  `differentiated` under `jax.grad` / `jax.vjp` (forward and backward both run it), with chunks of
+  `chunk_size` where the caller leaves it to the table (None: 64)."""
   primal: str
   differentiated: str
+  chunk_size: int | None = None
 
 
-#: Per backend and decay kind, rows `(max_T, primal, differentiated)`; the first row with
+#: Per backend and decay kind, rows `(max_T, primal, differentiated[, chunk_size])`; the first row with
 #: T <= max_T (None: any T) applies, and backends not listed run the chunked form in both passes.
 #: CPU, measured (benchmarks/linear_vs_scan_cpu.md, `python -m experiments.bench_linear_vs_scan`,
 #: B=1, H=4, D=64, T = 64 ... 32K, every kind): the token scan is the fastest forward from T=256 up
@@ -66,8 +68,10 @@ class FormChoice:
 #: the chunked form's (GLA's per-key gate: 0.7-1.06x); at T=64 all forms are within 0.3 ms. GPU:
 #: not measured against the scan here, so the chunked form stays.
 FORM_TABLE = {
-    "cpu": {kind: ((None, "recurrent", "chunked"),)
-            for kind in ("none", "head", "scalar", "vector", "delta")},
+    "cpu": {kind: ((None, "recurrent", "chunked"),) for kind in ("none", "head", "scalar", "delta")}
+           # GLA's per-key gate: its sub-chunk exponentials dominate; chunks of 16 (one sub-chunk)
+           # ran its forward+backward 15% faster than 64 at T=4K.
+           | {"vector": ((None, "recurrent", "chunked", 16),)},
 }
 
 
@@ -81,9 +85,9 @@ def select_form(t: int, decay: str = "none", *, backend: str | None = None) -> F
   to the chunked form's, so the two passes run different forms there (`FORM_TABLE`).
   """
   backend = jax.default_backend() if backend is None else backend
-  for max_t, primal, differentiated in FORM_TABLE.get(backend, {}).get(decay, ()):
+  for max_t, primal, differentiated, *chunk in FORM_TABLE.get(backend, {}).get(decay, ()):
     if max_t is None or t <= max_t:
-      return FormChoice(primal, differentiated)
+      return FormChoice(primal, differentiated, *chunk)
   return FormChoice("chunked", "chunked")
 
 
@@ -431,7 +435,7 @@ def _noncausal(q, k, v, s0, runs, form, chunk_size):
 
 def linear_attention(q, k, v, *, log_decay=None, scale=None, normalize=False, causal=True,
                      initial_state=None, output_final_state=False, segment_ids=None,
-                     form=None, chunk_size=64):
+                     form=None, chunk_size=None):
   """Decayed linear attention `S_t = exp(g_t) (.) S_{t-1} + k_t^T v_t`, `o_t = scale * q_t S_t`.
 
   Shapes: `q, k: [B, T, H, Dk]` (feature maps already applied), `v: [B, T, H, Dv]`; returns
@@ -451,6 +455,7 @@ def linear_attention(q, k, v, *, log_decay=None, scale=None, normalize=False, ca
   "CAB" cross pattern, `k, v` of another length Tk) is accepted only with `causal=False` and no
   segment ids. `form`: "recurrent" (scan), "parallel" (quadratic), "chunked" (any
   `chunk_size >= 1`, T need not be a multiple; O(T) memory); all agree to float32 rounding.
+  `chunk_size=None`: the table's chunk for this call (see below), else 64.
   `form=None` (default) runs the fastest form measured for this backend, length and decay kind
   (`select_form` says which; on the CPU a token scan when not differentiated and the chunked form
   under autodiff, through a `custom_vjp`, so forward-mode `jax.jvp` needs an explicit `form`).
@@ -470,8 +475,8 @@ def linear_attention(q, k, v, *, log_decay=None, scale=None, normalize=False, ca
     raise PatternUndefinedError(
         f"k, v length Tk={tk} differs from q length T={t}: the 'causal_cross' pattern (and packed "
         "cross attention) is undefined here; only causal=False without segment_ids allows it")
-  if not isinstance(chunk_size, int) or chunk_size < 1:
-    raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+  if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
   if not causal and log_decay is not None:
     raise ValueError("log_decay is only defined for causal=True (a bidirectional state has no decay "
                      "direction); fold data-independent key weights into k instead")
@@ -495,9 +500,10 @@ def linear_attention(q, k, v, *, log_decay=None, scale=None, normalize=False, ca
   elif causal:
     g, vector = _canonical_decay(log_decay, b, t, h, dk)
     choice = (select_form(t, decay_kind(log_decay)) if form is None else FormChoice(form, form))
+    chunk_size = chunk_size or choice.chunk_size or 64
     o, s = _causal(qf, kf, vf, g, vector, s0, runs, choice, chunk_size, output_final_state)
   else:
-    o, s = _noncausal(qf, kf, vf, s0, runs, form, chunk_size)
+    o, s = _noncausal(qf, kf, vf, s0, runs, form, chunk_size or 64)
 
   o = o * scale
   if normalize:
