@@ -155,11 +155,13 @@ def test_select_form_reads_the_table_and_default_calls_run_it(monkeypatch):
   """`select_form` answers which forms a `form=None` call runs, from `FORM_TABLE` (first row with
   T <= max_T; chunked on backends the table lacks), and a default call runs exactly those."""
   assert select_form(100, "scalar", backend="tpu") == FormChoice("chunked", "chunked")
-  table = {"cpu": {"scalar": ((20, "parallel", "recurrent"), (None, "recurrent", "chunked"))}}
+  table = {"cpu": {"scalar": ((20, "parallel", "recurrent"), (None, "recurrent", "chunked")),
+                   "vector": ((None, "recurrent", "chunked", 16),)}}
   monkeypatch.setattr(engine, "FORM_TABLE", table)
   assert select_form(20, "scalar", backend="cpu") == FormChoice("parallel", "recurrent")
   assert select_form(21, "scalar", backend="cpu") == FormChoice("recurrent", "chunked")
-  assert select_form(21, "vector", backend="cpu") == FormChoice("chunked", "chunked")
+  assert select_form(21, "vector", backend="cpu") == FormChoice("recurrent", "chunked", 16)
+  assert select_form(21, "none", backend="cpu") == FormChoice("chunked", "chunked")
   # Which form ran is visible in the program: only the recurrent form scans over all T tokens.
   q, k, v, ld, _ = _inputs(9, "scalar", t=T)
   f = lambda q, k, v, ld: linear_attention(q, k, v, log_decay=ld, chunk_size=8)[0]
