@@ -45,7 +45,8 @@ _SEQ_LENS = flags.DEFINE_list("seq_lens", ["64", "256", "1024", "4096", "16384",
 _BATCH = flags.DEFINE_integer("batch", 1, "B.")
 _HEADS = flags.DEFINE_integer("heads", 4, "H.")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Dk = Dv.")
-_CHUNK = flags.DEFINE_integer("chunk_size", 64, "Chunk size of the chunked form.")
+_CHUNK = flags.DEFINE_integer("chunk_size", 64, "Chunk size of the explicit chunked form (the "
+                              "default call of linear_attention takes the table's).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed rounds after one warm-up (median reported).")
 _MAX_SECONDS = flags.DEFINE_float("max_seconds", 8.0,
                                   "A method slower than this at some T is not run at longer T.")
@@ -123,8 +124,9 @@ def _method_fn(method: str, kind: str):
     return lambda q, k, v, g, beta: delta_rule(q, k, v, beta, log_decay=g, scale=1.0, form=form,
                                                chunk_size=_CHUNK.value)[0]
   normalize = kind == "scalar_normalize"
+  chunk = None if form is None else _CHUNK.value   # the default call leaves the chunk to the table
   return lambda q, k, v, g, beta: engine.linear_attention(
-      q, k, v, log_decay=g, scale=1.0, normalize=normalize, form=form, chunk_size=_CHUNK.value)[0]
+      q, k, v, log_decay=g, scale=1.0, normalize=normalize, form=form, chunk_size=chunk)[0]
 
 
 def _passes(fn, args):
