@@ -65,12 +65,13 @@ class FormChoice:
 #: B=1, H=4, D=64, T = 64 ... 32K, every kind): the token scan is the fastest forward from T=256 up
 #: (the chunked form does about twice its FLOPs: 4 C D + 4 D^2 per token and head against 3 D^2,
 #: in small matmuls), while its backward keeps a [Dk, Dv] state per token and is 3-8x slower than
-#: the chunked form's (GLA's per-key gate: 0.7-1.06x); at T=64 all forms are within 0.3 ms. GPU:
+#: the chunked form's (GLA's per-key gate, in chunks of 16: 1.3-1.5x); at T=64 all forms are within
+#: 0.3 ms. GPU:
 #: not measured against the scan here, so the chunked form stays.
 FORM_TABLE = {
     "cpu": {kind: ((None, "recurrent", "chunked"),) for kind in ("none", "head", "scalar", "delta")}
            # GLA's per-key gate: its sub-chunk exponentials dominate; chunks of 16 (one sub-chunk)
-           # ran its forward+backward 15% faster than 64 at T=4K.
+           # ran its forward+backward 1.2-1.3x faster than 64 at T = 256 ... 32K.
            | {"vector": ((None, "recurrent", "chunked", 16),)},
 }
 
