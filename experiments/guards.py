@@ -129,7 +129,7 @@ def _rules_ok(v) -> bool:
 
 _MESH_SIZE = ((lambda v: _is_int(v) and (v >= 1 or v == -1)), "must be an integer >= 1, or -1 (the rest)")
 EVAL_METRICS = ("eval_accuracy", "eval_aux_loss", "eval_loss")
-TASKS = ("lm", "mqar")
+TASKS = ("digits", "lm", "mqar")
 NONFINITE_MODES = ("stop", "skip")
 
 # field -> (predicate, rule text). Every leaf of every shipped config is here (tested).
@@ -146,6 +146,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.path": (_existing_file, "must name an existing, non-empty file (or None: packaged text)"),
     "data.max_bytes": _optional(_int_at_least(2)),
     "data.num_eval_batches": _int_at_least(1),
+    "data.image_size": (lambda v: _is_int(v) and v >= 8 and v % 8 == 0, "must be a multiple of 8"),
     "model.mixer": (_known_mixer, "must be a registered mixer (attnjax.registry.list_mixers())"),
     "model.mixer_options": (_mapping, "must be a mapping of keyword arguments for the mixer"),
     "model.layer_mixers": (_layer_mixers_ok, "must be None or a comma-separated list of registered mixers"),
@@ -157,6 +158,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.pos_emb": _one_of("none", "learned"),
     "model.attn_res": _one_of(None, "full", "block", "delta"),
     "model.attn_res_block_size": _int_at_least(1),
+    "model.patch_size": _int_at_least(1),
+    "model.pool": _one_of("cls", "mean", "ep", "lama"),
     "optim.lr": _num(lambda v: v > 0, "> 0"),
     "optim.warmup_steps": _int_at_least(0),
     "optim.weight_decay": _num(lambda v: v >= 0, ">= 0"),
@@ -222,7 +225,10 @@ def _cross_checks(f: dict[str, Any]) -> None:
     n = len([s for s in str(lm).split(",") if s.strip()])
     if n != f["model.num_layers"]:
       fail("model.layer_mixers", f"lists {n} mixers; must list model.num_layers={f['model.num_layers']}")
-  seq, vocab, bs = f["data.seq_len"], f["data.vocab_size"], f["train.batch_size"]
+  seq, vocab, bs = f.get("data.seq_len"), f.get("data.vocab_size"), f["train.batch_size"]
+  if f["task"] == "digits":
+    if f["data.image_size"] % f["model.patch_size"]:
+      fail("model.patch_size", f"must divide data.image_size={f['data.image_size']}")
   if f["task"] == "mqar":
     kv = f["data.num_kv_pairs"]
     if seq % 2:
@@ -260,13 +266,15 @@ def validate(config) -> None:
       ok = False
     if not ok:
       raise ConfigError(name, value, rule)
-  for required in ("seed", "task", "data.vocab_size", "data.seq_len", "model.mixer", "model.d_model",
+  for required in ("seed", "task", "model.mixer", "model.d_model",
                    "model.num_layers", "model.num_heads", "optim.lr", "train.steps", "train.batch_size",
                    "train.eval_every", "train.log_every"):
     if required not in fields:
       raise ConfigError(required, None, "is required")
-  task_fields = {"mqar": ("data.num_kv_pairs", "data.num_train", "data.num_test"),
-                 "lm": ("data.num_eval_batches",)}[fields["task"]]
+  task_fields = {"mqar": ("data.vocab_size", "data.seq_len", "data.num_kv_pairs", "data.num_train",
+                          "data.num_test"),
+                 "lm": ("data.vocab_size", "data.seq_len", "data.num_eval_batches"),
+                 "digits": ("data.image_size", "model.patch_size")}[fields["task"]]
   for required in task_fields:
     if required not in fields:
       raise ConfigError(required, None, f"is required for task {fields['task']!r}")

@@ -15,8 +15,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from attnjax.data import mqar, text
-from attnjax.models import DecoderLM
+from attnjax.data import images, mqar, text
+from attnjax.models import DecoderLM, ViT
 
 
 @dataclasses.dataclass
@@ -99,7 +99,34 @@ def make_lm(config) -> Task:
   return Task("lm", loader, eval_batches, lm_loss, build_decoder)
 
 
-_TASKS = {"mqar": make_mqar, "lm": make_lm}
+def build_vit(config, rngs: nnx.Rngs) -> ViT:
+  m = config.model
+  return ViT(image_size=config.data.image_size, patch_size=m.patch_size, num_classes=10,
+             d_model=m.d_model, num_layers=m.num_layers, num_heads=m.num_heads, in_channels=1,
+             mixer=layer_mixers(m), mixer_options=m.mixer_options.to_dict(), mlp_ratio=m.mlp_ratio,
+             pool=m.get("pool", "cls"), rngs=rngs)
+
+
+def classification_loss(model: nnx.Module, batch):
+  """Cross-entropy and accuracy of `model(x) -> logits [B, classes]` on `batch = (x, labels [B])`."""
+  x, y = batch
+  logits = model(x).astype(jnp.float32)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return loss, {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
+
+
+def make_digits(config) -> Task:
+  """scikit-learn's bundled 8x8 digits (`data.image_size` upsamples), 10-way classification."""
+  d = config.data
+  x_train, y_train = images.load_digits("train", seed=config.seed, image_size=d.image_size)
+  x_test, y_test = images.load_digits("test", seed=config.seed, image_size=d.image_size)
+  bs = config.train.batch_size
+  loader = images.ArrayLoader(x_train, y_train, bs, seed=config.seed)
+  evals = [jax.tree.map(jnp.asarray, b) for b in images.eval_batches(x_test, y_test, bs)]
+  return Task("digits", loader, evals, classification_loss, build_vit)
+
+
+_TASKS = {"mqar": make_mqar, "lm": make_lm, "digits": make_digits}
 
 
 def make_task(config) -> Task:

@@ -14,15 +14,17 @@ import sys
 
 import pytest
 
-from configs import lm_tiny, mqar, mqar_sharded
+from configs import lm_tiny, mqar, mqar_sharded, vit_digits
 from experiments import guards, trainer
 
 _SHIPPED = {"mqar": mqar.get_config(), "mqar:tiny": mqar.get_config("tiny"),
             "lm_tiny": lm_tiny.get_config(), "lm_tiny:tiny": lm_tiny.get_config("tiny"),
-            "mqar_sharded": mqar_sharded.get_config(), "mqar_sharded:tiny": mqar_sharded.get_config("tiny")}
+            "mqar_sharded": mqar_sharded.get_config(), "mqar_sharded:tiny": mqar_sharded.get_config("tiny"),
+            "vit_digits": vit_digits.get_config(), "vit_digits:tiny": vit_digits.get_config("tiny")}
 _BASE = {"mqar": lambda: mqar.get_config("tiny").to_dict(),
          "lm": lambda: lm_tiny.get_config("tiny").to_dict(),
-         "sharded": lambda: mqar_sharded.get_config("tiny").to_dict()}
+         "sharded": lambda: mqar_sharded.get_config("tiny").to_dict(),
+         "digits": lambda: vit_digits.get_config("tiny").to_dict()}
 
 # (base, field, bad value, words the rule must say). One row per rule in guards.RULES ...
 _FIELD_CASES = [
@@ -40,6 +42,8 @@ _FIELD_CASES = [
     ("mqar", "model.num_heads", 0, ">= 1"), ("mqar", "model.mlp_ratio", -1.0, ">= 0"),
     ("mqar", "model.short_conv", -1, ">= 0"), ("mqar", "model.pos_emb", "rope", "one of"),
     ("mqar", "model.attn_res", "half", "one of"), ("mqar", "model.attn_res_block_size", 0, ">= 1"),
+    ("digits", "data.image_size", 12, "multiple of 8"), ("digits", "model.patch_size", 0, ">= 1"),
+    ("digits", "model.pool", "max", "one of"),
     ("mqar", "optim.lr", -1e-3, "> 0"), ("mqar", "optim.warmup_steps", -1, ">= 0"),
     ("mqar", "optim.weight_decay", -0.1, ">= 0"), ("mqar", "optim.clip_norm", 0.0, "> 0"),
     ("mqar", "optim.b1", 1.0, "[0, 1)"), ("mqar", "optim.b2", -0.1, "[0, 1)"),
@@ -68,6 +72,7 @@ _CROSS_CASES = [
     ("lm", {"data.vocab_size": 255}, "data.vocab_size", ">= 256"),
     ("lm", {"data.max_bytes": 300}, "data.max_bytes", "held-out 5%"),
     ("sharded", {"mesh.data": -1}, "mesh", "at most one axis as -1"),
+    ("digits", {"model.patch_size": 3}, "model.patch_size", "must divide data.image_size=8"),
 ]
 
 
@@ -129,7 +134,7 @@ def test_unknown_fields_and_presets_name_the_closest_known_one():
   assert guards._override_problem(["--config=configs/mqar.py:tiny", "--config.model.d_modle=3"]) == (
       "unknown config field 'model.d_modle'; did you mean 'model.d_model'?")
   assert guards._override_problem(["--config=configs/mqar.py", "--config.model.d_model=3"]) is None
-  for module in (mqar, lm_tiny, mqar_sharded):
+  for module in (mqar, lm_tiny, mqar_sharded, vit_digits):
     with pytest.raises(ValueError, match="unknown preset 'tinyy'"):
       module.get_config("tinyy")
 

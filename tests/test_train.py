@@ -46,6 +46,25 @@ def test_lm_task_on_packaged_text_learns(tmp_path):
   assert hist[-1]["loss"] < 0.85 * hist[0]["loss"]  # uniform over bytes is 5.55 nats
 
 
+def test_vit_on_packaged_digits_learns(tmp_path):
+  from configs import vit_digits
+  s = train.train_and_evaluate(vit_digits.get_config("tiny"), str(tmp_path))
+  assert s["history"][-1]["loss"] < 0.8 * s["history"][0]["loss"]  # uniform over 10 classes: 2.30
+
+
+def test_digits_split_is_disjoint_and_reproducible():
+  import numpy as np
+  from attnjax.data import images
+  xa, ya = images.load_digits("train", seed=3)
+  xb, yb = images.load_digits("test", seed=3)
+  assert xa.shape[1:] == (8, 8, 1) and len(xa) + len(xb) == 1797 and 0 <= xa.min() and xa.max() <= 1
+  rows = {r.tobytes() for r in xa.reshape(len(xa), -1)}
+  assert sum(r.tobytes() in rows for r in xb.reshape(len(xb), -1)) < 5  # a few digits repeat exactly
+  np.testing.assert_array_equal(images.load_digits("train", seed=3)[1], ya)
+  x16, _ = images.load_digits("test", seed=3, image_size=16)
+  np.testing.assert_array_equal(x16[:, ::2, ::2], xb)
+
+
 def test_lm_corpus_is_deterministic_and_local_path_errors(tmp_path):
   import pytest
   from attnjax.data import text
