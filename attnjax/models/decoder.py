@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnjax.nn.depth import DepthAttention
-from attnjax.nn.layers import Embed, RMSNorm, ShortConv, SwiGLU, dense
+from attnjax.nn.layers import MLP_KINDS, Embed, GeluMLP, ShortConv, SwiGLU, dense, make_norm
 from attnjax.registry import build_mixer
 
 ATTN_RES_MODES = (None, "full", "block", "delta")
@@ -28,21 +28,28 @@ class DecoderBlock(nnx.Module):
   """`x + mixer(conv(norm(x)))`, then `x + SwiGLU(norm(x))` (the MLP is skipped if `mlp_ratio == 0`).
 
   `layer_index` (0-based) / `num_layers`: this block's depth, handed to mixers that are defined per
-  depth (the registry passes them only to builders that name them)."""
+  depth (the registry passes them only to builders that name them). `norm` (`"rmsnorm"` or
+  `"layernorm"`, see `attnjax.nn.layers.make_norm`) with `norm_eps`; `mlp` is `"swiglu"` or
+  `"gelu"` (`GeluMLP`, exact GELU) with `mlp_hidden` channels (default `int(mlp_ratio * d_model)`)."""
 
   def __init__(self, d_model: int, num_heads: int, mixer: str, mixer_options: dict[str, Any], *,
                mlp_ratio: float, short_conv: int, causal: bool, rngs: nnx.Rngs,
-               layer_index: int | None = None, num_layers: int | None = None):
-    self.norm1 = RMSNorm(d_model)
+               layer_index: int | None = None, num_layers: int | None = None,
+               norm: str = "rmsnorm", norm_eps: float = 1e-6, mlp: str = "swiglu",
+               mlp_hidden: int | None = None):
+    if mlp not in MLP_KINDS:
+      raise ValueError(f"mlp must be one of {MLP_KINDS}, got {mlp!r}")
+    self.norm1 = make_norm(norm, d_model, eps=norm_eps)
     self.conv = ShortConv(d_model, short_conv, rngs=rngs) if short_conv else None
     opts = dict(mixer_options)
     depth = {k: v for k, v in (("layer_index", layer_index), ("num_layers", num_layers))
              if k not in opts}            # an explicit mixer option wins over the block's depth
     self.mixer = build_mixer(mixer, d_model=d_model, num_heads=num_heads, causal=causal, rngs=rngs,
                              **depth, **opts)
-    hidden = int(mlp_ratio * d_model)
-    self.norm2 = RMSNorm(d_model) if hidden else None
-    self.mlp = SwiGLU(d_model, hidden, rngs=rngs) if hidden else None
+    hidden = int(mlp_ratio * d_model) if mlp_hidden is None else mlp_hidden
+    self.norm2 = make_norm(norm, d_model, eps=norm_eps) if hidden else None
+    mlp_cls = SwiGLU if mlp == "swiglu" else GeluMLP
+    self.mlp = mlp_cls(d_model, hidden, rngs=rngs) if hidden else None
 
   def mix(self, x, *, segment_ids=None, decode=False):
     """The token-mixing sublayer without its residual add: `mixer(conv(norm1(x)))`."""
@@ -126,6 +133,8 @@ class DecoderLM(nnx.Module):
   `attn_res` replaces the residual sum by Attention Residuals [2] over the sublayer outputs
   (`"full"`), Block AttnRes with `attn_res_block_size` sublayers per block (`"block"`; size 1
   equals `"full"`) or Delta AttnRes [78] (`"delta"`); `None` (default) is the standard residual.
+  `norm` / `norm_eps` / `mlp` / `mlp_hidden` choose every block's norms and MLP as in
+  `DecoderBlock` (the final norm too); the defaults are RMSNorm(eps 1e-6) and SwiGLU.
 
   `__call__(tokens [B, T] int32, *, segment_ids [B, T] | None, decode=False) -> logits [B, T, vocab]`.
   `hidden(tokens, ...) -> [B, T, d_model]` and `logits(h) -> [..., vocab]` split the two, so a task
@@ -137,7 +146,9 @@ class DecoderLM(nnx.Module):
                mixer_options: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
                mlp_ratio: float = 4.0, short_conv: int = 0, causal: bool = True,
                pos_emb: str = "none", max_len: int = 2048, tie_embeddings: bool = True,
-               attn_res: str | None = None, attn_res_block_size: int = 1, rngs: nnx.Rngs):
+               attn_res: str | None = None, attn_res_block_size: int = 1,
+               norm: str = "rmsnorm", norm_eps: float = 1e-6, mlp: str = "swiglu",
+               mlp_hidden: int | None = None, rngs: nnx.Rngs):
     check_attn_res(attn_res, attn_res_block_size)
     if pos_emb not in ("none", "learned"):
       raise ValueError(f"pos_emb must be 'none' or 'learned', got {pos_emb!r}")
@@ -150,10 +161,11 @@ class DecoderLM(nnx.Module):
                           logical_axes=(None, "embed")) if pos_emb == "learned" else None)
     self.blocks = nnx.List([
         DecoderBlock(d_model, num_heads, m, o, mlp_ratio=mlp_ratio, short_conv=short_conv,
-                     causal=causal, rngs=rngs, layer_index=i, num_layers=num_layers)
+                     causal=causal, rngs=rngs, layer_index=i, num_layers=num_layers, norm=norm,
+                     norm_eps=norm_eps, mlp=mlp, mlp_hidden=mlp_hidden)
         for i, (m, o) in enumerate(zip(mixers, options))])
     self.depth = build_depth_attention(attn_res, attn_res_block_size, d_model, self.blocks)
-    self.final_norm = RMSNorm(d_model)
+    self.final_norm = make_norm(norm, d_model, eps=norm_eps)
     self.head = None if tie_embeddings else dense(d_model, vocab_size, axes=("embed", "vocab"), rngs=rngs)
     self.decode_index = nnx.data(None)
 

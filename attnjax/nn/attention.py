@@ -15,7 +15,7 @@ from flax import nnx
 
 from attnjax.nn.layers import RMSNorm, dense
 from attnjax.ops import masks as masks_lib
-from attnjax.ops.rope import apply_rope
+from attnjax.ops.rope import ROPE_STYLES, apply_rope
 from attnjax.ops.softmax import dot_product_attention
 from attnjax.registry import register_mixer
 
@@ -42,8 +42,10 @@ class MultiHeadAttention(nnx.Module):
 
   * `attn_fn(q [B,T,H,D], k [B,S,Hk,D], v [B,S,Hk,D], *, causal, mask, q_segment_ids,
     kv_segment_ids, **attn_options) -> [B,T,H,D]`; defaults to softmax `dot_product_attention`.
-  * GQA / MQA with `num_kv_heads`; RoPE on self-attention (`rope=True`); QK-norm (RMSNorm over
-    head_dim on q and k) with `qk_norm=True`.
+  * GQA / MQA with `num_kv_heads`; RoPE on self-attention (`rope=True`, `rope_base`, `rope_style`
+    `"half"` (rotate-half, LLaMA / Hugging Face) or `"interleaved"`, see `attnjax.ops.rope`);
+    QK-norm (RMSNorm over head_dim on q and k) with `qk_norm=True`.
+  * `qkv_bias` / `out_bias`: biases on the q, k, v projections (Qwen2, ViT) / on `o_proj` (ViT).
   * `window`: causal sliding window of `window` keys before the query (plus the query itself).
   * `output_gate`: `None`, `"headwise"` (one sigmoid gate per head and token) or `"elementwise"`
     (one per output channel), applied to the attention output before the output projection
@@ -74,7 +76,8 @@ class MultiHeadAttention(nnx.Module):
                head_dim: int | None = None, attn_fn: AttnFn | None = None, causal: bool = True,
                qk_norm: bool = False, rope: bool = True, rope_base: float = 10000.0,
                window: int | None = None, output_gate: str | None = None,
-               attn_options: dict[str, Any] | None = None, rngs: nnx.Rngs):
+               attn_options: dict[str, Any] | None = None, qkv_bias: bool = False,
+               out_bias: bool = False, rope_style: str = "half", rngs: nnx.Rngs):
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     if num_heads % num_kv_heads:
       raise ValueError(f"num_heads={num_heads} must be divisible by num_kv_heads={num_kv_heads}")
@@ -84,17 +87,24 @@ class MultiHeadAttention(nnx.Module):
       head_dim = d_model // num_heads
     if output_gate not in (None, "headwise", "elementwise"):
       raise ValueError(f"output_gate must be None, 'headwise' or 'elementwise', got {output_gate!r}")
+    if rope_style not in ROPE_STYLES:
+      raise ValueError(f"rope_style must be one of {ROPE_STYLES}, got {rope_style!r}")
     if window is not None and window < 0:
       raise ValueError(f"window must be >= 0, got {window}")
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.causal, self.rope, self.rope_base, self.window = causal, rope, rope_base, window
+    self.rope_style = rope_style
     self.attn_fn = attn_fn or dot_product_attention
     self.attn_options = dict(attn_options or {})
     self.output_gate = output_gate
-    self.q_proj = dense(d_model, num_heads * head_dim, axes=("embed", "heads"), rngs=rngs)
-    self.k_proj = dense(d_model, num_kv_heads * head_dim, axes=("embed", "kv_heads"), rngs=rngs)
-    self.v_proj = dense(d_model, num_kv_heads * head_dim, axes=("embed", "kv_heads"), rngs=rngs)
-    self.o_proj = dense(num_heads * head_dim, d_model, axes=("heads", "embed"), rngs=rngs)
+    self.q_proj = dense(d_model, num_heads * head_dim, axes=("embed", "heads"), rngs=rngs,
+                        use_bias=qkv_bias)
+    self.k_proj = dense(d_model, num_kv_heads * head_dim, axes=("embed", "kv_heads"), rngs=rngs,
+                        use_bias=qkv_bias)
+    self.v_proj = dense(d_model, num_kv_heads * head_dim, axes=("embed", "kv_heads"), rngs=rngs,
+                        use_bias=qkv_bias)
+    self.o_proj = dense(num_heads * head_dim, d_model, axes=("heads", "embed"), rngs=rngs,
+                        use_bias=out_bias)
     self.q_norm = RMSNorm(head_dim, axis_name="head_dim") if qk_norm else None
     self.k_norm = RMSNorm(head_dim, axis_name="head_dim") if qk_norm else None
     if output_gate is not None:
@@ -145,8 +155,8 @@ class MultiHeadAttention(nnx.Module):
       max_len = self.cache_k.shape[1]
       q_pos = start + jnp.arange(t)
       if self.rope:
-        q = apply_rope(q, q_pos, base=self.rope_base)
-        k = apply_rope(k, q_pos, base=self.rope_base)
+        q = apply_rope(q, q_pos, base=self.rope_base, style=self.rope_style)
+        k = apply_rope(k, q_pos, base=self.rope_base, style=self.rope_style)
       self.cache_k[...] = jax.lax.dynamic_update_slice_in_dim(
           self.cache_k[...], k.astype(self.cache_k.dtype), start, axis=1)
       self.cache_v[...] = jax.lax.dynamic_update_slice_in_dim(
@@ -164,8 +174,8 @@ class MultiHeadAttention(nnx.Module):
     else:
       if self.rope and context is None:
         pos = jnp.arange(t)
-        q = apply_rope(q, pos, base=self.rope_base)
-        k = apply_rope(k, pos, base=self.rope_base)
+        q = apply_rope(q, pos, base=self.rope_base, style=self.rope_style)
+        k = apply_rope(k, pos, base=self.rope_base, style=self.rope_style)
       kv_seg = segment_ids if context is None else context_segment_ids
       if (segment_ids is None) != (kv_seg is None):
         raise ValueError("segment_ids and context_segment_ids must be given together for cross attention")

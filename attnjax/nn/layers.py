@@ -46,6 +46,60 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...]).astype(x.dtype)
 
 
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis: `(x - mean) / sqrt(var + eps) * scale + bias`, in float32.
+
+  `var` is the biased (population) variance, as `torch.nn.LayerNorm` computes it.
+  """
+
+  def __init__(self, dim: int, *, eps: float = 1e-6, use_bias: bool = True,
+               axis_name: str | None = "embed", rngs: nnx.Rngs | None = None):
+    del rngs
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=(axis_name,))
+    self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32), logical_axes=(axis_name,)) if use_bias else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    mu = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
+    y = (xf - mu) * jax.lax.rsqrt(var + self.eps) * self.scale[...]
+    if self.bias is not None:
+      y = y + self.bias[...]
+    return y.astype(x.dtype)
+
+
+NORM_KINDS = ("rmsnorm", "layernorm")
+
+
+def make_norm(kind: str, dim: int, *, eps: float = 1e-6) -> RMSNorm | LayerNorm:
+  """`RMSNorm` (`kind="rmsnorm"`) or `LayerNorm` with bias (`"layernorm"`) over `dim` channels."""
+  if kind == "rmsnorm":
+    return RMSNorm(dim, eps=eps)
+  if kind == "layernorm":
+    return LayerNorm(dim, eps=eps)
+  raise ValueError(f"norm must be one of {NORM_KINDS}, got {kind!r}")
+
+
+class GeluMLP(nnx.Module):
+  """`fc2(gelu(fc1 x))` with biases (the ViT / BERT MLP); `x: [..., d_model] -> [..., d_model]`.
+
+  `approximate=False` is the exact erf GELU (`torch.nn.GELU()`, Hugging Face's `"gelu"`);
+  `True` the tanh approximation (`"gelu_new"`, `"gelu_pytorch_tanh"`).
+  """
+
+  def __init__(self, d_model: int, hidden: int, *, approximate: bool = False, rngs: nnx.Rngs):
+    self.approximate = approximate
+    self.fc1 = dense(d_model, hidden, axes=("embed", "mlp"), rngs=rngs, use_bias=True)
+    self.fc2 = dense(hidden, d_model, axes=("mlp", "embed"), rngs=rngs, use_bias=True)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=self.approximate))
+
+
+MLP_KINDS = ("swiglu", "gelu")
+
+
 class SwiGLU(nnx.Module):
   """`W_down(silu(W_gate x) * W_up x)`; `x: [..., d_model] -> [..., d_model]`."""
 
