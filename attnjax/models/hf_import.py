@@ -202,17 +202,40 @@ def _need(config: Mapping[str, Any], key: str, source: str):
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
 
 
-def _rope_theta(config: Mapping[str, Any], source: str) -> float:
-  """`rope_theta` (transformers < 5) or `rope_parameters.rope_theta`; only the plain RoPE."""
-  params = config.get("rope_parameters") or {}
-  scaling = config.get("rope_scaling") or {}
-  kind = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-  if kind != "default":
-    raise CheckpointError(f"{source}: rope_type {kind!r} (RoPE scaling) is not supported; "
-                          "only the default RoPE is")
-  if config.get("partial_rotary_factor", 1.0) != 1.0:
+ROPE_TYPES = ("default", "llama3")
+
+
+def _rope(config: Mapping[str, Any], head_dim: int, source: str) -> tuple[float, tuple | None]:
+  """`(theta, inv_freq)`: `rope_theta` (transformers < 5: top level and `rope_scaling`; 5:
+  `rope_parameters`) and, for a rescaled RoPE, its `[head_dim // 2]` inverse frequencies.
+
+  `rope_type` `"default"`: `theta ** (-2i / head_dim)` (inv_freq None); `"llama3"` (the
+  frequency-dependent rule of meta-llama's reference `apply_scaling`): wavelengths
+  `2 pi / f` shorter than `original_max_position_embeddings / high_freq_factor` are kept, longer
+  than `... / low_freq_factor` divided by `factor`, and in between interpolated with
+  `s = (original / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)` as
+  `(1 - s) f / factor + s f`.
+  """
+  params = dict(config.get("rope_scaling") or {})
+  params.update(config.get("rope_parameters") or {})
+  kind = params.get("rope_type", params.get("type", "default"))
+  if kind not in ROPE_TYPES:
+    raise CheckpointError(f"{source}: rope_type {kind!r} is not supported; supported: {ROPE_TYPES}")
+  if params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)) != 1.0:
     raise CheckpointError(f"{source}: partial_rotary_factor != 1 is not supported")
-  return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+  theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+  if kind == "default":
+    return theta, None
+  # float32 throughout, as the reference computes its frequencies.
+  f = (theta ** (-np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim))).astype(np.float32)
+  factor = np.float32(params["factor"])
+  low, high = np.float32(params["low_freq_factor"]), np.float32(params["high_freq_factor"])
+  old = np.float32(params["original_max_position_embeddings"])
+  wavelen = np.float32(2 * np.pi) / f
+  smooth = (old / wavelen - low) / (high - low)
+  mid = (1 - smooth) * f / factor + smooth * f
+  out = np.where(wavelen < old / high, f, np.where(wavelen > old / low, f / factor, mid))
+  return theta, tuple(out.astype(np.float32))
 
 
 def _sliding_layers(config: Mapping[str, Any], n_layers: int, source: str) -> list[int | None]:
@@ -239,7 +262,8 @@ def load_llama(path: str | os.PathLike, *, dtype=jnp.float32) -> DecoderLM:
 
   config.json: `vocab_size`, `hidden_size` (D), `num_hidden_layers`, `num_attention_heads` (H),
   `num_key_value_heads` (Hk, GQA), `head_dim` (default D / H), `intermediate_size` (SwiGLU
-  width), `rms_norm_eps`, `rope_theta` / `rope_parameters` (default rotate-half RoPE only),
+  width), `rms_norm_eps`, `rope_theta` / `rope_parameters` / `rope_scaling` (rotate-half RoPE;
+  `rope_type` default or llama3, see `_rope`),
   `tie_word_embeddings`, `hidden_act` (`silu`), `attention_bias` (llama: bias on q, k, v, o),
   qwen2 always has q/k/v biases, `sliding_window` (mistral; qwen2 with `use_sliding_window`,
   per `layer_types`): a key is seen when `q - window < k <= q` (our `window` is one less: keys
@@ -269,7 +293,7 @@ def load_llama(path: str | os.PathLike, *, dtype=jnp.float32) -> DecoderLM:
     raise CheckpointError(f"{source}: hidden_act {config['hidden_act']!r} is not supported (silu only)")
   if config.get("mlp_bias"):
     raise CheckpointError(f"{source}: mlp_bias=true is not supported")
-  theta = _rope_theta(config, source)
+  theta, inv_freq = _rope(config, hd, source)
   eps = float(config.get("rms_norm_eps", 1e-6))
   # An older config.json leaves tie_word_embeddings out when it equals the library's default.
   tie = bool(config.get("tie_word_embeddings", "lm_head.weight" not in tensors))
@@ -277,7 +301,8 @@ def load_llama(path: str | os.PathLike, *, dtype=jnp.float32) -> DecoderLM:
   out_bias = kind == "llama" and bool(config.get("attention_bias"))
   windows = _sliding_layers(config, n_layers, source)
   mixers = ["softmax" if w is None else "sliding_window" for w in windows]
-  base = dict(num_kv_heads=hk, head_dim=hd, rope_base=theta, qkv_bias=qkv_bias, out_bias=out_bias)
+  base = dict(num_kv_heads=hk, head_dim=hd, rope_base=theta, rope_inv_freq=inv_freq,
+              qkv_bias=qkv_bias, out_bias=out_bias)
   options = [dict(base) if w is None else dict(base, window=w - 1) for w in windows]
 
   fill = _Filler(tensors, source, dtype)

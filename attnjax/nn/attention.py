@@ -7,7 +7,7 @@ their own `attnjax/nn/<family>.py`.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +43,8 @@ class MultiHeadAttention(nnx.Module):
   * `attn_fn(q [B,T,H,D], k [B,S,Hk,D], v [B,S,Hk,D], *, causal, mask, q_segment_ids,
     kv_segment_ids, **attn_options) -> [B,T,H,D]`; defaults to softmax `dot_product_attention`.
   * GQA / MQA with `num_kv_heads`; RoPE on self-attention (`rope=True`, `rope_base`, `rope_style`
-    `"half"` (rotate-half, LLaMA / Hugging Face) or `"interleaved"`, see `attnjax.ops.rope`);
+    `"half"` (rotate-half, LLaMA / Hugging Face) or `"interleaved"`, see `attnjax.ops.rope`;
+    `rope_inv_freq [head_dim // 2]` overrides the frequencies `rope_base` gives);
     QK-norm (RMSNorm over head_dim on q and k) with `qk_norm=True`.
   * `qkv_bias` / `out_bias`: biases on the q, k, v projections (Qwen2, ViT) / on `o_proj` (ViT).
   * `window`: causal sliding window of `window` keys before the query (plus the query itself).
@@ -77,7 +78,8 @@ class MultiHeadAttention(nnx.Module):
                qk_norm: bool = False, rope: bool = True, rope_base: float = 10000.0,
                window: int | None = None, output_gate: str | None = None,
                attn_options: dict[str, Any] | None = None, qkv_bias: bool = False,
-               out_bias: bool = False, rope_style: str = "half", rngs: nnx.Rngs):
+               out_bias: bool = False, rope_style: str = "half",
+               rope_inv_freq: Sequence[float] | None = None, rngs: nnx.Rngs):
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     if num_heads % num_kv_heads:
       raise ValueError(f"num_heads={num_heads} must be divisible by num_kv_heads={num_kv_heads}")
@@ -94,6 +96,7 @@ class MultiHeadAttention(nnx.Module):
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.causal, self.rope, self.rope_base, self.window = causal, rope, rope_base, window
     self.rope_style = rope_style
+    self.rope_inv_freq = None if rope_inv_freq is None else tuple(float(f) for f in rope_inv_freq)
     self.attn_fn = attn_fn or dot_product_attention
     self.attn_options = dict(attn_options or {})
     self.output_gate = output_gate
@@ -155,8 +158,10 @@ class MultiHeadAttention(nnx.Module):
       max_len = self.cache_k.shape[1]
       q_pos = start + jnp.arange(t)
       if self.rope:
-        q = apply_rope(q, q_pos, base=self.rope_base, style=self.rope_style)
-        k = apply_rope(k, q_pos, base=self.rope_base, style=self.rope_style)
+        q = apply_rope(q, q_pos, base=self.rope_base, style=self.rope_style,
+                       inv_freq=self.rope_inv_freq)
+        k = apply_rope(k, q_pos, base=self.rope_base, style=self.rope_style,
+                       inv_freq=self.rope_inv_freq)
       self.cache_k[...] = jax.lax.dynamic_update_slice_in_dim(
           self.cache_k[...], k.astype(self.cache_k.dtype), start, axis=1)
       self.cache_v[...] = jax.lax.dynamic_update_slice_in_dim(
@@ -174,8 +179,10 @@ class MultiHeadAttention(nnx.Module):
     else:
       if self.rope and context is None:
         pos = jnp.arange(t)
-        q = apply_rope(q, pos, base=self.rope_base, style=self.rope_style)
-        k = apply_rope(k, pos, base=self.rope_base, style=self.rope_style)
+        q = apply_rope(q, pos, base=self.rope_base, style=self.rope_style,
+                       inv_freq=self.rope_inv_freq)
+        k = apply_rope(k, pos, base=self.rope_base, style=self.rope_style,
+                       inv_freq=self.rope_inv_freq)
       kv_seg = segment_ids if context is None else context_segment_ids
       if (segment_ids is None) != (kv_seg is None):
         raise ValueError("segment_ids and context_segment_ids must be given together for cross attention")

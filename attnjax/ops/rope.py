@@ -38,13 +38,15 @@ def rope_angles(positions, rotary_dim: int, base: float = 10000.0) -> jnp.ndarra
 
 
 def apply_rope(x, positions, *, base: float = 10000.0, style: str = "half",
-               rotary_dim: int | None = None):
+               rotary_dim: int | None = None, inv_freq=None):
   """Rotate `x [B, T, H, D]` by positions `[T]` or `[B, T]`; returns `x`'s shape and dtype.
 
   `rotary_dim` (even, <= D; default D) channels are rotated and the rest pass through unchanged
   (partial rotary, as in GPT-NeoX / GPT-J). `style` is `"half"` (rotate-half: pairs `(i, i + r/2)`)
   or `"interleaved"` (pairs `(2i, 2i + 1)`). Angles and the rotation are computed in float32
-  and cast back, so bf16 inputs lose no position resolution in the angle.
+  and cast back, so bf16 inputs lose no position resolution in the angle. `inv_freq`
+  (`[rotary_dim // 2]`, default `rope_frequencies(rotary_dim, base)`) replaces the frequencies,
+  for rescaled RoPE variants (position interpolation, Llama 3's frequency-dependent scaling).
   """
   validation.check_rank(x, 4, "x", "[B, T, H, D]")
   b, t, _, d = x.shape
@@ -57,7 +59,14 @@ def apply_rope(x, positions, *, base: float = 10000.0, style: str = "half",
   if positions.shape not in ((t,), (b, t)):
     raise ValueError(f"positions must have shape [T]=({t},) or [B, T]=({b}, {t}), "
                      f"got {positions.shape}")
-  angles = rope_angles(positions, rotary_dim, base)
+  if inv_freq is None:
+    angles = rope_angles(positions, rotary_dim, base)
+  else:
+    inv_freq = jnp.asarray(inv_freq, jnp.float32)
+    if inv_freq.shape != (rotary_dim // 2,):
+      raise ValueError(f"inv_freq must have shape [rotary_dim // 2]=({rotary_dim // 2},), "
+                       f"got {inv_freq.shape}")
+    angles = jnp.asarray(positions, jnp.float32)[..., None] * inv_freq
   if angles.ndim == 2:
     angles = angles[None]
   cos = jnp.cos(angles)[:, :, None, :]  # [B|1, T, 1, r/2]: shared by every head.

@@ -1,7 +1,7 @@
 """Local Hugging Face checkpoints into `DecoderLM` / `ViT` (`attnjax.models.hf_import`).
 
 The oracle is the reference library itself: `tests/fixtures/hf/make_fixtures.py` saved tiny random
-llama, qwen2, mistral, vit and deit models with transformers 5.24.0 / torch 2.13.0 (eager
+llama, llama3 (Llama 3 RoPE scaling), qwen2, mistral, vit and deit models with transformers 5.24.0 / torch 2.13.0 (eager
 attention) and their float32 logits on fixed inputs; here the imported models must reproduce those
 logits to 1e-4 (absolute and relative; the logits are O(1-10), the float32 gap seen is ~5e-6).
 The safetensors files written below are built byte by byte from the format's description
@@ -24,9 +24,10 @@ from attnjax.analysis import capture as cap
 from attnjax.models import DecoderLM, ViT
 from attnjax.models.hf_import import (CheckpointError, load_llama, load_pretrained, load_vit,
                                       read_safetensors)
+from attnjax.ops.rope import apply_rope
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "hf")
-NAMES = ("llama", "qwen2", "mistral", "vit", "deit")
+NAMES = ("llama", "llama3", "qwen2", "mistral", "vit", "deit")
 _call = nnx.jit(lambda m, x: m(x))
 _capture = nnx.jit(lambda m, x: cap.run(m, x))
 
@@ -64,7 +65,7 @@ def _write_safetensors(path, tensors, *, dtype_tag=None, header_extra=None):
 @pytest.mark.parametrize("name", NAMES)
 def test_fixture_logits_match_reference(name):
   model = _model(name)
-  assert isinstance(model, DecoderLM if name in ("llama", "qwen2", "mistral") else ViT)
+  assert isinstance(model, ViT if name in ("vit", "deit") else DecoderLM)
   x, want = _inputs(name)
   got = np.asarray(_call(model, x))
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
@@ -99,6 +100,17 @@ def test_capture_on_imported_models():
       i, j = np.arange(t)[:, None], np.arange(t)[None]
       assert np.all(w[..., (j > i) | (j <= i - 4)] == 0)
       assert np.all(w[..., (j <= i) & (j > i - 4)] > 0)
+
+
+def test_qwen2_sliding_layers_follow_layer_types(tmp_path):
+  """qwen2 with use_sliding_window: layer_types picks the sliding layers; window counts the query."""
+  d = _copy(tmp_path, "qwen2")
+  _edit_config(d, use_sliding_window=True, sliding_window=3,
+               layer_types=["full_attention", "sliding_attention"])
+  model = load_pretrained(d)
+  assert [blk.mixer.window for blk in model.blocks] == [None, 2]
+  _edit_config(d, use_sliding_window=False)
+  assert [blk.mixer.window for blk in load_pretrained(d).blocks] == [None, None]
 
 
 def test_bf16_load_runs():
@@ -172,6 +184,14 @@ def test_errors_are_clear(tmp_path):
   with pytest.raises(CheckpointError, match=r"missing tensor 'model.layers.1.self_attn.k_proj.bias' "
                      r"\(expected shape \[8\]\)"):
     load_pretrained(d)
+
+  d = _copy(tmp_path, "llama3")
+  _edit_config(d, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0})
+  with pytest.raises(CheckpointError, match=r"rope_type 'yarn' is not supported; supported: "
+                     r"\('default', 'llama3'\)"):
+    load_pretrained(d)
+  with pytest.raises(ValueError, match=r"inv_freq must have shape \[rotary_dim // 2\]=\(4,\)"):
+    apply_rope(jnp.zeros((1, 3, 2, 8)), jnp.arange(3), inv_freq=jnp.ones(3))
 
   _write_safetensors(tmp_path / "f8.safetensors", {"w": np.zeros((2,), np.float32)}, dtype_tag="F4")
   with pytest.raises(CheckpointError, match=r"tensor 'w' has unknown dtype 'F4'; supported: \["):
