@@ -9,7 +9,7 @@ the header) and memory-maps the file, so a tensor is read only when it is conver
 
 ```python
 from attnjax.models.hf_import import load_pretrained
-lm = load_pretrained("/path/to/Qwen2.5-0.5B")             # model_type llama | qwen2 | mistral
+lm = load_pretrained("/path/to/Qwen2.5-0.5B")             # model_type llama | qwen2 | qwen3 | mistral
 logits = lm(tokens)                                         # [B, T, vocab], tokens [B, T] int32
 vit = load_pretrained("/path/to/vit-base-patch16-224")    # model_type vit | deit
 logits = vit(images)                                        # [B, num_labels], images [B, H, W, C]
@@ -17,8 +17,8 @@ logits = vit(images)                                        # [B, num_labels], i
 The model is built abstractly (`nnx.eval_shape`) and its parameters are filled from the
 checkpoint, so no random initialisation is spent on a large model. Every parameter of the built
 model must come from the checkpoint (a missing tensor is an error naming its key); checkpoint
-tensors the architecture does not use (e.g. an old `rotary_emb.inv_freq` buffer, a pooler) are
-ignored, as `from_pretrained` ignores them.
+tensors the architecture does not use (a pooler, a duplicate tied head) are ignored with a
+warning naming them (an old `rotary_emb.inv_freq` buffer silently).
 
 Inputs follow the project's conventions, not the library's: `ViT` takes channels-last images
 `[B, H, W, C]` (transpose `pixel_values [B, C, H, W]` with `(0, 2, 3, 1)`), already normalised
@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from typing import Any, Callable, Mapping
 
 import jax.numpy as jnp
@@ -155,11 +156,13 @@ class _Filler:
   def __init__(self, tensors: Mapping[str, np.ndarray], source: str, dtype):
     self.tensors, self.source, self.dtype = tensors, source, np.dtype(dtype)
     self.values: dict[tuple, np.ndarray] = {}
+    self.used: set[str] = set()
 
   def get(self, key: str, shape: tuple[int, ...]) -> np.ndarray:
     if key not in self.tensors:
       raise CheckpointError(f"{self.source}: missing tensor {key!r} (expected shape {list(shape)})")
     t = self.tensors[key]
+    self.used.add(key)
     if tuple(t.shape) != tuple(shape):
       raise CheckpointError(f"{self.source}: tensor {key!r} has shape {list(t.shape)}, expected "
                             f"{list(shape)} from config.json")
@@ -176,6 +179,10 @@ class _Filler:
       self.put(f"{path}.bias", f"{key}.bias", (d_out,))
 
   def build(self, make: Callable[[], nnx.Module]) -> nnx.Module:
+    unused = sorted(k for k in set(self.tensors) - self.used if not k.endswith("rotary_emb.inv_freq"))
+    if unused:  # often harmless (a duplicate tied head, a pooler), but worth a look: a config flag
+      warnings.warn(f"{self.source}: {len(unused)} checkpoint tensors are not used by the model: "
+                    f"{unused[:6]}{' ...' if len(unused) > 6 else ''}", stacklevel=3)
     abstract = nnx.eval_shape(make)
     graphdef, state = nnx.split(abstract)
     flat = list(nnx.to_flat_state(state))
@@ -199,7 +206,7 @@ def _need(config: Mapping[str, Any], key: str, source: str):
 
 # --- Llama family -------------------------------------------------------------------------------
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2")
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 ROPE_TYPES = ("default", "llama3")
@@ -242,7 +249,7 @@ def _sliding_layers(config: Mapping[str, Any], n_layers: int, source: str) -> li
   """Per layer: `None` (full causal attention) or the sliding window in keys including the query."""
   window = config.get("sliding_window")
   types = config.get("layer_types")
-  if config.get("model_type") == "qwen2":
+  if config.get("model_type") in ("qwen2", "qwen3"):
     if not config.get("use_sliding_window"):
       return [None] * n_layers
     if types is None:
@@ -258,14 +265,16 @@ def _sliding_layers(config: Mapping[str, Any], n_layers: int, source: str) -> li
 
 
 def load_llama(path: str | os.PathLike, *, dtype=jnp.float32) -> DecoderLM:
-  """A Llama / Mistral / Qwen2 causal LM directory -> `DecoderLM` (`tokens [B, T] -> [B, T, vocab]`).
+  """A Llama / Mistral / Qwen2 / Qwen3 causal LM directory -> `DecoderLM` (`tokens [B, T] -> [B, T, vocab]`).
 
   config.json: `vocab_size`, `hidden_size` (D), `num_hidden_layers`, `num_attention_heads` (H),
   `num_key_value_heads` (Hk, GQA), `head_dim` (default D / H), `intermediate_size` (SwiGLU
   width), `rms_norm_eps`, `rope_theta` / `rope_parameters` / `rope_scaling` (rotate-half RoPE;
   `rope_type` default or llama3, see `_rope`),
   `tie_word_embeddings`, `hidden_act` (`silu`), `attention_bias` (llama: bias on q, k, v, o),
-  qwen2 always has q/k/v biases, `sliding_window` (mistral; qwen2 with `use_sliding_window`,
+  qwen2 always has q/k/v biases, qwen3 has QK-norm (RMSNorm over head_dim on q and k before RoPE,
+  `self_attn.{q,k}_norm.weight [hd]` -> `blocks[i].mixer.{q,k}_norm.scale`) and `attention_bias`
+  on q, k, v, o, `sliding_window` (mistral; qwen2 / qwen3 with `use_sliding_window`,
   per `layer_types`): a key is seen when `q - window < k <= q` (our `window` is one less: keys
   before the query).
 
@@ -298,11 +307,14 @@ def load_llama(path: str | os.PathLike, *, dtype=jnp.float32) -> DecoderLM:
   # An older config.json leaves tie_word_embeddings out when it equals the library's default.
   tie = bool(config.get("tie_word_embeddings", "lm_head.weight" not in tensors))
   qkv_bias = kind == "qwen2" or bool(config.get("attention_bias"))
-  out_bias = kind == "llama" and bool(config.get("attention_bias"))
+  out_bias = kind in ("llama", "qwen3") and bool(config.get("attention_bias"))
+  qk_norm = kind == "qwen3"
   windows = _sliding_layers(config, n_layers, source)
   mixers = ["softmax" if w is None else "sliding_window" for w in windows]
   base = dict(num_kv_heads=hk, head_dim=hd, rope_base=theta, rope_inv_freq=inv_freq,
               qkv_bias=qkv_bias, out_bias=out_bias)
+  if qk_norm:
+    base.update(qk_norm=True, qk_norm_eps=eps)
   options = [dict(base) if w is None else dict(base, window=w - 1) for w in windows]
 
   fill = _Filler(tensors, source, dtype)
@@ -314,6 +326,9 @@ def load_llama(path: str | os.PathLike, *, dtype=jnp.float32) -> DecoderLM:
     for name, d_out in (("q", h * hd), ("k", hk * hd), ("v", hk * hd)):
       fill.linear(f"{blk}.mixer.{name}_proj", f"{pre}.self_attn.{name}_proj", d, d_out, qkv_bias)
     fill.linear(f"{blk}.mixer.o_proj", f"{pre}.self_attn.o_proj", h * hd, d, out_bias)
+    if qk_norm:
+      fill.put(f"{blk}.mixer.q_norm.scale", f"{pre}.self_attn.q_norm.weight", (hd,))
+      fill.put(f"{blk}.mixer.k_norm.scale", f"{pre}.self_attn.k_norm.weight", (hd,))
     for name, d_in, d_out in (("gate", d, inter), ("up", d, inter), ("down", inter, d)):
       fill.linear(f"{blk}.mlp.{name}", f"{pre}.mlp.{name}_proj", d_in, d_out, False)
   fill.put("final_norm.scale", "model.norm.weight", (d,))
@@ -418,7 +433,7 @@ LOADERS: dict[str, Callable[..., nnx.Module]] = {
 def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32) -> nnx.Module:
   """The model in a local Hugging Face directory, by its config.json `model_type`.
 
-  `llama`, `mistral`, `qwen2` -> `DecoderLM` (`load_llama`); `vit`, `deit` -> `ViT` (`load_vit`).
+  `llama`, `mistral`, `qwen2`, `qwen3` -> `DecoderLM` (`load_llama`); `vit`, `deit` -> `ViT` (`load_vit`).
   `dtype` is the parameters' dtype (e.g. `jnp.bfloat16`), whatever the stored one.
   """
   source = os.fspath(path)

@@ -45,7 +45,7 @@ class MultiHeadAttention(nnx.Module):
   * GQA / MQA with `num_kv_heads`; RoPE on self-attention (`rope=True`, `rope_base`, `rope_style`
     `"half"` (rotate-half, LLaMA / Hugging Face) or `"interleaved"`, see `attnjax.ops.rope`;
     `rope_inv_freq [head_dim // 2]` overrides the frequencies `rope_base` gives);
-    QK-norm (RMSNorm over head_dim on q and k) with `qk_norm=True`.
+    QK-norm (RMSNorm over head_dim on q and k, before RoPE, eps `qk_norm_eps`) with `qk_norm=True`.
   * `qkv_bias` / `out_bias`: biases on the q, k, v projections (Qwen2, ViT) / on `o_proj` (ViT).
   * `window`: causal sliding window of `window` keys before the query (plus the query itself).
   * `output_gate`: `None`, `"headwise"` (one sigmoid gate per head and token) or `"elementwise"`
@@ -79,7 +79,8 @@ class MultiHeadAttention(nnx.Module):
                window: int | None = None, output_gate: str | None = None,
                attn_options: dict[str, Any] | None = None, qkv_bias: bool = False,
                out_bias: bool = False, rope_style: str = "half",
-               rope_inv_freq: Sequence[float] | None = None, rngs: nnx.Rngs):
+               rope_inv_freq: Sequence[float] | None = None, qk_norm_eps: float = 1e-6,
+               rngs: nnx.Rngs):
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     if num_heads % num_kv_heads:
       raise ValueError(f"num_heads={num_heads} must be divisible by num_kv_heads={num_kv_heads}")
@@ -108,8 +109,8 @@ class MultiHeadAttention(nnx.Module):
                         use_bias=qkv_bias)
     self.o_proj = dense(num_heads * head_dim, d_model, axes=("heads", "embed"), rngs=rngs,
                         use_bias=out_bias)
-    self.q_norm = RMSNorm(head_dim, axis_name="head_dim") if qk_norm else None
-    self.k_norm = RMSNorm(head_dim, axis_name="head_dim") if qk_norm else None
+    self.q_norm = RMSNorm(head_dim, eps=qk_norm_eps, axis_name="head_dim") if qk_norm else None
+    self.k_norm = RMSNorm(head_dim, eps=qk_norm_eps, axis_name="head_dim") if qk_norm else None
     if output_gate is not None:
       n_gates = num_heads if output_gate == "headwise" else num_heads * head_dim
       self.gate_proj = dense(d_model, n_gates, axes=("embed", "heads"), rngs=rngs, use_bias=True)

@@ -1,7 +1,7 @@
 """Local Hugging Face checkpoints into `DecoderLM` / `ViT` (`attnjax.models.hf_import`).
 
 The oracle is the reference library itself: `tests/fixtures/hf/make_fixtures.py` saved tiny random
-llama, llama3 (Llama 3 RoPE scaling), qwen2, mistral, vit and deit models with transformers 5.24.0 / torch 2.13.0 (eager
+llama, llama3 (Llama 3 RoPE scaling), qwen2, qwen3 (QK-norm), mistral, vit and deit models with transformers 5.24.0 / torch 2.13.0 (eager
 attention) and their float32 logits on fixed inputs; here the imported models must reproduce those
 logits to 1e-4 (absolute and relative; the logits are O(1-10), the float32 gap seen is ~5e-6).
 The safetensors files written below are built byte by byte from the format's description
@@ -27,7 +27,7 @@ from attnjax.models.hf_import import (CheckpointError, load_llama, load_pretrain
 from attnjax.ops.rope import apply_rope
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "hf")
-NAMES = ("llama", "llama3", "qwen2", "mistral", "vit", "deit")
+NAMES = ("llama", "llama3", "qwen2", "qwen3", "mistral", "vit", "deit")
 _call = nnx.jit(lambda m, x: m(x))
 _capture = nnx.jit(lambda m, x: cap.run(m, x))
 
@@ -163,7 +163,7 @@ def test_errors_are_clear(tmp_path):
   d = _copy(tmp_path, "vit")
   _edit_config(d, model_type="gpt2")
   with pytest.raises(CheckpointError, match=r"model_type 'gpt2' is not supported; supported: "
-                     r"\['deit', 'llama', 'mistral', 'qwen2', 'vit'\]"):
+                     r"\['deit', 'llama', 'mistral', 'qwen2', 'qwen3', 'vit'\]"):
     load_pretrained(d)
   with pytest.raises(CheckpointError, match="load_vit takes model_type"):
     load_vit(d)
@@ -182,6 +182,12 @@ def test_errors_are_clear(tmp_path):
 
   d = _copy(tmp_path, "qwen2")
   tensors = {k: np.array(v) for k, v in read_safetensors(d / "model.safetensors").items()}
+  tensors["model.layers.1.self_attn.o_proj.bias"] = np.zeros(32, np.float32)
+  tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(4, np.float32)
+  _write_safetensors(d / "model.safetensors", tensors)
+  with pytest.warns(UserWarning, match=r"1 checkpoint tensors are not used by the model: "
+                    r"\['model.layers.1.self_attn.o_proj.bias'\]"):
+    load_pretrained(d)
   del tensors["model.layers.1.self_attn.k_proj.bias"]
   _write_safetensors(d / "model.safetensors", tensors)
   with pytest.raises(CheckpointError, match=r"missing tensor 'model.layers.1.self_attn.k_proj.bias' "
