@@ -85,6 +85,17 @@ def test_fixture_logits_match_reference(name):
     assert np.all(w[..., (j <= i) & (j > i - 4)] > 0)
 
 
+def test_decode_matches_reference():
+  """Token-by-token decoding with the KV cache (one compile) gives the llama3 reference logits
+  (the rescaled RoPE frequencies must reach the decode path too)."""
+  model = load_pretrained(os.path.join(FIXTURES, "llama3"))        # fresh: init_cache mutates it
+  x, want = _inputs("llama3")
+  model.init_cache(batch_size=x.shape[0], max_len=12)
+  step = nnx.jit(lambda m, t: m(t, decode=True))
+  got = [step(model, x[:, i:i + 1]) for i in range(x.shape[1])]
+  np.testing.assert_allclose(np.concatenate(got, axis=1), want, atol=1e-4, rtol=1e-4)
+
+
 def test_loaders_keep_config_details():
   """The details the fixtures exercise landed where they should (sharded llama, tied qwen2)."""
   llama, qwen, mistral, deit = (_model(n) for n in ("llama", "qwen2", "mistral", "deit"))
