@@ -207,8 +207,6 @@ def _need(config: Mapping[str, Any], key: str, source: str):
 # --- Llama family -------------------------------------------------------------------------------
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
 ROPE_TYPES = ("default", "llama3")
 
 
