@@ -484,12 +484,20 @@ def write_figures(metrics: dict[str, Any], workdir: str, figs: dict[str, Any] | 
   return paths
 
 
+def _overlay(ax, attn_map, image):
+  """The map over the patch grid (scaled to its max), with the digit's outline on top."""
+  size = image.shape[-1]
+  ax.imshow(attn_map / max(float(attn_map.max()), 1e-12), cmap="inferno", vmin=0, vmax=1,
+            extent=(0, size, size, 0), interpolation="nearest")
+  c = np.arange(size) + 0.5
+  ax.contour(c, c, image, levels=[0.35], colors="cyan", linewidths=0.8)
+
+
 def _cls_figure(f, workdir, plt):
   """Rows: examples; columns: the digit, then the class token's attention over the patch grid
-  for each layer and head, drawn over the digit (nearest-neighbour upsampled to its pixels)."""
+  for each layer and head, each scaled to its max, with the digit's outline in cyan."""
   maps, imgs = f["maps"], f["images"]                      # [L, K, H, gh, gw], [K, S, S]
   n_l, k, n_h = maps.shape[:3]
-  size = imgs.shape[-1]
   fig, axes = plt.subplots(k, 1 + n_l * n_h, figsize=(1.3 * (1 + n_l * n_h), 1.4 * k), squeeze=False)
   for r in range(k):
     axes[r, 0].imshow(imgs[r], cmap="gray_r")
@@ -497,15 +505,13 @@ def _cls_figure(f, workdir, plt):
     for l in range(n_l):
       for h in range(n_h):
         ax = axes[r, 1 + l * n_h + h]
-        m = maps[l, r, h]
-        ax.imshow(imgs[r], cmap="gray_r", extent=(0, size, size, 0))
-        ax.imshow(m / max(m.max(), 1e-12), cmap="inferno", alpha=0.65, extent=(0, size, size, 0),
-                  interpolation="nearest")
+        _overlay(ax, maps[l, r, h], imgs[r])
         if r == 0:
           ax.set_title(f"L{l} H{h}", fontsize=8)
   for ax in axes.ravel():
     ax.set_xticks([]); ax.set_yticks([])
-  fig.suptitle("class-token attention over the patch grid (each map scaled to its max)", fontsize=9)
+  fig.suptitle("class-token attention over the patch grid (each map scaled to its max; "
+               "digit outline in cyan)", fontsize=9)
   fig.tight_layout()
   return _save(fig, os.path.join(workdir, "cls_attention.png"), plt)
 
@@ -516,7 +522,6 @@ def _answer_figure(f, workdir, plt):
   from attnjax.data import synthetic  # pylint: disable=import-outside-toplevel
   maps, imgs, tok = f["maps"], f["images"], f["tokens"]  # [L, K, gh, gw], [K, S, S], [K, 4]
   n_l, k = maps.shape[:2]
-  size = imgs.shape[-1]
   sym = {synthetic.PLUS: "+", synthetic.MINUS: "-", synthetic.EQUALS: "="}
   fig, axes = plt.subplots(k, 1 + n_l, figsize=(1.6 * (1 + n_l), 1.5 * k), squeeze=False)
   for r in range(k):
@@ -525,32 +530,38 @@ def _answer_figure(f, workdir, plt):
     axes[r, 0].set_title(f"img {prompt} {int(tok[r, 3])}", fontsize=7)
     for l in range(n_l):
       ax = axes[r, 1 + l]
-      ax.imshow(imgs[r], cmap="gray_r", extent=(0, size, size, 0))
-      m = maps[l, r]
-      ax.imshow(m / max(m.max(), 1e-12), cmap="inferno", alpha=0.65, extent=(0, size, size, 0),
-                interpolation="nearest")
+      _overlay(ax, maps[l, r], imgs[r])
       ax.set_title(f"L{l}: text {f['text_share'][l, r]:.2f}", fontsize=7)
   for ax in axes.ravel():
     ax.set_xticks([]); ax.set_yticks([])
-  fig.suptitle("answer-token attention over the image (head mean)", fontsize=9)
+  fig.suptitle("answer-token attention over the image (head mean, scaled to its max)", fontsize=9)
   fig.tight_layout()
   return _save(fig, os.path.join(workdir, "answer_attention.png"), plt)
 
 
 def _cross_figure(f, workdir, plt):
-  """Example 0: the aggregated cross-attention (target x source), the saliency map, and every
-  cross-attention head; the reference alignment of reversal is the anti-diagonal."""
+  """Example 0. Top row: the aggregated cross-attention (target x source) and the gradient x
+  input saliency map; then one row per decoder layer with its cross-attention heads. The
+  reference alignment of reversal is the anti-diagonal."""
   hs = f["heads"][:, 0]                                   # [L, H, T, S]
-  panels = [("mean cross-attn", f["agg"][0])]
+  n_l, n_h = hs.shape[:2]
+  top = [("mean cross-attention", f["agg"][0])]
   if f["saliency"] is not None:
-    panels.append(("grad x input", f["saliency"][0]))
-  panels += [(f"L{l} H{h}", hs[l, h]) for l in range(hs.shape[0]) for h in range(hs.shape[1])]
-  fig, axes = plt.subplots(1, len(panels), figsize=(1.9 * len(panels), 2.3), squeeze=False)
-  for ax, (title, m) in zip(axes[0], panels):
+    top.append(("grad x input saliency", f["saliency"][0]))
+  cols = max(n_h, len(top))
+  fig, axes = plt.subplots(1 + n_l, cols, figsize=(2.1 * cols, 2.2 * (1 + n_l)), squeeze=False)
+  panels = [(axes[0, j], t, m) for j, (t, m) in enumerate(top)]
+  panels += [(axes[1 + l, h], f"cross L{l} H{h}", hs[l, h]) for l in range(n_l) for h in range(n_h)]
+  used = {id(ax) for ax, _, _ in panels}
+  for ax in axes.ravel():
+    if id(ax) not in used:
+      ax.axis("off")
+  src, tgt = [str(int(v)) for v in f["src"][0]], [str(int(v)) for v in f["tgt"][0]]
+  for ax, title, m in panels:
     ax.imshow(m, cmap="viridis")
     ax.set_title(title, fontsize=8)
-    ax.set_xticks(range(len(f["src"][0])), [str(int(v)) for v in f["src"][0]], fontsize=5)
-    ax.set_yticks(range(len(f["tgt"][0])), [str(int(v)) for v in f["tgt"][0]], fontsize=5)
+    ax.set_xticks(range(len(src)), src, fontsize=5)
+    ax.set_yticks(range(len(tgt)), tgt, fontsize=5)
   axes[0, 0].set_xlabel("source token", fontsize=7)
   axes[0, 0].set_ylabel("target token", fontsize=7)
   fig.tight_layout()
@@ -593,6 +604,7 @@ def main(argv):
     raise app.UsageError("Too many command-line arguments.")
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir or os.path.join("workdirs", f"probe_{config.task}")
+  guards.exit_on_run_error(lambda: (guards.validate(config), probe_names(config)))
   logging.info("config:\n%s", config)
   out = guards.exit_on_run_error(lambda: probe(config, workdir))
   m = out["metrics"]
