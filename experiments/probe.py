@@ -314,6 +314,9 @@ def _probe_vlm(model, task, config, names, batches):
     # some layer and head (ACT's criterion, the first such key included).
     recv = jnp.sum(a, -2) / (t - jnp.arange(t))                                   # [L, B, H, T]
     sink = jnp.any(recv > pc.act_threshold, axis=(0, 2))                         # [B, T]
+    if {"image_centric", "var_accuracy"} & set(names):  # how many sinks that criterion finds
+      per_batch.setdefault("sink_tokens", []).append(jnp.sum(sink, -1).mean())
+      per_batch.setdefault("image_sink_tokens", []).append(jnp.sum(sink & img, -1).mean())
     arrays = _vlm_arrays(a, sink, n_img=n_img, names=tuple(names))
     for name in names:
       if name in arrays:

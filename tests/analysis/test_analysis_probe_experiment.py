@@ -45,7 +45,7 @@ _KINDS = {
     "digit_arith": ("answer_attention.png", ("modality_share", "visual_map_entropy", "vhd",
                                              "image_centric", "head_importance"),
                     ("accuracy", "vhr_accuracy", "var_accuracy", "sgl_accuracy", "sgl_random_accuracy")),
-    "reverse": ("cross_attention.png", ("cross_head_alignment", "cross_entropy"),
+    "reverse": ("cross_attention.png", ("cross_head_alignment", "cross_entropy", "head_importance"),
                 ("cross_alignment", "cross_pearson", "cross_spearman", "cross_explained")),
 }
 
