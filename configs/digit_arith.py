@@ -11,7 +11,10 @@ the text (op, k). `ImageTextLM`: patch projection + learned image positions, the
 blocks (RoPE softmax attention, SwiGLU). 2 layers, d_model 64, 4 heads; 4 prompts per image
 (5,752 train / 1,436 test sequences; the test images are never seen in training); AdamW lr 3e-3,
 batch 64. Chance is 0.1.
-MEASURED
+Measured (2026-12-03, 2-core CPU shared by many jobs, load ~30: 5 min 42 s for 1,500 steps;
+a quiet machine is several times faster): held-out answer accuracy 0.24 / 0.49 / 0.63 / 0.77 /
+0.84 / 0.850 at steps 250 / 500 / 750 / 1000 / 1250 / 1500 (eval loss 0.47); the curve is still
+rising at the end.
 """
 
 import ml_collections

@@ -22,8 +22,37 @@ head); no dormant head; head importance (loss increase when masked) 0.05-0.72, l
 layer 1 head 3; mean attention distance 2.8-14.3 tokens (layer 1 holds the local heads); the
 streamed key mass of token 0 equals the explicit sink mass.
 MEASURED_VIT
-MEASURED_VLM
-MEASURED_S2S
+
+Measured, digit_arith (same day and machine; 1,500 training steps as `configs/digit_arith.py`,
+probes on 2 eval batches of 64, 4 min 15 s): held-out answer accuracy 0.850 (0.883 on the
+probed batches). Modality share at the answer query (attention on image keys, layers x heads)
+[[0.64, 0.94, 0.91, 0.45], [0.77, 0.32, 0.05, 0.57]]: layer 0 reads the image, layer 1 head 2
+reads the prompt (5% on the image); image AEI 0.87 / 0.51 and text-over-image dominance (MDI)
+2.1 / 16.2 for layers 0 / 1 (the image is 16 of 19 tokens). `answer_attention.png`: for one
+digit (a 6) with four prompts, layer 0 attends the same few stroke patches whatever the prompt,
+layer 1 moves to the bottom of the digit and puts 0.26-0.46 on the text. VHD (with image vs a
+blank image, answer position) 2.4-5.1 per head; scaling the top-2 VHD heads by 2 (VHR) costs
+0.19 accuracy (this model was not trained to hallucinate, so amplifying heads only perturbs
+it). The sink criterion (ACT's, threshold 0.1, any layer or head) marks many image tokens, so
+few answer rows are image-centric (0-8%) and VAR (p=0.6) changes accuracy by -0.016. SGL
+self-guided pruning to half the image tokens: -0.625 accuracy vs -0.664 for random pruning
+(the 8x8 digits need most of their 16 patches). Head importance 0.19-2.03 (loss increase when
+masked), every layer-0 head above 0.78.
+
+Measured, reverse (same day and machine; 800 training steps as `configs/reverse.py`, probes on
+2 eval batches, 2 min 13 s): held-out token accuracy 0.999. The aggregated cross-attention
+(mean over layers and heads) puts its argmax on reversal's source token (target t -> source
+11 - t) for 0.989 of target tokens; per head 0.95-0.97 in decoder layer 0 and 0.75-0.86 in
+layer 1; cross-attention entropy 0.18-0.25 (layer 0) and 0.31-0.48 (layer 1) of log S.
+Against the gradient x input saliency of each target token's log-probability w.r.t. the source
+tokens: Pearson 0.65, Spearman 0.53, explained fraction (Pearson^2, per target token, then
+averaged) 0.53, i.e. the aggregated cross-attention explains about half of the saliency map,
+as the paper's title says for speech-to-text models. `cross_attention.png` shows the clean
+anti-diagonal of every layer-0 head and the more spread saliency map. Head importance (rows:
+`attention_layers` in probes.json): encoder layer 0 head 2 (2.39) and decoder layer 0's
+self-attention head 3 (0.92) matter most; each layer-0 cross head alone costs <= 0.06 (the four
+are redundant copies of the alignment), and decoder layer 1's self- and cross-attention heads
+barely matter (|I| <= 0.006).
 """
 
 import ml_collections

@@ -10,7 +10,9 @@ aligned with source position 11 - i: the reference alignment for the cross-atten
 `EncoderDecoder`: 2 encoder + 2 decoder layers (RoPE softmax self-attention, softmax
 cross-attention without positions), d_model 64, 4 heads; 8,192 train / 512 test sequences;
 AdamW lr 3e-3, batch 64.
-MEASURED
+Measured (2026-12-03, 2-core CPU shared by many jobs, load ~30: 5 min 16 s for 800 steps):
+held-out token accuracy 0.924 / 0.985 / 0.998 / 0.999 at steps 200 / 400 / 600 / 800 (eval
+loss 0.005).
 """
 
 import ml_collections
