@@ -21,7 +21,16 @@ crops of the corpus, so token 0 is no BOS and no head parks on it: sink mass 0.0
 head); no dormant head; head importance (loss increase when masked) 0.05-0.72, largest for
 layer 1 head 3; mean attention distance 2.8-14.3 tokens (layer 1 holds the local heads); the
 streamed key mass of token 0 equals the explicit sink mass.
-MEASURED_VIT
+
+Measured, digits (ViT of `configs/vit_digits.py`, 400 steps; same day, 2-core CPU shared by
+many jobs: 9.5 min training, under a minute probing 2 eval batches): held-out accuracy 0.925.
+`cls_attention.png` (copied to benchmarks/probe_vit_digits.png): layer 0 heads 0-2 each put
+their class-token attention on one or two patches (map entropy 0.26-0.56 of log 64) at nearly
+the same place for every digit; head 3 and every layer-1 head spread over the strokes
+(0.54-0.70). Attention on the class token itself 0.007-0.024 per head (no sink);
+patch-to-patch attention distance 7.8-8.6 pixels, the uniform value on this 8x8 grid of 2-pixel
+patches being about 8.3 (no local heads at this size); head importance 0.25-0.39 for layer 0,
+-0.01-0.14 for layer 1 (the layer-0 heads carry the classification).
 
 Measured, digit_arith (same day and machine; 1,500 training steps as `configs/digit_arith.py`,
 probes on 2 eval batches of 64, 4 min 15 s): held-out answer accuracy 0.850 (0.883 on the
