@@ -118,6 +118,12 @@ def _existing_file(v) -> bool:
   return v is None or (isinstance(v, str) and os.path.isfile(v) and os.path.getsize(v) > 0)
 
 
+def _probe_names_ok(v) -> bool:
+  from experiments.probe import ALL_PROBES
+  names = [s.strip() for s in str(v).split(",") if s.strip()] if isinstance(v, str) else []
+  return bool(names) and all(n in ALL_PROBES for n in names)
+
+
 def _rules_ok(v) -> bool:
   from attnjax.distributed.sharding import MESH_AXES
   try:
@@ -129,7 +135,7 @@ def _rules_ok(v) -> bool:
 
 _MESH_SIZE = ((lambda v: _is_int(v) and (v >= 1 or v == -1)), "must be an integer >= 1, or -1 (the rest)")
 EVAL_METRICS = ("eval_accuracy", "eval_aux_loss", "eval_loss")
-TASKS = ("digits", "lm", "mqar")
+TASKS = ("digit_arith", "digits", "lm", "mqar", "reverse")
 NONFINITE_MODES = ("stop", "skip")
 
 # field -> (predicate, rule text). Every leaf of every shipped config is here (tested).
@@ -147,6 +153,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.max_bytes": _optional(_int_at_least(2)),
     "data.num_eval_batches": _int_at_least(1),
     "data.image_size": (lambda v: _is_int(v) and v >= 8 and v % 8 == 0, "must be a multiple of 8"),
+    "data.prompts_per_image": _int_at_least(1),
     "model.mixer": (_known_mixer, "must be a registered mixer (attnjax.registry.list_mixers())"),
     "model.mixer_options": (_mapping, "must be a mapping of keyword arguments for the mixer"),
     "model.layer_mixers": (_layer_mixers_ok, "must be None or a comma-separated list of registered mixers"),
@@ -186,6 +193,22 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "checkpoint.async_save": _BOOL,
     "checkpoint.resume": _BOOL,
     "checkpoint.save_on_sigterm": _BOOL,
+    # experiments.probe (configs/probe.py)
+    "probe.checkpoint": (lambda v: v is None or (isinstance(v, str) and os.path.isdir(v)),
+                         "must name an existing checkpoint directory (or None: train now)"),
+    "probe.hf_path": (lambda v: v is None or (isinstance(v, str) and os.path.isdir(v)),
+                      "must name an existing Hugging Face checkpoint directory (or None)"),
+    "probe.probes": (_probe_names_ok, "must be a comma-separated list of experiments.probe.ALL_PROBES"),
+    "probe.num_batches": _int_at_least(1),
+    "probe.sink_eps": _num(lambda v: 0 < v <= 1, "in (0, 1]"),
+    "probe.dormant_threshold": _num(lambda v: 0 < v <= 1, "in (0, 1]"),
+    "probe.act_threshold": _num(lambda v: 0 < v <= 1, "in (0, 1]"),
+    "probe.var_p": _num(lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "probe.vhr_top_k": _int_at_least(0),
+    "probe.vhr_alpha": _num(lambda v: v >= 0, ">= 0"),
+    "probe.sgl_keep_ratio": _num(lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "probe.num_examples": _int_at_least(1),
+    "probe.figures": _BOOL,
 }
 _OPAQUE = ("model.mixer_options", "sharding_rules")  # values checked whole, not walked into
 _GROUPS = {f.split(".")[0] for f in RULES if "." in f}
@@ -226,7 +249,7 @@ def _cross_checks(f: dict[str, Any]) -> None:
     if n != f["model.num_layers"]:
       fail("model.layer_mixers", f"lists {n} mixers; must list model.num_layers={f['model.num_layers']}")
   seq, vocab, bs = f.get("data.seq_len"), f.get("data.vocab_size"), f["train.batch_size"]
-  if f["task"] == "digits":
+  if f["task"] in ("digits", "digit_arith"):
     if f["data.image_size"] % f["model.patch_size"]:
       fail("model.patch_size", f"must divide data.image_size={f['data.image_size']}")
   if f["task"] == "mqar":
@@ -237,6 +260,11 @@ def _cross_checks(f: dict[str, Any]) -> None:
       fail("data.vocab_size", f"must exceed data.seq_len={seq} for mqar")
     if 4 * kv > seq:
       fail("data.num_kv_pairs", f"must be <= data.seq_len / 4 = {seq // 4}")
+    if bs > f["data.num_train"]:
+      fail("train.batch_size", f"must be <= data.num_train={f['data.num_train']}")
+  elif f["task"] == "reverse":
+    if vocab < 3:
+      fail("data.vocab_size", "must be >= 3 for reverse (BOS and at least two symbols)")
     if bs > f["data.num_train"]:
       fail("train.batch_size", f"must be <= data.num_train={f['data.num_train']}")
   elif f["task"] == "lm":
@@ -274,7 +302,10 @@ def validate(config) -> None:
   task_fields = {"mqar": ("data.vocab_size", "data.seq_len", "data.num_kv_pairs", "data.num_train",
                           "data.num_test"),
                  "lm": ("data.vocab_size", "data.seq_len", "data.num_eval_batches"),
-                 "digits": ("data.image_size", "model.patch_size")}[fields["task"]]
+                 "digits": ("data.image_size", "model.patch_size"),
+                 "digit_arith": ("data.image_size", "data.prompts_per_image", "model.patch_size"),
+                 "reverse": ("data.vocab_size", "data.seq_len", "data.num_train", "data.num_test")
+                 }[fields["task"]]
   for required in task_fields:
     if required not in fields:
       raise ConfigError(required, None, f"is required for task {fields['task']!r}")

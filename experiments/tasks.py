@@ -15,8 +15,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from attnjax.data import images, mqar, text
+from attnjax.data import images, mqar, synthetic, text
 from attnjax.models import DecoderLM, ViT
+from attnjax.models.image_text import ImageTextLM
+from attnjax.models.seq2seq import EncoderDecoder
 
 
 @dataclasses.dataclass
@@ -126,7 +128,72 @@ def make_digits(config) -> Task:
   return Task("digits", loader, evals, classification_loss, build_vit)
 
 
-_TASKS = {"mqar": make_mqar, "lm": make_lm, "digits": make_digits}
+def build_image_text(config, rngs: nnx.Rngs) -> ImageTextLM:
+  m = config.model
+  return ImageTextLM(image_size=config.data.image_size, patch_size=m.patch_size, in_channels=1,
+                     vocab_size=synthetic.ARITH_VOCAB, d_model=m.d_model, num_layers=m.num_layers,
+                     num_heads=m.num_heads, mixer=m.mixer, mixer_options=m.mixer_options.to_dict(),
+                     mlp_ratio=m.mlp_ratio, max_text_len=3, rngs=rngs)
+
+
+def answer_loss(model: ImageTextLM, batch):
+  """Cross-entropy and accuracy of the answer token, read at the last prompt position.
+
+  `batch = (images [B, S, S, 1], tokens [B, 4])`: prompt `tokens[:, :3]`, answer `tokens[:, 3]`.
+  """
+  x, tok = batch
+  logits = model(x, tok[:, :-1])[:, -1].astype(jnp.float32)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, tok[:, -1]).mean()
+  return loss, {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == tok[:, -1])}
+
+
+def make_digit_arith(config) -> Task:
+  """Digit image + prompt `[op, k, =]` -> `(label op k) mod 10` (`attnjax.data.synthetic`)."""
+  d = config.data
+  bs = config.train.batch_size
+  split = {}
+  for i, name in enumerate(("train", "test")):
+    x, y = images.load_digits(name, seed=config.seed, image_size=d.image_size)
+    split[name] = synthetic.digit_arithmetic(x, y, prompts_per_image=d.prompts_per_image,
+                                             seed=config.seed + i)
+  loader = images.ArrayLoader(*split["train"], bs, seed=config.seed)
+  evals = [jax.tree.map(jnp.asarray, b) for b in images.eval_batches(*split["test"], bs)]
+  return Task("digit_arith", loader, evals, answer_loss, build_image_text)
+
+
+def build_seq2seq(config, rngs: nnx.Rngs) -> EncoderDecoder:
+  m = config.model
+  return EncoderDecoder(vocab_size=config.data.vocab_size, d_model=m.d_model,
+                        num_layers=m.num_layers, num_heads=m.num_heads, mixer=m.mixer,
+                        mixer_options=m.mixer_options.to_dict(), mlp_ratio=m.mlp_ratio, rngs=rngs)
+
+
+def teacher_forced(tgt: jax.Array) -> jax.Array:
+  """Decoder inputs `[BOS, tgt[:, :-1]]` for targets `tgt [B, T]`."""
+  return jnp.concatenate([jnp.full_like(tgt[:, :1], synthetic.BOS), tgt[:, :-1]], axis=1)
+
+
+def seq2seq_loss(model: EncoderDecoder, batch):
+  """Teacher-forced cross-entropy and token accuracy of `batch = (src [B, S], tgt [B, T])`."""
+  src, tgt = batch
+  logits = model(src, teacher_forced(tgt)).astype(jnp.float32)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, tgt).mean()
+  return loss, {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == tgt)}
+
+
+def make_reverse(config) -> Task:
+  """Sequence reversal with an encoder-decoder (`attnjax.data.synthetic.reversal`)."""
+  d = config.data
+  bs = config.train.batch_size
+  train = synthetic.reversal(d.num_train, d.seq_len, d.vocab_size, seed=config.seed)
+  test = synthetic.reversal(d.num_test, d.seq_len, d.vocab_size, seed=config.seed + 1_000_003)
+  loader = images.ArrayLoader(*train, bs, seed=config.seed)
+  evals = [jax.tree.map(jnp.asarray, b) for b in images.eval_batches(*test, bs)]
+  return Task("reverse", loader, evals, seq2seq_loss, build_seq2seq)
+
+
+_TASKS = {"mqar": make_mqar, "lm": make_lm, "digits": make_digits, "digit_arith": make_digit_arith,
+          "reverse": make_reverse}
 
 
 def make_task(config) -> Task:

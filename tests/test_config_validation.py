@@ -14,17 +14,24 @@ import sys
 
 import pytest
 
-from configs import lm_tiny, mqar, mqar_sharded, vit_digits
+from configs import digit_arith, lm_tiny, mqar, mqar_sharded, probe, reverse, vit_digits
 from experiments import guards, trainer
 
 _SHIPPED = {"mqar": mqar.get_config(), "mqar:tiny": mqar.get_config("tiny"),
             "lm_tiny": lm_tiny.get_config(), "lm_tiny:tiny": lm_tiny.get_config("tiny"),
             "mqar_sharded": mqar_sharded.get_config(), "mqar_sharded:tiny": mqar_sharded.get_config("tiny"),
-            "vit_digits": vit_digits.get_config(), "vit_digits:tiny": vit_digits.get_config("tiny")}
+            "vit_digits": vit_digits.get_config(), "vit_digits:tiny": vit_digits.get_config("tiny"),
+            "digit_arith": digit_arith.get_config(), "digit_arith:tiny": digit_arith.get_config("tiny"),
+            "reverse": reverse.get_config(), "reverse:tiny": reverse.get_config("tiny"),
+            **{f"probe:{b}": probe.get_config(b) for b in ("lm", "mqar", "digits", "digit_arith", "reverse")},
+            "probe:reverse,tiny": probe.get_config("reverse,tiny")}
 _BASE = {"mqar": lambda: mqar.get_config("tiny").to_dict(),
          "lm": lambda: lm_tiny.get_config("tiny").to_dict(),
          "sharded": lambda: mqar_sharded.get_config("tiny").to_dict(),
-         "digits": lambda: vit_digits.get_config("tiny").to_dict()}
+         "digits": lambda: vit_digits.get_config("tiny").to_dict(),
+         "arith": lambda: digit_arith.get_config("tiny").to_dict(),
+         "reverse": lambda: reverse.get_config("tiny").to_dict(),
+         "probe": lambda: probe.get_config("digits,tiny").to_dict()}
 
 # (base, field, bad value, words the rule must say). One row per rule in guards.RULES ...
 _FIELD_CASES = [
@@ -43,7 +50,15 @@ _FIELD_CASES = [
     ("mqar", "model.short_conv", -1, ">= 0"), ("mqar", "model.pos_emb", "rope", "one of"),
     ("mqar", "model.attn_res", "half", "one of"), ("mqar", "model.attn_res_block_size", 0, ">= 1"),
     ("digits", "data.image_size", 12, "multiple of 8"), ("digits", "model.patch_size", 0, ">= 1"),
-    ("digits", "model.pool", "max", "one of"),
+    ("digits", "model.pool", "max", "one of"), ("arith", "data.prompts_per_image", 0, ">= 1"),
+    ("probe", "probe.checkpoint", "/no/such/dir", "existing checkpoint directory"),
+    ("probe", "probe.hf_path", "/no/such/dir", "Hugging Face checkpoint directory"),
+    ("probe", "probe.probes", "sink_mass,nope", "ALL_PROBES"), ("probe", "probe.num_batches", 0, ">= 1"),
+    ("probe", "probe.sink_eps", 0.0, "(0, 1]"), ("probe", "probe.dormant_threshold", 1.5, "(0, 1]"),
+    ("probe", "probe.act_threshold", -0.1, "(0, 1]"), ("probe", "probe.var_p", 1.1, "[0, 1]"),
+    ("probe", "probe.vhr_top_k", -1, ">= 0"), ("probe", "probe.vhr_alpha", -1.0, ">= 0"),
+    ("probe", "probe.sgl_keep_ratio", 2.0, "[0, 1]"), ("probe", "probe.num_examples", 0, ">= 1"),
+    ("probe", "probe.figures", "yes", "True or False"),
     ("mqar", "optim.lr", -1e-3, "> 0"), ("mqar", "optim.warmup_steps", -1, ">= 0"),
     ("mqar", "optim.weight_decay", -0.1, ">= 0"), ("mqar", "optim.clip_norm", 0.0, "> 0"),
     ("mqar", "optim.b1", 1.0, "[0, 1)"), ("mqar", "optim.b2", -0.1, "[0, 1)"),
@@ -73,6 +88,9 @@ _CROSS_CASES = [
     ("lm", {"data.max_bytes": 300}, "data.max_bytes", "held-out 5%"),
     ("sharded", {"mesh.data": -1}, "mesh", "at most one axis as -1"),
     ("digits", {"model.patch_size": 3}, "model.patch_size", "must divide data.image_size=8"),
+    ("arith", {"model.patch_size": 3}, "model.patch_size", "must divide data.image_size=8"),
+    ("reverse", {"data.vocab_size": 2}, "data.vocab_size", ">= 3 for reverse"),
+    ("reverse", {"train.batch_size": 257}, "train.batch_size", "<= data.num_train=256"),
 ]
 
 
@@ -134,7 +152,7 @@ def test_unknown_fields_and_presets_name_the_closest_known_one():
   assert guards._override_problem(["--config=configs/mqar.py:tiny", "--config.model.d_modle=3"]) == (
       "unknown config field 'model.d_modle'; did you mean 'model.d_model'?")
   assert guards._override_problem(["--config=configs/mqar.py", "--config.model.d_model=3"]) is None
-  for module in (mqar, lm_tiny, mqar_sharded, vit_digits):
+  for module in (mqar, lm_tiny, mqar_sharded, vit_digits, digit_arith, reverse):
     with pytest.raises(ValueError, match="unknown preset 'tinyy'"):
       module.get_config("tinyy")
 

@@ -10,6 +10,11 @@ with cap.capturing(lm, ("weights", "head_outputs")):
 attn = cap.stack(inter, "weights")                 # [L, B, H, T, T]
 cap.set_head_scale(lm, jnp.ones((L, H)).at[1, 2].set(0.0))   # mask head 2 of layer 1
 ```
+Encoder-decoders hold several kinds of attention layer (encoder self, decoder self, decoder
+cross-attention, whose weights have different shapes); `select="cross"` (a path component, or a
+predicate on the path) restricts `attention_layers`, `capturing` and `stack` to some of them:
+`with cap.capturing(m, ("weights",), select="cross"): ...; cap.stack(inter, "weights",
+select="cross")  # [L, B, H, T, S]`.
 Residual-stream states come from `nnx.capture(..., method_outputs=nnx.Intermediate)` (every
 block's `__call__` output is the residual stream after that block): `run(..., residual=True)`.
 """
@@ -26,30 +31,49 @@ from flax import nnx
 from attnjax.nn.attention import CAPTURE_KINDS, HeadScale, MultiHeadAttention
 
 
-def attention_layers(model) -> list[tuple[tuple, MultiHeadAttention]]:
-  """`(path, layer)` for every `MultiHeadAttention` in `model`, in graph (layer) order."""
-  out = [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, MultiHeadAttention)]
+Select = str | Callable[[tuple], bool] | None
+
+
+def _selector(select: Select) -> Callable[[tuple], bool]:
+  if select is None:
+    return lambda path: True
+  if isinstance(select, str):
+    return lambda path: select in tuple(str(p) for p in path)
+  if callable(select):
+    return select
+  raise TypeError(f"select must be None, a path component (str) or a predicate, got {select!r}")
+
+
+def attention_layers(model, select: Select = None) -> list[tuple[tuple, MultiHeadAttention]]:
+  """`(path, layer)` for every `MultiHeadAttention` in `model`, in graph (layer) order.
+
+  `select`: keep only layers whose path has that component (`"cross"`), or `select(path)` true.
+  """
+  keep = _selector(select)
+  out = [(path, node) for path, node in nnx.iter_graph(model)
+         if isinstance(node, MultiHeadAttention) and keep(tuple(path))]
   if not out:
-    raise ValueError("model holds no MultiHeadAttention layer to probe")
+    what = "" if select is None else f" selected by {select!r}"
+    raise ValueError(f"model holds no MultiHeadAttention layer{what} to probe")
   return out
 
 
-def set_capture(model, kinds: Iterable[str]) -> None:
-  """Sets `capture` on every attention layer (`()` turns capturing off)."""
+def set_capture(model, kinds: Iterable[str], select: Select = None) -> None:
+  """Sets `capture` on every (selected) attention layer (`()` turns capturing off)."""
   kinds = tuple(kinds)
   bad = sorted(set(kinds) - set(CAPTURE_KINDS))
   if bad:
     raise ValueError(f"kinds must be among {CAPTURE_KINDS}, got {bad}")
-  for _, layer in attention_layers(model):
+  for _, layer in attention_layers(model, select):
     layer.capture = kinds
 
 
 @contextlib.contextmanager
-def capturing(model, kinds: Iterable[str]):
-  """Context manager: capture `kinds` inside, restore each layer's previous setting after."""
-  layers = attention_layers(model)
+def capturing(model, kinds: Iterable[str], select: Select = None):
+  """Context manager: capture `kinds` inside (on the `select`ed layers), restore after."""
+  layers = attention_layers(model, select)
   old = [layer.capture for _, layer in layers]
-  set_capture(model, kinds)
+  set_capture(model, kinds, select)
   try:
     yield model
   finally:
@@ -69,21 +93,24 @@ def run(model, *args, residual: bool = False, method: Callable | None = None, **
   return nnx.capture(fn, nnx.Intermediate, **extra)(model, *args, **kwargs)
 
 
-def stack(intermediates, kind: str, model=None) -> jax.Array:
+def stack(intermediates, kind: str, model=None, *, select: Select = None) -> jax.Array:
   """The captured `kind` of every attention layer stacked on a new leading layer axis `[L, ...]`.
 
   Layers are ordered by their path in the state (the graph order for `nnx.List` blocks).
-  Each layer's first call is used (a layer called twice sows a tuple of two).
+  Each layer's first call is used (a layer called twice sows a tuple of two). `select` keeps
+  the layers whose path (without the kind) matches, as in `attention_layers`.
   """
   flat = nnx.to_flat_state(intermediates) if not isinstance(intermediates, list) else intermediates
+  keep = _selector(select)
   hits = []
   for path, var in flat:
-    if path and path[-1] == kind:
+    if path and path[-1] == kind and keep(tuple(path[:-1])):
       val = var.get_value() if hasattr(var, "get_value") else var
       val = val[0] if isinstance(val, tuple) else val
       hits.append((tuple(path[:-1]), val))
   if not hits:
-    raise ValueError(f"no {kind!r} captured; set it with capturing(model, ({kind!r},)) first")
+    what = "" if select is None else f" on layers selected by {select!r}"
+    raise ValueError(f"no {kind!r} captured{what}; set it with capturing(model, ({kind!r},)) first")
   hits.sort(key=lambda pv: tuple((0, p) if isinstance(p, int) else (1, str(p)) for p in pv[0]))
   return jnp.stack([v for _, v in hits])
 

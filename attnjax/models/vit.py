@@ -14,6 +14,14 @@ from attnjax.nn.layers import dense, make_norm
 from attnjax.nn.operators import EfficientProbe, LowRankAttentionPooling
 
 
+def patchify(images: jax.Array, patch_size: int) -> jax.Array:
+  """`[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C]`, patches in row-major order (`p = patch_size`)."""
+  b, h, w, c = images.shape
+  p = patch_size
+  x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
 class ViT(nnx.Module):
   """Patch embedding, learned positions, `num_layers` pre-norm blocks, then a classifier.
 
@@ -86,10 +94,7 @@ class ViT(nnx.Module):
 
   def patchify(self, images: jax.Array) -> jax.Array:
     """`[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C]`, patches in row-major order."""
-    b, h, w, c = images.shape
-    p = self.patch_size
-    x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, (h // p) * (w // p), p * p * c)
+    return patchify(images, self.patch_size)
 
   def __call__(self, images: jax.Array) -> jax.Array:
     if images.ndim != 4 or images.shape[1:] != (*self.image_size, self.in_channels):

@@ -227,3 +227,33 @@ def test_explicit_path_segments_and_decode_match_default():
   assert ws.shape[-1] == 10 and np.all(ws[..., 8:] == 0)
   np.testing.assert_allclose(ws[..., :8], np.asarray(cap.stack(inter_full, "weights")[0])[:, :, 7],
                              rtol=1e-4, atol=1e-6)
+
+
+def test_cross_attention_capture_selects_layers_and_matches_oracle():
+  """EncoderDecoder: `select="cross"` captures only the decoder's cross-attention, `[L, B, H, T, S]`
+  with T != S; the weights equal a numpy transcription (softmax of (x Wq).(memory Wk) / sqrt(d),
+  no mask, no RoPE) on the layer's own input and the encoder memory; `select="encoder"` gives the
+  encoder's square self-attention."""
+  from attnjax.models.seq2seq import EncoderDecoder
+  m = EncoderDecoder(vocab_size=11, d_model=12, num_layers=2, num_heads=3, mlp_ratio=1.0,
+                     rngs=nnx.Rngs(0))
+  src = jax.random.randint(jax.random.key(0), (2, 7), 1, 11)
+  tgt = jax.random.randint(jax.random.key(1), (2, 5), 0, 11)
+  assert [p for p, _ in cap.attention_layers(m, "cross")] == [("decoder", 0, "cross"), ("decoder", 1, "cross")]
+  with cap.capturing(m, ("weights", "inputs"), select="cross"):
+    _, inter = _run(m, src, tgt)
+  a = np.asarray(cap.stack(inter, "weights", select="cross"))
+  assert a.shape == (2, 2, 3, 5, 7)
+  layer = m.decoder[0].cross
+  x = np.asarray(cap.stack(inter, "inputs", select="cross")[0], np.float64)
+  mem = np.asarray(nnx.jit(lambda mm, s: mm.encode(s))(m, src), np.float64)
+  q = (x @ np.asarray(layer.q_proj.kernel[...])).reshape(2, 5, 3, 4)
+  k = (mem @ np.asarray(layer.k_proj.kernel[...])).reshape(2, 7, 3, 4)
+  s = np.einsum("bqhd,bkhd->bhqk", q, k) / 2.0
+  w = np.exp(s - s.max(-1, keepdims=True))
+  np.testing.assert_allclose(a[0], w / w.sum(-1, keepdims=True), rtol=1e-4, atol=1e-6)
+  with cap.capturing(m, ("weights",), select="encoder"):
+    _, inter = _run(m, src, tgt)
+  assert cap.stack(inter, "weights", select="encoder").shape == (2, 2, 3, 7, 7)
+  with pytest.raises(ValueError, match="selected by 'cross'"):
+    cap.stack(inter, "weights", select="cross")
