@@ -1,0 +1,41 @@
+r"""Attention entropy collapse at a high learning rate, and sigmaReparam on Q/K preventing it.
+
+Command:
+  .venv/bin/python -m experiments.probe_repro --config=configs/probe_entropy.py \
+      --workdir=workdirs/probe_entropy --config.repro.record=True
+Tiny preset (tests): `--config=configs/probe_entropy.py:tiny`.
+
+Setting: byte LM (seq 64, 2 layers, d_model 64, 4 heads), AdamW at a high learning rate with a
+short warm-up; the same model with `SigmaReparamLinear` (Zhai et al., 2023, arXiv 2303.06296) in
+place of the projections named by `repro.reparam`. Mean attention entropy on held-out windows every
+`repro.probe_every` steps, and the final held-out loss, for both.
+Measured: see `benchmarks/probe_reproductions.md`.
+"""
+
+import ml_collections
+
+from configs import lm_tiny
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = lm_tiny.get_config()
+  c.data.seq_len = 64
+  c.data.num_eval_batches = 4
+  c.model.d_model, c.model.num_layers, c.model.num_heads = 64, 2, 4
+  c.train.steps, c.train.batch_size = 400, 16
+  c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay = 1e-2, 5, 0.0
+  c.repro = ml_collections.ConfigDict()
+  c.repro.mode = "entropy"
+  c.repro.variants = "plain,sigma_reparam"   # one process each: --config.repro.variants=plain
+  c.repro.reparam = "q_proj,k_proj"
+  c.repro.probe_every = 25
+  c.repro.num_probe_batches = 2
+  c.repro.record = False
+  if arg == "tiny":
+    c.data.seq_len, c.data.num_eval_batches, c.data.max_bytes = 16, 1, 100_000
+    c.model.d_model, c.model.num_heads, c.model.mlp_ratio = 16, 2, 2.0
+    c.train.steps, c.train.batch_size, c.train.progress = 4, 4, False
+    c.repro.probe_every, c.repro.num_probe_batches = 2, 1
+  elif arg:
+    raise ValueError(f"unknown preset {arg!r} for configs/probe_entropy.py; known: 'tiny'")
+  return c

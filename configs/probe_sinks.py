@@ -1,0 +1,42 @@
+r"""Attention sinks vs training step: softmax vs sigmoid (no normalisation) vs gated attention.
+
+Command:
+  .venv/bin/python -m experiments.probe_repro --config=configs/probe_sinks.py \
+      --workdir=workdirs/probe_sinks --config.repro.record=True
+Tiny preset (tests): `--config=configs/probe_sinks.py:tiny`.
+
+Setting: byte LM on the packaged text with a fixed BOS byte (0) at position 0 of every window,
+seq 64, 3 layers, d_model 64, 4 heads, SwiGLU MLP, AdamW; one model per mixer in `repro.mixers`.
+The sink rate of Gu et al. (2024, arXiv 2410.10781) at eps=0.3, and the share of each attention
+row's mass on the BOS, are measured on held-out windows every `repro.probe_every` steps.
+Measured: see `benchmarks/probe_reproductions.md`.
+"""
+
+import ml_collections
+
+from configs import lm_tiny
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = lm_tiny.get_config()
+  c.data.seq_len = 64
+  c.data.bos = 0
+  c.data.num_eval_batches = 4
+  c.model.d_model, c.model.num_layers, c.model.num_heads = 64, 3, 4
+  c.train.steps, c.train.batch_size = 400, 16
+  c.optim.lr, c.optim.warmup_steps = 2e-3, 50
+  c.repro = ml_collections.ConfigDict()
+  c.repro.mode = "sinks"
+  c.repro.mixers = "softmax,sigmoid,gated_attention"
+  c.repro.probe_every = 50
+  c.repro.sink_eps = 0.3
+  c.repro.num_probe_batches = 2
+  c.repro.record = False
+  if arg == "tiny":
+    c.data.seq_len, c.data.num_eval_batches, c.data.max_bytes = 16, 1, 100_000
+    c.model.d_model, c.model.num_layers, c.model.num_heads, c.model.mlp_ratio = 16, 2, 2, 2.0
+    c.train.steps, c.train.batch_size, c.train.progress = 4, 4, False
+    c.repro.probe_every, c.repro.num_probe_batches = 2, 1
+  elif arg:
+    raise ValueError(f"unknown preset {arg!r} for configs/probe_sinks.py; known: 'tiny'")
+  return c
