@@ -5,7 +5,8 @@ Command:
       --workdir=workdirs/probe_rsq --config.repro.record=True
 Tiny preset (tests): `--config=configs/probe_rsq.py:tiny`.
 
-Setting: the byte LM of `configs/probe_sinks.py` (softmax, BOS at position 0) is trained, then the
+Setting: the byte LM of `configs/probe_sinks.py` (softmax, BOS at position 0) is trained for 300
+steps, then the
 q/k/v projections of every attention layer are quantized per output row (4 and 3 bits) from
 `repro.num_calib_batches` training batches: RTN, GPTQ (Hessian `X^T X`), and RSQ (Sung et al.,
 2025, arXiv 2503.01820: Hessian weighted by AttnCon token importance in [1, 3]; no rotation).
@@ -29,6 +30,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   r.bits = "4,3"
   r.num_calib_batches = 8
   r.r_min, r.r_max = 1.0, 3.0
+  if arg != "tiny":
+    c.train.steps = 300
   if arg == "tiny":
     r.num_calib_batches, r.bits = 2, "4"
   return c

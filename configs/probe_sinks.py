@@ -9,7 +9,14 @@ Setting: byte LM on the packaged text with a fixed BOS byte (0) at position 0 of
 seq 64, 3 layers, d_model 64, 4 heads, SwiGLU MLP, AdamW; one model per mixer in `repro.mixers`.
 The sink rate of Gu et al. (2024, arXiv 2410.10781) at eps=0.3, and the share of each attention
 row's mass on the BOS, are measured on held-out windows every `repro.probe_every` steps.
-Measured: see `benchmarks/probe_reproductions.md`.
+Measured (2026-12-03, 2-core CPU shared by many jobs, ~29 min per mixer at ~4 s/step, one process
+each via `--config.repro.mixers=<name>`): NOT reproduced at this scale. After 400 steps (410K
+tokens) the softmax LM has sink rate 0.023 (step 0: 0.008) and puts 0.083 of each row on the BOS,
+about the uniform-causal level (0.074 at T=64); sigmoid (rows not normalised, mass ~0.5) and gated
+attention stay at sink rate 0.000 with BOS share 0.06. Held-out loss: softmax 1.844, sigmoid 1.861,
+gated 1.723. Gu et al. see sinks only "after effective optimization on sufficient training data"
+(billions of tokens); this budget is ~4 orders of magnitude short. Figure:
+`benchmarks/probe_sinks_vs_step.png`.
 """
 
 import ml_collections
@@ -32,11 +39,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.repro.sink_eps = 0.3
   c.repro.num_probe_batches = 2
   c.repro.record = False
+  c.repro.tag = ""   # records a variant setting as its own row, `<mode>@<tag>`
   if arg == "tiny":
     c.data.seq_len, c.data.num_eval_batches, c.data.max_bytes = 16, 1, 100_000
-    c.model.d_model, c.model.num_layers, c.model.num_heads, c.model.mlp_ratio = 16, 2, 2, 2.0
-    c.train.steps, c.train.batch_size, c.train.progress = 4, 4, False
-    c.repro.probe_every, c.repro.num_probe_batches = 2, 1
+    c.model.d_model, c.model.num_layers, c.model.num_heads, c.model.mlp_ratio = 16, 1, 2, 2.0
+    c.train.steps, c.train.batch_size, c.train.progress = 2, 4, False
+    c.repro.probe_every, c.repro.num_probe_batches = 1, 1
   elif arg:
     raise ValueError(f"unknown preset {arg!r} for configs/probe_sinks.py; known: 'tiny'")
   return c

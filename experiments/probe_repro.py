@@ -517,25 +517,26 @@ def _environment() -> dict[str, Any]:
           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
-def record(mode: str, res: dict[str, Any], command: str, root: str = ".") -> dict[str, Any]:
+def record(mode: str, res: dict[str, Any], command: str, root: str = ".", tag: str = "") -> dict[str, Any]:
   """Merges one result into `benchmarks/probe_reproductions.{json,md}` under `root`; returns the
-  recorded result (for `sinks` / `entropy`, the runs of earlier processes merged in)."""
+  recorded result (for `sinks` / `entropy`, the runs of earlier processes merged in). A `tag`
+  records a variant setting as its own row (`<mode>@<tag>`)."""
+  key = f"{mode}@{tag}" if tag else mode
   path = os.path.join(root, BENCH + ".json")
   os.makedirs(os.path.dirname(path), exist_ok=True)
   data = json.load(open(path)) if os.path.exists(path) else {}
   runs = {"sinks": "mixers", "entropy": "variants"}.get(mode)
-  if runs and mode in data:  # one process per mixer / variant: merge them
-    res = dict(res, **{runs: {**data[mode]["result"][runs], **res[runs]}})
-    command = data[mode]["command"] if command in data[mode]["command"] else f"{data[mode]['command']}; {command}"
-  data[mode] = {"command": command, "summary": summarize(mode, res), **_environment(), "result": res}
+  if runs and key in data:  # one process per mixer / variant: merge them
+    res = dict(res, **{runs: {**data[key]["result"][runs], **res[runs]}})
+    command = data[key]["command"] if command in data[key]["command"] else f"{data[key]['command']}; {command}"
+  data[key] = {"command": command, "summary": summarize(mode, res), **_environment(), "result": res}
   with open(path, "w") as f:
     json.dump(data, f, indent=1)
   lines = ["# Attention-probe reproductions at CPU scale", "",
            "Written by `experiments/probe_repro.py` (`repro.record=True`); numbers in "
            "`probe_reproductions.json`.", "",
            "| reproduction | command | result | device, date |", "|---|---|---|---|"]
-  for m in MODES:
-    if m in data:
+  for m in [m for m in MODES if m in data] + sorted(m for m in data if m not in MODES):
       d = data[m]
       lines.append(f"| {m} | `{d['command']}` | {d['summary']} | {d['device']}, jax {d['jax']}, {d['date']} |")
   with open(os.path.join(root, BENCH + ".md"), "w") as f:
@@ -573,9 +574,11 @@ def main(argv):
   print(summarize(mode, res))
   if config.repro.record:
     import sys
-    res = record(mode, res, "python -m experiments.probe_repro " + " ".join(sys.argv[1:]))
+    res = record(mode, res, "python -m experiments.probe_repro " + " ".join(sys.argv[1:]),
+                 tag=config.repro.get("tag", ""))
     if mode == "sinks":
-      sinks_figure(res, "benchmarks/probe_sinks_vs_step.png")
+      tag = config.repro.get("tag", "")
+      sinks_figure(res, f"benchmarks/probe_sinks_vs_step{'_' + tag if tag else ''}.png")
     if mode == "entropy":
       entropy_figure(res, "benchmarks/probe_entropy_vs_step.png")
   print(f"wrote {os.path.join(workdir, mode + '.json')}")

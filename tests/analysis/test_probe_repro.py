@@ -48,7 +48,7 @@ def test_first_token_share_oracle():
 def test_attention_weights_sigmoid_layers_reproduce_the_layer_output():
   """The recomputed sigmoid weights times the captured values give the layer's head outputs."""
   lm = DecoderLM(vocab_size=11, d_model=16, num_layers=2, num_heads=2, mixer="sigmoid",
-                 mixer_options={"seq_len": 7}, mlp_ratio=0.0, rngs=nnx.Rngs(0))
+                 mixer_options={"seq_len": 16}, mlp_ratio=0.0, rngs=nnx.Rngs(0))  # b = -log 16 != -log T
   x = jax.random.randint(jax.random.key(1), (2, 7), 0, 11)
 
   @nnx.jit
@@ -75,7 +75,7 @@ def test_sigma_reparam_surgery_swaps_only_q_and_k():
   assert layer.q_proj.kernel.shape == (16, 16) and layer.q_proj.bias is None   # dense had no bias
   assert not isinstance(layer.v_proj, SigmaReparamLinear)
   np.testing.assert_array_equal(layer.v_proj.kernel[...], v_before)
-  assert len(nnx.state(lm, nnx.Param).flat_state()) > 0
+  assert len(nnx.to_flat_state(nnx.state(lm, nnx.Param))) > 0
 
 
 def test_window_loader_bos():
