@@ -14,7 +14,9 @@ Measured (2026-12-03, 2-core CPU shared by many jobs, ~12 min per variant, one p
 entropy falls 2.84 -> 0.60 nats by step 200 and stays there (0.62 at 300); with sigmaReparam on Q/K
 it falls 3.16 -> 1.84 and levels off. Held-out loss 1.802 (plain) vs 1.847 (sigmaReparam): the
 collapse is prevented, but at this scale the collapsed plain model neither diverges nor trains
-worse (the paper ties collapse to instability at larger scale). Figure:
+worse (the paper ties collapse to instability at larger scale). Control, plain at lr 2e-3 with 50
+warm-up steps (`--config.optim.lr=2e-3 --config.optim.warmup_steps=50`, row `entropy@lr2e-3`):
+entropy 2.84 -> 1.82, loss 1.967, so the collapse comes with the high learning rate. Figure:
 `benchmarks/probe_entropy_vs_step.png`.
 """
 
