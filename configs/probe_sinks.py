@@ -15,8 +15,13 @@ tokens) the softmax LM has sink rate 0.023 (step 0: 0.008) and puts 0.083 of eac
 about the uniform-causal level (0.074 at T=64); sigmoid (rows not normalised, mass ~0.5) and gated
 attention stay at sink rate 0.000 with BOS share 0.06. Held-out loss: softmax 1.844, sigmoid 1.861,
 gated 1.723. Gu et al. see sinks only "after effective optimization on sufficient training data"
-(billions of tokens); this budget is ~4 orders of magnitude short. Figure:
-`benchmarks/probe_sinks_vs_step.png`.
+(billions of tokens); this budget is ~4 orders of magnitude short. Also tried: lr 1e-2, 2 layers,
+300 steps (row `sinks@lr1e-2`, `--config.optim.lr=1e-2 --config.optim.warmup_steps=5
+--config.model.num_layers=2 --config.train.steps=300 --config.repro.tag=lr1e-2`): softmax peaks at
+sink rate 0.062 (step 100) and ends at 0.008, BOS share 0.10; sigmoid and gated 0.000. A 2000-step
+run (`--config.train.steps=2000 --config.repro.probe_every=200 --config.repro.tag=2000steps`) was
+started but did not fit the shared CPU (~2 s/step); it is the next thing to run on a quiet machine.
+Figures: `benchmarks/probe_sinks_vs_step.png`, `benchmarks/probe_sinks_vs_step_lr1e-2.png`.
 """
 
 import ml_collections
