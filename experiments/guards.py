@@ -152,6 +152,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.path": (_existing_file, "must name an existing, non-empty file (or None: packaged text)"),
     "data.max_bytes": _optional(_int_at_least(2)),
     "data.num_eval_batches": _int_at_least(1),
+    "data.bos": (lambda v: v is None or (_is_int(v) and 0 <= v < 256),
+                 "must be None or a byte id in [0, 256) put at position 0 of every window"),
     "data.image_size": (lambda v: _is_int(v) and v >= 8 and v % 8 == 0, "must be a multiple of 8"),
     "data.prompts_per_image": _int_at_least(1),
     "model.mixer": (_known_mixer, "must be a registered mixer (attnjax.registry.list_mixers())"),

@@ -90,13 +90,16 @@ def lm_loss(model: DecoderLM, tokens: jax.Array):
 
 
 def make_lm(config) -> Task:
-  """Byte-level LM: standard-library source text by default, or `data.path`."""
+  """Byte-level LM: standard-library source text by default, or `data.path`; `data.bos` (a byte
+  id, e.g. 0) puts that token at position 0 of every window."""
   d = config.data
+  bos = d.get("bos", None)
   corpus = text.load_corpus(d.get("path"), d.get("max_bytes"))
   split = int(len(corpus) * 0.95)
   train, test = corpus[:split], corpus[split:]
-  loader = text.WindowLoader(train, config.train.batch_size, d.seq_len, seed=config.seed)
-  eval_loader = text.WindowLoader(test, config.train.batch_size, d.seq_len, seed=config.seed + 1)
+  loader = text.WindowLoader(train, config.train.batch_size, d.seq_len, seed=config.seed, bos=bos)
+  eval_loader = text.WindowLoader(test, config.train.batch_size, d.seq_len, seed=config.seed + 1,
+                                  bos=bos)
   eval_batches = [jnp.asarray(next(eval_loader)) for _ in range(d.num_eval_batches)]
   return Task("lm", loader, eval_batches, lm_loss, build_decoder)
 

@@ -42,6 +42,7 @@ _FIELD_CASES = [
     ("mqar", "data.random_non_queries", "yes", "True or False"),
     ("lm", "data.path", "/no/such/file.txt", "existing, non-empty file"),
     ("lm", "data.max_bytes", 1, ">= 2"), ("lm", "data.num_eval_batches", 0, ">= 1"),
+    ("lm", "data.bos", 256, "[0, 256)"),
     ("mqar", "model.mixer", "sofmax", "registered mixer"),
     ("mqar", "model.mixer_options", 3, "mapping"),
     ("mqar", "model.layer_mixers", "softmax,nope", "comma-separated"),

@@ -43,13 +43,20 @@ def load_corpus(path: str | None = None, max_bytes: int | None = None) -> np.nda
 class WindowLoader:
   """Random `[batch, seq_len + 1]` windows of a byte array; batch i depends only on (seed, i).
 
-  `state()` / `restore()` record the batch index, so a resumed run sees the same batches.
+  `bos`: None (plain random crops), or a token id put at position 0 of every window, followed by
+  `seq_len` bytes of the crop (a fixed first token, as LMs see after a BOS: the attention-sink
+  probes need one). `state()` / `restore()` record the batch index, so a resumed run sees the
+  same batches.
   """
 
-  def __init__(self, data: np.ndarray, batch_size: int, seq_len: int, seed: int):
+  def __init__(self, data: np.ndarray, batch_size: int, seq_len: int, seed: int,
+               bos: int | None = None):
     if len(data) <= seq_len + 1:
       raise ValueError(f"corpus of {len(data)} bytes is shorter than seq_len + 1 = {seq_len + 1}")
+    if bos is not None and not 0 <= bos < 256:
+      raise ValueError(f"bos must be None or a byte id in [0, 256), got {bos}")
     self.data, self.batch_size, self.seq_len, self.seed = data, batch_size, seq_len, seed
+    self.bos = bos
     self.index = 0
 
   def state(self) -> dict:
@@ -65,4 +72,7 @@ class WindowLoader:
     rng = np.random.default_rng((self.seed, self.index))
     self.index += 1
     starts = rng.integers(0, len(self.data) - self.seq_len - 1, size=self.batch_size)
-    return np.stack([self.data[s:s + self.seq_len + 1] for s in starts]).astype(np.int32)
+    out = np.stack([self.data[s:s + self.seq_len + 1] for s in starts]).astype(np.int32)
+    if self.bos is not None:
+      out = np.concatenate([np.full((self.batch_size, 1), self.bos, np.int32), out[:, :-1]], 1)
+    return out
