@@ -14,23 +14,26 @@ import sys
 
 import pytest
 
-from configs import lm_tiny, mqar, mqar_sharded, vit_digits
+from configs import lm_tiny, mqar, mqar_sharded, selective_copy, vit_digits
 from experiments import guards, trainer
 
 _SHIPPED = {"mqar": mqar.get_config(), "mqar:tiny": mqar.get_config("tiny"),
             "lm_tiny": lm_tiny.get_config(), "lm_tiny:tiny": lm_tiny.get_config("tiny"),
             "mqar_sharded": mqar_sharded.get_config(), "mqar_sharded:tiny": mqar_sharded.get_config("tiny"),
-            "vit_digits": vit_digits.get_config(), "vit_digits:tiny": vit_digits.get_config("tiny")}
+            "vit_digits": vit_digits.get_config(), "vit_digits:tiny": vit_digits.get_config("tiny"),
+            "mqar:zoology": mqar.get_config("zoology"),
+            "selective_copy": selective_copy.get_config(), "selective_copy:tiny": selective_copy.get_config("tiny")}
 _BASE = {"mqar": lambda: mqar.get_config("tiny").to_dict(),
          "lm": lambda: lm_tiny.get_config("tiny").to_dict(),
          "sharded": lambda: mqar_sharded.get_config("tiny").to_dict(),
-         "digits": lambda: vit_digits.get_config("tiny").to_dict()}
+         "digits": lambda: vit_digits.get_config("tiny").to_dict(),
+         "copy": lambda: selective_copy.get_config("tiny").to_dict()}
 
 # (base, field, bad value, words the rule must say). One row per rule in guards.RULES ...
 _FIELD_CASES = [
     ("mqar", "seed", -1, ">= 0"), ("mqar", "task", "cls", "one of"),
     ("mqar", "data.vocab_size", 1, ">= 2"), ("mqar", "data.seq_len", 1, ">= 2"),
-    ("mqar", "data.num_kv_pairs", 0, ">= 1"), ("mqar", "data.num_train", 0, ">= 1"),
+    ("mqar", "data.num_kv_pairs", 0, ">= 1"), ("copy", "data.num_tokens", 0, ">= 1"), ("mqar", "data.num_train", 0, ">= 1"),
     ("mqar", "data.num_test", 0, ">= 1"), ("mqar", "data.power_a", 0.0, "(0, 1]"),
     ("mqar", "data.random_non_queries", "yes", "True or False"),
     ("lm", "data.path", "/no/such/file.txt", "existing, non-empty file"),
@@ -73,6 +76,9 @@ _CROSS_CASES = [
     ("lm", {"data.max_bytes": 300}, "data.max_bytes", "held-out 5%"),
     ("sharded", {"mesh.data": -1}, "mesh", "at most one axis as -1"),
     ("digits", {"model.patch_size": 3}, "model.patch_size", "must divide data.image_size=8"),
+    ("copy", {"data.vocab_size": 2}, "data.vocab_size", ">= 3 for selective_copy"),
+    ("copy", {"data.num_tokens": 13}, "data.num_tokens", "<= data.seq_len / 2 = 12"),
+    ("copy", {"train.batch_size": 257}, "train.batch_size", "<= data.num_train=256"),
 ]
 
 
