@@ -34,18 +34,21 @@ from experiments import guards
 from experiments import tasks as tasks_lib
 from experiments import trainer as train_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/mqar.py", "Path to an ml_collections config file.",
-                                          lock_config=True)
-_MIXERS = flags.DEFINE_list("mixers", ["softmax", "sliding_window"], "Registered mixer names to compare.")
-_WIDTHS = flags.DEFINE_list("widths", [], "Optional d_model values to sweep (default: the config's).")
-_LRS = flags.DEFINE_list("lrs", [], "Optional peak learning rates to sweep (default: the config's optim.lr).")
-_ZOOLOGY = flags.DEFINE_boolean(
-    "zoology", False, "Zoology's protocol: --lrs defaults to its sweep logspace(-4, -2, 4); the "
-    "config must be the zoology preset (--config=configs/mqar.py:zoology).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
-_COLLECT = flags.DEFINE_boolean(
-    "collect", False, "Train nothing: rebuild the table and plots from the runs already in "
-    "--workdir (each <mixer>_d<width>/summary.json), e.g. after an interrupted sweep.")
+def _define_flags():
+  """The entry point's flags, defined only when run as a program, so that another entry point
+  (`experiments.cab`) can import this module's functions and define its own `--config`."""
+  config_flags.DEFINE_config_file("config", "configs/mqar.py", "Path to an ml_collections config file.",
+                                  lock_config=True)
+  flags.DEFINE_list("mixers", ["softmax", "sliding_window"], "Registered mixer names to compare.")
+  flags.DEFINE_list("widths", [], "Optional d_model values to sweep (default: the config's).")
+  flags.DEFINE_list("lrs", [], "Optional peak learning rates to sweep (default: the config's optim.lr).")
+  flags.DEFINE_boolean(
+      "zoology", False, "Zoology's protocol: --lrs defaults to its sweep logspace(-4, -2, 4); the "
+      "config must be the zoology preset (--config=configs/mqar.py:zoology).")
+  flags.DEFINE_string("workdir", None, "Output directory.")
+  flags.DEFINE_boolean(
+      "collect", False, "Train nothing: rebuild the table and plots from the runs already in "
+      "--workdir (each <mixer>_d<width>/summary.json), e.g. after an interrupted sweep.")
 
 
 def recurrent_state_floats(model, seq_len: int) -> float:
@@ -226,14 +229,15 @@ def run(config, mixers, widths, workdir, lrs=()) -> list[dict]:
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  workdir = _WORKDIR.value or os.path.join("workdirs", f"compare_{config.task}")
-  lrs = _LRS.value
-  if _ZOOLOGY.value:
+  F = flags.FLAGS
+  config = F.config
+  workdir = F.workdir or os.path.join("workdirs", f"compare_{config.task}")
+  lrs = F.lrs
+  if F.zoology:
     guards.exit_on_run_error(lambda: check_zoology(config))
     lrs = lrs or [str(x) for x in ZOOLOGY_LRS]
   results = guards.exit_on_run_error(
-      lambda: (collect if _COLLECT.value else run)(config, _MIXERS.value, _WIDTHS.value, workdir, lrs))
+      lambda: (collect if F.collect else run)(config, F.mixers, F.widths, workdir, lrs))
   table = markdown_table(results)
   if len(_parse_lrs(lrs)) > 1:
     table += "\n\nBest lr per mixer and width:\n\n" + best_lr_table(results)
@@ -256,4 +260,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main, flags_parser=guards.parse_flags)
