@@ -19,8 +19,9 @@ OUT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "cab_patterns
 HEADER = """# CAB patterns of every registered mixer
 
 Generated from the declarations in `attnjax/registry.py` by `python -m experiments.cab_patterns`,
-or with every cell run by `python -m experiments.cab --parts=patterns --record`; do not edit by hand. "yes": the pattern is defined and tested (`tests/test_all_mixers.py`); "-":
-`build_mixer` (for a causal flag with no defined pattern) or the call (for `context=`) raises
+or with every cell run by `python -m experiments.cab --parts=patterns --record`; do not edit by
+hand. "yes": the pattern is defined and tested (`tests/test_all_mixers.py`); "-": `build_mixer`
+(for a causal flag with no defined pattern) or the call (for `context=`) raises
 `attnjax.PatternUndefinedError` naming the mixer and the pattern. Causal cross attention is
 bottom-right aligned: query i of T sees context keys j <= i + S - T.
 
