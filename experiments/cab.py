@@ -285,6 +285,7 @@ def plot_efficiency(recs: list[dict], path: str, title: str) -> None:
     ax.grid(alpha=0.3, which="both")
   ax_t.set_title("time: fwd+bwd (solid), fwd (dotted)")
   ax_m.set_title("XLA compiled memory: fwd+bwd (solid), fwd (dotted)")
+  ax_t.legend(fontsize=7, ncol=2)
   ax_m.legend(fontsize=7, ncol=2)
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
@@ -341,8 +342,12 @@ def run_quality(tasks_cfg, workdir: str, only=None) -> list[dict]:
     e = tasks_cfg[entry_name]
     mixers = _split_names(e.mixers)
     base = {"entry": entry_name, "task": e.task, "config": e.config}
+    why = None
     if e.task not in tasks_lib.registered_tasks():
       why = f"task {e.task!r} is not registered in experiments/tasks.py (known: {', '.join(tasks_lib.registered_tasks())})"
+    elif not (REPO / e.config.partition(":")[0]).is_file() and not os.path.isfile(e.config.partition(":")[0]):
+      why = f"config file {e.config.partition(':')[0]} does not exist"
+    if why:
       print(f"quality: skipping {entry_name}: {why}", flush=True)
       out += [{**base, "mixer": m, "status": "skipped", "note": why} for m in mixers]
       continue
