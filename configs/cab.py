@@ -15,9 +15,14 @@ quality = the entries of `quality.tasks` (each: a registered task, its config fi
 mixers, overrides); an entry whose task is not registered (`mlm` until it lands) is skipped with a
 message.
 
-Measured (2-core CPU shared by eight people, 2026-12-03): see the report in
-`benchmarks/cab_patterns.md` (patterns: 69 mixers, every cell as declared) and the quality table
-below; the efficiency record is to be made on a quiet machine with the command above.
+Measured (2-core CPU shared by eight people, load average 12-35, 2026-12-03, jax 0.11.2):
+patterns, `--parts=patterns --record`: 69 mixers x 4 patterns = 276 cells, 148 defined (finite,
+causal where causal) and 128 refused with PatternUndefinedError, every cell as declared (the run
+rewrote `benchmarks/cab_patterns.md` unchanged), 13 minutes. Efficiency: smoke-tested at T = 1024
+(`--config.efficiency.seq_lens=1024 --config.efficiency.repeats=1 --config.efficiency.warmup=0`);
+times on that machine are noise, so the record is the lead's, with the command above on a quiet
+machine. Quality: the tiny preset end to end (`tests/test_cab.py`); the default preset is 12
+training runs (about 15 minutes on a quiet 2-core CPU), not recorded here.
 """
 
 import ml_collections
