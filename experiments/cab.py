@@ -455,10 +455,10 @@ def run_suite(config, workdir: str, *, parts=PARTS, record: bool = False, all_mi
   `workdir` (and, with `record`, into `bench_dir`, default `benchmarks/`). Returns
   `{"patterns": rows, "efficiency": records, "quality": records}` for the parts run, plus
   `"pattern_failures"`: the mixers whose cells disagree with their declarations."""
-  from experiments import cab_patterns
+  from experiments import cab_patterns, guards
   bad = [p for p in parts if p not in PARTS]
   if bad:
-    raise ValueError(f"unknown part(s) {bad}; the parts are {', '.join(PARTS)}")
+    raise guards.ConfigError("--parts", ",".join(bad), f"must name parts of {', '.join(PARTS)}")
   os.makedirs(workdir, exist_ok=True)
   bench_dir = bench_dir or str(REPO / "benchmarks")
   backend = jax.default_backend()
