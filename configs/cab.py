@@ -10,7 +10,8 @@ non-causal ones on digits): `--config=configs/cab.py:full --parts=quality`. Ever
 
 Parts: patterns = every registered mixer x the four CAB patterns on a [2, 12, 32] input;
 efficiency = one mixer layer, B=1, d_model 128, 2 heads, float32, T = 1K ... 32K on the CPU,
-median of 3 calls, cells skipped above 8 GiB compiled peak or a predicted 20 s per call;
+median of 3 calls, cells skipped above 8 GiB compiled peak or a predicted 20 s per call (and
+the Ts after a compile over 60 s);
 quality = the entries of `quality.tasks` (each: a registered task, its config file[:preset], the
 mixers, overrides); an entry whose task is not registered (`mlm` until it lands) is skipped with a
 message.
@@ -30,7 +31,7 @@ import ml_collections
 CAUSAL = "softmax,sliding_window,mala"
 NON_CAUSAL = "softmax,na2d,linear"
 # Representative dozen for the timing: softmax family, sliding/local, sparse, linear/recurrent.
-EFFICIENCY = ("softmax,differential,sliding_window,na1d,sliding_window_sparse,moba,hyper_attention,"
+EFFICIENCY = ("softmax,differential,sliding_window,na1d,sliding_window_sparse,moba,strided_sparse,"
               "linear,based,gla,retnet,gated_deltanet")
 CAUSAL_FULL = ("softmax,sliding_window,differential,moba,based,hedgehog,mala,gla,retnet,lightning,"
                "gated_deltanet,deltanet")
@@ -48,7 +49,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       {"mixers": "", "seq_len": 12, "d_model": 32, "num_heads": 2, "batch": 2, "perturb_at": 9})
   c.efficiency = ml_collections.ConfigDict(
       {"mixers": EFFICIENCY, "seq_lens": "auto", "batch": 1, "d_model": 128, "num_heads": 2,
-       "dtype": "float32", "repeats": 3, "warmup": 1, "max_gib": 8.0, "time_limit_s": 20.0})
+       "dtype": "float32", "repeats": 3, "warmup": 1, "max_gib": 8.0, "time_limit_s": 20.0,
+       "compile_limit_s": 60.0})
   c.quality = ml_collections.ConfigDict()
   t = c.quality.tasks = ml_collections.ConfigDict()
   t.mqar_d64 = _entry("mqar", "configs/mqar.py", CAUSAL, model={"d_model": 64})

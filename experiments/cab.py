@@ -184,14 +184,15 @@ def _compile(name, pattern, seq_len, *, batch, d_model, num_heads, dtype, mode, 
 
 
 def measure_mixer(name: str, seq_lens, *, batch=1, d_model=128, num_heads=2, dtype="float32",
-                  repeats=3, warmup=1, max_gib=8.0, time_limit_s=20.0) -> list[dict]:
+                  repeats=3, warmup=1, max_gib=8.0, time_limit_s=20.0, compile_limit_s=60.0) -> list[dict]:
   """One record per (T, mode) for mixer `name`, in its causal self pattern (self where it has none).
 
   Per mode, T ascending: compile, read the compiled memory, skip the call if the peak exceeds
   `max_gib`, else time `repeats` calls after `warmup`. Once a call time is known, the next T's is
   predicted from the growth seen so far (the exponent of the last two Ts, 2 before there are two,
   clamped to [1, 3]); a T predicted to exceed `time_limit_s` per call, and every larger T, is
-  skipped with the reason. An exception (out of memory, an unsupported size) skips the larger Ts."""
+  skipped with the reason, as are the Ts after one whose compile took longer than `compile_limit_s`.
+  An exception (out of memory, an unsupported size) skips the larger Ts."""
   pattern = _efficiency_pattern(name)
   dt = jnp.dtype(dtype)
   recs = []
@@ -214,6 +215,8 @@ def measure_mixer(name: str, seq_lens, *, batch=1, d_model=128, num_heads=2, dty
         compiled, args = _compile(name, pattern, t, batch=batch, d_model=d_model, num_heads=num_heads,
                                   dtype=dt, mode=mode)
         rec["compile_s"] = round(time.perf_counter() - t_c, 2)
+        if rec["compile_s"] > compile_limit_s:   # a graph that grows with T (unrolled recursion)
+          stop = f"skipped: compiling T={t} took {rec['compile_s']:.0f} s > compile_limit_s={compile_limit_s:g}"
         mem = common.compiled_memory(compiled)
         rec.update(mem)
         over = common.memory_limit_note(mem, max_gib)
@@ -245,7 +248,8 @@ def efficiency_markdown(env: dict, recs: list[dict]) -> str:
       f"causal self pattern (self for mixers without one); fwd+bwd = gradient of sum(y^2) w.r.t. "
       f"parameters and input; time = median of {e['repeats']} calls after {e['warmup']} warm-up; "
       f"MiB = XLA compiled temp + output; limits: {e['max_gib']:g} GiB compiled peak, "
-      f"{e['time_limit_s']:g} s per call (predicted from the smaller T)", "",
+      f"{e['time_limit_s']:g} s per call (predicted from the smaller T), larger Ts skipped after a "
+      f"compile over {e['compile_limit_s']:g} s", "",
       "| mixer | pattern | T | fwd ms | fwd MiB | fwd+bwd ms | fwd+bwd MiB | note |",
       "|---|---|---:|---:|---:|---:|---:|---|"]
   by = {(r["mixer"], r["T"], r["mode"]): r for r in recs}
@@ -493,13 +497,13 @@ def run_suite(config, workdir: str, *, parts=PARTS, record: bool = False, all_mi
     mixers = sorted(registry.list_mixers()) if all_mixers else _split_names(e.mixers)
     seq_lens = _seq_lens(e.seq_lens)
     env_e = {**env, "efficiency": {k: e[k] for k in ("batch", "d_model", "num_heads", "dtype", "repeats",
-                                                      "warmup", "max_gib", "time_limit_s")}}
+                                                      "warmup", "max_gib", "time_limit_s", "compile_limit_s")}}
     env_e["efficiency"]["seq_lens"] = seq_lens
     recs = []
     for name in _progress(mixers, "efficiency"):
       recs += measure_mixer(name, seq_lens, batch=e.batch, d_model=e.d_model, num_heads=e.num_heads,
                             dtype=e.dtype, repeats=e.repeats, warmup=e.warmup, max_gib=e.max_gib,
-                            time_limit_s=e.time_limit_s)
+                            time_limit_s=e.time_limit_s, compile_limit_s=e.compile_limit_s)
       print(f"efficiency: {name}: " + ", ".join(
           f"T={r['T']} {r['mode']} {r['ms']:.1f} ms" if r["status"] == "ok" else f"T={r['T']} {r['mode']} {r['status']}"
           for r in recs if r["mixer"] == name), flush=True)

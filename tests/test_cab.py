@@ -71,5 +71,8 @@ def test_efficiency_skips_cells_over_the_memory_and_time_limits():
   timed = cab.measure_mixer("softmax", [16, 32], time_limit_s=1e-9, **kw)
   assert [r["status"] for r in timed] == ["ok", "skipped"] * 2, timed
   assert "predicted" in timed[1]["note"] and "time_limit_s" in timed[1]["note"]
+  slow_compile = cab.measure_mixer("softmax", [16, 32], compile_limit_s=1e-9, **kw)
+  assert [r["status"] for r in slow_compile] == ["ok", "skipped"] * 2, slow_compile
+  assert "compile_limit_s" in slow_compile[1]["note"]
   big = cab.measure_mixer("softmax", [16, 32], max_gib=1e-12, **kw)
   assert [r["status"] for r in big] == ["skipped"] * 4 and all("compiled peak" in r["note"] for r in big), big
