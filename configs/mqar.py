@@ -12,9 +12,31 @@ only at the 8 queried positions, AdamW (peak lr 3e-3, 100 warm-up steps, cosine 
 0.1, clip 1.0). Measured result: see README "Results" (softmax reaches >= 0.99 test accuracy in
 600 steps; the default sliding window of 16 keys cannot see keys further back and stays lower).
 
-Zoology's grid is a flag away, e.g. `--config.data.vocab_size=8192 --config.data.seq_len=256
---config.data.num_kv_pairs=16 --config.data.num_train=100000 --config.model.d_model=128
---config.train.steps=20000 --config.train.batch_size=256`.
+Deviations from Zoology (Arora et al. 2023, arXiv:2312.04927; HazyResearch/zoology, the paper's
+figure-2 sweep `zoology/experiments/paper_configs/iclr24_zoology_figure2/configs.py` and the current
+`zoology/experiments/mqar_example_configs/original_mqar_configs.py`), all to fit a 2-core CPU:
+
+| | Zoology | this default |
+|---|---|---|
+| vocab | 8192 | 512 |
+| seq / kv pairs | 64/4, 128/8, 256/16 (up to 512/64) | 64 / 8 |
+| train examples | 100k (seq 64), 20k (longer) | 20k |
+| d_model | 64, 128, 256, 512 | 64 (128 with `--widths`) |
+| heads | 1 (paper's attention), 2 (current repo) | 2 |
+| short conv | none before attention in the paper; a BaseConv (kernel 3 + long conv) in front of every mixer in the current repo | a depth-wise causal conv of width 3 before every mixer |
+| positions | learned absolute for attention, none otherwise | none |
+| dropout | 0.1 (attention, embeddings) | none |
+| lr | swept: logspace(-4, -2, 4) (paper), logspace(-3, -1.5, 4) (current repo); best per model | 3e-3, no sweep |
+| schedule | AdamW (0.9, 0.999), wd 0.1, cosine per epoch, no warm-up, no clipping | AdamW (0.9, 0.98), wd 0.1, 100 warm-up steps, cosine per step, clip 1.0 |
+| length | 64 epochs (32 in the current repo) at batch 512 (~12.5k steps), early stop at 0.99 | 600 steps at batch 64 (~2 epochs) |
+
+Zoology's own setting: the `zoology` preset (seq 64, 4 kv pairs, vocab 8192, 100k examples,
+d_model 64, no short conv, learned positions, no warm-up or clipping, torch's Adam betas, 12.5k
+steps at batch 512) with `experiments.compare --zoology` (its lr sweep, best lr per mixer):
+  .venv/bin/python -m experiments.compare --config=configs/mqar.py:zoology --zoology \
+      --mixers=softmax,gla,retnet --workdir=workdirs/zoology
+That is about a day per run on this CPU; the CPU-sized cut of it (fewer steps at a smaller batch,
+everything else Zoology's) and its result are in `benchmarks/mqar_zoology_cpu.md`.
 """
 
 import ml_collections
@@ -69,6 +91,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.d_model = 32
     c.train.steps, c.train.eval_every, c.train.batch_size = 20, 10, 32
     c.train.progress = False
+  elif arg == "zoology":  # Zoology's figure-2 cell seq 64 / 4 kv pairs at d_model 64 (see above)
+    c.data.vocab_size, c.data.seq_len, c.data.num_kv_pairs = 8192, 64, 4
+    c.data.num_train, c.data.num_test = 100_000, 3_000
+    c.model.num_heads, c.model.short_conv, c.model.pos_emb = 2, 0, "learned"
+    c.optim.lr, c.optim.warmup_steps, c.optim.b2 = 1e-3, 0, 0.999   # lr: swept by compare --zoology
+    c.optim.clip_norm = 1e9                                         # Zoology does not clip
+    c.train.batch_size, c.train.steps, c.train.eval_every = 512, 12_500, 500
   elif arg:
-    raise ValueError(f"unknown preset {arg!r} for configs/mqar.py; known: 'tiny'")
+    raise ValueError(f"unknown preset {arg!r} for configs/mqar.py; known: 'tiny', 'zoology'")
   return c

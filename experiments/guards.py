@@ -135,7 +135,7 @@ def _rules_ok(v) -> bool:
 
 _MESH_SIZE = ((lambda v: _is_int(v) and (v >= 1 or v == -1)), "must be an integer >= 1, or -1 (the rest)")
 EVAL_METRICS = ("eval_accuracy", "eval_aux_loss", "eval_loss")
-TASKS = ("digit_arith", "digits", "lm", "mqar", "reverse")
+TASKS = ("digit_arith", "digits", "lm", "mqar", "reverse", "selective_copy")
 NONFINITE_MODES = ("stop", "skip")
 
 # field -> (predicate, rule text). Every leaf of every shipped config is here (tested).
@@ -145,6 +145,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.vocab_size": _int_at_least(2),
     "data.seq_len": _int_at_least(2),
     "data.num_kv_pairs": _int_at_least(1),
+    "data.num_tokens": _int_at_least(1),
     "data.num_train": _int_at_least(1),
     "data.num_test": _int_at_least(1),
     "data.power_a": _num(lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -269,6 +270,13 @@ def _cross_checks(f: dict[str, Any]) -> None:
       fail("data.vocab_size", "must be >= 3 for reverse (BOS and at least two symbols)")
     if bs > f["data.num_train"]:
       fail("train.batch_size", f"must be <= data.num_train={f['data.num_train']}")
+  elif f["task"] == "selective_copy":
+    if vocab < 3:
+      fail("data.vocab_size", "must be >= 3 for selective_copy (noise, data tokens, marker)")
+    if seq < 2 * f["data.num_tokens"]:
+      fail("data.num_tokens", f"must be <= data.seq_len / 2 = {seq // 2} (data tokens plus their markers)")
+    if bs > f["data.num_train"]:
+      fail("train.batch_size", f"must be <= data.num_train={f['data.num_train']}")
   elif f["task"] == "lm":
     if vocab < 256:
       fail("data.vocab_size", "must be >= 256 for the byte-level lm task")
@@ -304,6 +312,8 @@ def validate(config) -> None:
   task_fields = {"mqar": ("data.vocab_size", "data.seq_len", "data.num_kv_pairs", "data.num_train",
                           "data.num_test"),
                  "lm": ("data.vocab_size", "data.seq_len", "data.num_eval_batches"),
+                 "selective_copy": ("data.vocab_size", "data.seq_len", "data.num_tokens", "data.num_train",
+                                    "data.num_test"),
                  "digits": ("data.image_size", "model.patch_size"),
                  "digit_arith": ("data.image_size", "data.prompts_per_image", "model.patch_size"),
                  "reverse": ("data.vocab_size", "data.seq_len", "data.num_train", "data.num_test")

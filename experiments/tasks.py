@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from attnjax.data import images, mqar, synthetic, text
+from attnjax.data import images, mqar, selective_copy, synthetic, text
 from attnjax.models import DecoderLM, ViT
 from attnjax.models.image_text import ImageTextLM
 from attnjax.models.seq2seq import EncoderDecoder
@@ -195,8 +195,25 @@ def make_reverse(config) -> Task:
   return Task("reverse", loader, evals, seq2seq_loss, build_seq2seq)
 
 
-_TASKS = {"mqar": make_mqar, "lm": make_lm, "digits": make_digits, "digit_arith": make_digit_arith,
-          "reverse": make_reverse}
+def make_selective_copy(config) -> Task:
+  """Selective copying (`attnjax.data.selective_copy`): the MQAR loss at the marker positions."""
+  d = config.data
+  common = dict(vocab_size=d.vocab_size, seq_len=d.seq_len, num_tokens=d.num_tokens)
+  train = selective_copy.selective_copy(num_examples=d.num_train, seed=config.seed, **common)
+  test = selective_copy.selective_copy(num_examples=d.num_test, seed=config.seed + 1_000_003, **common)
+  bs = config.train.batch_size
+  eval_batches = [_to_jax(test.slice(slice(i, min(i + bs, len(test))))) for i in range(0, len(test), bs)]
+  loader = mqar.MQARLoader(train, bs, seed=config.seed)
+  return Task("selective_copy", loader, eval_batches, mqar_loss, build_decoder)
+
+
+_TASKS = {"mqar": make_mqar, "lm": make_lm, "digits": make_digits, "selective_copy": make_selective_copy,
+          "digit_arith": make_digit_arith, "reverse": make_reverse}
+
+
+def registered_tasks() -> tuple[str, ...]:
+  """The task names `make_task` knows (other modules may add to them)."""
+  return tuple(sorted(_TASKS))
 
 
 def make_task(config) -> Task:

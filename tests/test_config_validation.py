@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from configs import digit_arith, lm_tiny, mqar, mqar_sharded, probe, reverse, vit_digits
+from configs import digit_arith, lm_tiny, mqar, mqar_sharded, probe, reverse, selective_copy, vit_digits
 from experiments import guards, trainer
 
 _SHIPPED = {"mqar": mqar.get_config(), "mqar:tiny": mqar.get_config("tiny"),
@@ -24,20 +24,23 @@ _SHIPPED = {"mqar": mqar.get_config(), "mqar:tiny": mqar.get_config("tiny"),
             "digit_arith": digit_arith.get_config(), "digit_arith:tiny": digit_arith.get_config("tiny"),
             "reverse": reverse.get_config(), "reverse:tiny": reverse.get_config("tiny"),
             **{f"probe:{b}": probe.get_config(b) for b in ("lm", "mqar", "digits", "digit_arith", "reverse")},
-            "probe:reverse,tiny": probe.get_config("reverse,tiny")}
+            "probe:reverse,tiny": probe.get_config("reverse,tiny"),
+            "mqar:zoology": mqar.get_config("zoology"),
+            "selective_copy": selective_copy.get_config(), "selective_copy:tiny": selective_copy.get_config("tiny")}
 _BASE = {"mqar": lambda: mqar.get_config("tiny").to_dict(),
          "lm": lambda: lm_tiny.get_config("tiny").to_dict(),
          "sharded": lambda: mqar_sharded.get_config("tiny").to_dict(),
          "digits": lambda: vit_digits.get_config("tiny").to_dict(),
          "arith": lambda: digit_arith.get_config("tiny").to_dict(),
          "reverse": lambda: reverse.get_config("tiny").to_dict(),
-         "probe": lambda: probe.get_config("digits,tiny").to_dict()}
+         "probe": lambda: probe.get_config("digits,tiny").to_dict(),
+         "copy": lambda: selective_copy.get_config("tiny").to_dict()}
 
 # (base, field, bad value, words the rule must say). One row per rule in guards.RULES ...
 _FIELD_CASES = [
     ("mqar", "seed", -1, ">= 0"), ("mqar", "task", "cls", "one of"),
     ("mqar", "data.vocab_size", 1, ">= 2"), ("mqar", "data.seq_len", 1, ">= 2"),
-    ("mqar", "data.num_kv_pairs", 0, ">= 1"), ("mqar", "data.num_train", 0, ">= 1"),
+    ("mqar", "data.num_kv_pairs", 0, ">= 1"), ("copy", "data.num_tokens", 0, ">= 1"), ("mqar", "data.num_train", 0, ">= 1"),
     ("mqar", "data.num_test", 0, ">= 1"), ("mqar", "data.power_a", 0.0, "(0, 1]"),
     ("mqar", "data.random_non_queries", "yes", "True or False"),
     ("lm", "data.path", "/no/such/file.txt", "existing, non-empty file"),
@@ -92,6 +95,9 @@ _CROSS_CASES = [
     ("arith", {"model.patch_size": 3}, "model.patch_size", "must divide data.image_size=8"),
     ("reverse", {"data.vocab_size": 2}, "data.vocab_size", ">= 3 for reverse"),
     ("reverse", {"train.batch_size": 257}, "train.batch_size", "<= data.num_train=256"),
+    ("copy", {"data.vocab_size": 2}, "data.vocab_size", ">= 3 for selective_copy"),
+    ("copy", {"data.num_tokens": 13}, "data.num_tokens", "<= data.seq_len / 2 = 12"),
+    ("copy", {"train.batch_size": 257}, "train.batch_size", "<= data.num_train=256"),
 ]
 
 
@@ -153,7 +159,7 @@ def test_unknown_fields_and_presets_name_the_closest_known_one():
   assert guards._override_problem(["--config=configs/mqar.py:tiny", "--config.model.d_modle=3"]) == (
       "unknown config field 'model.d_modle'; did you mean 'model.d_model'?")
   assert guards._override_problem(["--config=configs/mqar.py", "--config.model.d_model=3"]) is None
-  for module in (mqar, lm_tiny, mqar_sharded, vit_digits, digit_arith, reverse):
+  for module in (mqar, lm_tiny, mqar_sharded, vit_digits, digit_arith, reverse, selective_copy):
     with pytest.raises(ValueError, match="unknown preset 'tinyy'"):
       module.get_config("tinyy")
 

@@ -74,3 +74,27 @@ def test_loader_resumes_exactly():
   c.restore(state)
   for i in range(2, 5):
     np.testing.assert_array_equal(next(c).inputs, seen[i])
+
+
+@pytest.mark.parametrize("vocab,seq,k", [(16, 64, 8), (5, 9, 4), (3, 6, 3)])
+def test_selective_copy_targets_are_the_non_noise_tokens_in_order(vocab, seq, k):
+  """Oracle from the task's definition (Gu & Dao 2023, arXiv:2312.00752, appendix E.1): scanning the
+  sequence, the targets are the non-noise tokens before the markers, in order, and the last `k`
+  positions are the markers at which they are asked for."""
+  from attnjax.data import selective_copy as sc
+  b = sc.selective_copy(vocab_size=vocab, num_examples=200, seq_len=seq, num_tokens=k, seed=1)
+  assert b.inputs.shape == (200, seq) and b.targets.shape == (200, k) == b.query_positions.shape
+  marker = vocab - 1
+  for x, qp, tgt in zip(b.inputs, b.query_positions, b.targets):
+    body = x[:seq - k]
+    np.testing.assert_array_equal(tgt, [t for t in body if t != 0])
+    assert np.all(x[seq - k:] == marker) and not np.any(body == marker)
+    np.testing.assert_array_equal(qp, np.arange(seq - k, seq))
+    assert np.all((tgt >= 1) & (tgt <= vocab - 2))
+  # Selective, not plain copying: where the data tokens sit varies between examples.
+  layouts = {tuple(np.flatnonzero(x[:seq - k])) for x in b.inputs}
+  assert len(layouts) > 1 or seq == 2 * k
+  again = sc.selective_copy(vocab_size=vocab, num_examples=200, seq_len=seq, num_tokens=k, seed=1)
+  np.testing.assert_array_equal(again.inputs, b.inputs)
+  with pytest.raises(ValueError, match="seq_len must be >= 2 \\* num_tokens"):
+    sc.selective_copy(vocab_size=vocab, num_examples=2, seq_len=2 * k - 1, num_tokens=k, seed=0)

@@ -38,6 +38,26 @@ def test_compare_writes_table_and_plot(tmp_path):
                                                                s["accuracy"])
 
 
+def test_lr_sweep_configs_best_lr_table_and_the_zoology_guard():
+  """`--lrs` / `--zoology`: one validated config per lr, the best lr per (mixer, width), and the
+  zoology mode refuses a config that is not Zoology's setting."""
+  import pytest
+  from experiments import guards
+  cfg = mqar_config.get_config("tiny")
+  runs = compare.sweep_configs(cfg, ["softmax", "gla"], [], ["1e-3", "1e-2"])
+  assert [(m, lr, c.optim.lr) for m, _, lr, c in runs] == [
+      ("softmax", 1e-3, 1e-3), ("softmax", 1e-2, 1e-2), ("gla", 1e-3, 1e-3), ("gla", 1e-2, 1e-2)]
+  assert [lr for _, _, lr, _ in compare.sweep_configs(cfg, ["softmax"], [], [])] == [None]
+  with pytest.raises(guards.ConfigError, match="--lrs"):
+    compare.sweep_configs(cfg, ["softmax"], [], ["-1e-3"])
+  rows = [{"mixer": "gla", "d_model": 64, "lr": lr, "accuracy": a} for lr, a in ((1e-3, 0.2), (1e-2, 0.7), (3e-2, 0.5))]
+  assert "| gla | 64 | 0.01 | 0.7000 |" in compare.best_lr_table(rows)
+  assert len(compare.ZOOLOGY_LRS) == 4 and abs(compare.ZOOLOGY_LRS[1] - 10 ** (-4 + 2 / 3)) < 1e-7
+  with pytest.raises(guards.ConfigError, match="--zoology"):
+    compare.check_zoology(cfg)
+  compare.check_zoology(mqar_config.get_config("zoology"))
+
+
 def test_lm_task_on_packaged_text_learns(tmp_path):
   from configs import lm_tiny
   cfg = lm_tiny.get_config("tiny")
