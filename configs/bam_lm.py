@@ -28,6 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      "'dense_tiny', 'tiny'")
   c = lm_tiny.get_config("tiny" if tiny else None)
   c.model.d_model, c.model.num_heads, c.model.mlp_ratio = 64, 4, 4.0
+  c.train.steps = 200
   if tiny:
     c.model.d_model, c.model.num_heads, c.model.num_layers = 16, 2, 1
     c.train.steps = 3
@@ -40,8 +41,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return c
   c.model.arch = "bam"
   c.model.base_workdir = ml_collections.config_dict.placeholder(str)  # the "dense" run's workdir
-  c.model.num_experts = 4
-  c.model.top_k = 2
+  c.model.num_experts = 2
+  c.model.top_k = 1
+  c.train.steps = 150 if not tiny else 3
   c.model.shared_kv = False
   c.model.aux_weight = 0.01
   c.model.upcycle_noise = 0.01

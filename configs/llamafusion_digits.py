@@ -7,11 +7,11 @@ Commands (first the text-only base LM, then the fusion; the sizes must agree):
       --config.model.base_workdir=workdirs/lf_base --workdir=workdirs/llamafusion_digits
 
 Base ("base" preset, task "lm"): a `DecoderLM` (2 layers, d_model 64, 4 heads, SwiGLU ratio 4) on
-the packaged standard-library text, seq 128, batch 16, 400 steps, checkpointed. Fusion (task
+the packaged standard-library text, seq 128, batch 16, 200 steps, checkpointed. Fusion (task
 "digits_text", see configs/mot_digits.py): the base's weights become the text modality of a
 two-modality MoT (Shi et al., 2024, arXiv 2412.15188), the image modules start as a copy of them,
 and only the image modules and the patch input train (text modules, embedding and head frozen:
-optax.multi_transform with set_to_zero); 300 steps, batch 64, lr 2e-3. Measured: (pending).
+optax.multi_transform with set_to_zero); 200 steps, batch 64, lr 2e-3. Measured: (pending).
 """
 
 import ml_collections
@@ -24,9 +24,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg in ("base", "base_tiny"):
     c = lm_tiny.get_config("tiny" if tiny else None)
     c.model.d_model, c.model.num_heads, c.model.mlp_ratio = 64, 4, 4.0
-    c.train.steps = 400
+    c.train.steps = 200
     c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every = 400
+    c.checkpoint.every = 200
     c.checkpoint.max_to_keep = 1
     c.checkpoint.async_save = False
     if tiny:
@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.arch = "llamafusion"
   c.model.base_workdir = ml_collections.config_dict.placeholder(str)  # the "base" run's workdir
   c.model.init_image = "copy"
-  c.train.steps = 300
+  c.train.steps = 200
   if tiny:
     c.model.mlp_ratio = 4.0
   return c

@@ -11,9 +11,10 @@ so through training.
 `llamafusion_from_decoder` builds the model from a trained `DecoderLM`; the image modules start as
 copies of the text modules (`init_image="copy"`, LlamaFusion's initialisation from the LM's
 weights) or at random (`"random"`). `param_labels(params)` labels every parameter `"frozen"` /
-`"trainable"` for `masked_optimizer`, which wraps any optax transformation with
-`optax.multi_transform` so that frozen parameters get an update of exactly zero
-(`optax.set_to_zero`): their values stay bit-identical, and their optimizer holds no state.
+`"trainable"`; `optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()},
+param_labels)` (what `experiments.trainer.make_optimizer` builds from a task's labels) gives the
+frozen parameters an update of exactly zero: their values stay bit-identical, and the optimizer
+keeps no moments for them.
 
 The paper trains image tokens with a diffusion loss on VAE latents; here the image modality takes
 continuous patches through a linear `patch_in` and the toy task (`experiments.tasks`, "digits_text")
@@ -23,7 +24,6 @@ trains on next-token prediction of the text that follows the image.
 from __future__ import annotations
 
 import jax
-import optax
 from flax import nnx
 
 from attnjax.models.mot import MixtureOfTransformers, load_decoder_into_modality
@@ -66,8 +66,3 @@ def param_labels(params):
   """`"frozen"` for the text modules, token embedding and text final norm; `"trainable"` else."""
   return jax.tree_util.tree_map_with_path(
       lambda path, _: "frozen" if _is_frozen(path) else "trainable", params)
-
-
-def masked_optimizer(tx: optax.GradientTransformation, labels=param_labels) -> optax.GradientTransformation:
-  """`tx` on the trainable parameters, exactly zero updates on the frozen ones."""
-  return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)

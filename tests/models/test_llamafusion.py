@@ -2,7 +2,7 @@
 
 Oracles from the paper's definition: (1) text-only input through the fused model is the base
 text-only LM (its logits, bit for bit: the text path runs the same weights and operations);
-(2) a training step (the project's trainer step with the masked optimizer) leaves every text
+(2) a training step (the project's trainer step and optimizer, given the task's labels) leaves every text
 parameter bit-identical and moves the image parameters; (3) image tokens change text predictions
 only through the shared attention (a text token before every image token is unaffected, causal).
 """
@@ -16,7 +16,8 @@ import optax
 from flax import nnx
 
 from attnjax.models import DecoderLM
-from attnjax.models.llamafusion import llamafusion_from_decoder, masked_optimizer, param_labels
+from attnjax.models.llamafusion import llamafusion_from_decoder, param_labels
+from configs import llamafusion_digits
 from experiments import tasks, trainer
 
 V, D, H, L, P = 19, 16, 2, 2, 4
@@ -55,7 +56,10 @@ def _loss(model, batch):
 def test_training_steps_leave_text_weights_bit_identical_and_train_the_image_weights():
   lf = llamafusion_from_decoder(_base(), patch_dim=P, rngs=nnx.Rngs(3))
   graphdef, params, rest = nnx.split(lf, nnx.Param, ...)
-  tx = masked_optimizer(optax.adamw(1e-2, weight_decay=0.1))
+  cfg = llamafusion_digits.get_config("tiny")
+  with cfg.unlocked():
+    cfg.optim.warmup_steps, cfg.optim.lr = 0, 1e-2
+  tx = trainer.make_optimizer(cfg, param_labels)  # what the trainer builds for this task
   task = tasks.Task("t", None, [], _loss, None)
   train_step, _ = trainer.make_steps(graphdef, task, tx)
   rng = np.random.default_rng(1)
