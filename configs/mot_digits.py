@@ -8,7 +8,9 @@ input), then the bytes " digit=" (text modality); the loss is the next byte, the
 at the last position, out of all 256 bytes. Every non-embedding weight is per modality (MoT,
 Liang et al., 2024, arXiv 2411.04996); one causal attention runs over the 23 tokens. 2 layers,
 d_model 64, 4 heads, SwiGLU ratio 4, 400 steps of AdamW (lr 2e-3), batch 64; 1,438 train and 359
-test images. Measured: (pending).
+test images. Measured (2-core CPU shared by several jobs, 2026-12-03): held-out accuracy 0.852 /
+0.942 / 0.953 / 0.967 at steps 100 / 200 / 300 / 400 (eval loss 0.169), 279,488 parameters,
+14 min 23 s wall (1 min 16 s of CPU time; the machine was saturated).
 """
 
 import ml_collections
