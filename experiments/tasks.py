@@ -6,8 +6,10 @@ A task has `train_loader` (an iterator with `state()`/`restore()`), `eval_batche
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import os
 from typing import Any, Callable
 
 import jax
@@ -106,8 +108,19 @@ def make_lm(config) -> Task:
 
 def base_checkpoints(config) -> str:
   """`<model.base_workdir>/checkpoints`: the trained run a model is built from."""
-  import os  # pylint: disable=import-outside-toplevel
   return os.path.join(config.model.base_workdir, "checkpoints")
+
+
+@contextlib.contextmanager
+def _base_fits(config):
+  """A base checkpoint of other sizes is a config error naming `model.base_workdir`."""
+  from attnjax.distributed import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
+  from experiments import guards  # pylint: disable=import-outside-toplevel
+  try:
+    yield
+  except (ckpt.CheckpointMismatch, FileNotFoundError) as e:
+    raise guards.ConfigError("model.base_workdir", config.model.base_workdir,
+                             f"its checkpoint does not fit this model: {' '.join(str(e).split())}") from None
 
 
 def build_parallel(config, rngs: nnx.Rngs) -> bam.ParallelDecoderLM:
@@ -122,11 +135,12 @@ def build_bam(config, rngs: nnx.Rngs) -> bam.BAMLM:
   """BAM upcycled from the dense parallel LM of `model.base_workdir`, `model.num_experts` copies
   with `model.upcycle_noise` relative noise on the expert weights."""
   m = config.model
-  return bam.upcycle_from_checkpoints(
-      [base_checkpoints(config)], copies=m.num_experts, vocab_size=config.data.vocab_size,
-      d_model=m.d_model, num_layers=m.num_layers, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
-      top_k=m.top_k, shared_kv=m.shared_kv, aux_weight=m.aux_weight, noise=m.upcycle_noise,
-      rngs=rngs)
+  with _base_fits(config):
+    return bam.upcycle_from_checkpoints(
+        [base_checkpoints(config)], copies=m.num_experts, vocab_size=config.data.vocab_size,
+        d_model=m.d_model, num_layers=m.num_layers, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
+        top_k=m.top_k, shared_kv=m.shared_kv, aux_weight=m.aux_weight, noise=m.upcycle_noise,
+        rngs=rngs)
 
 
 def build_vit(config, rngs: nnx.Rngs) -> ViT:
@@ -195,13 +209,10 @@ def build_digits_text(config, rngs: nnx.Rngs) -> nnx.Module:
     return mot.MixtureOfTransformers(vocab_size=config.data.vocab_size, d_model=m.d_model,
                                      num_layers=m.num_layers, num_heads=m.num_heads,
                                      mlp_ratio=m.mlp_ratio, patch_dim=p * p, rngs=rngs)
-  from attnjax.distributed import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
-  from attnjax.distributed import sharding as sh  # pylint: disable=import-outside-toplevel
-  base = nnx.eval_shape(lambda: DecoderLM(vocab_size=config.data.vocab_size, d_model=m.d_model,
-                                          num_layers=m.num_layers, num_heads=m.num_heads,
-                                          mlp_ratio=m.mlp_ratio, rngs=nnx.Rngs(0)))
-  base = ckpt.restore_model_for_inference(base_checkpoints(config), base,
-                                          sh.make_mesh({}, jax.devices()[:1]))
+  with _base_fits(config):
+    base = llamafusion.decoder_from_checkpoint(
+        base_checkpoints(config), vocab_size=config.data.vocab_size, d_model=m.d_model,
+        num_layers=m.num_layers, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio)
   return llamafusion.llamafusion_from_decoder(base, patch_dim=p * p, init_image=m.init_image,
                                               rngs=rngs)
 

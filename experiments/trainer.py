@@ -317,6 +317,8 @@ def _train(config, workdir, ck, mesh, is_chief, print_report) -> dict[str, Any]:
   task = tasks_lib.make_task(config)
   try:
     model = task.build_model(config, nnx.Rngs(config.seed))
+  except guards.ConfigError:
+    raise  # a builder that names the field itself (e.g. a base checkpoint of other sizes)
   except (TypeError, ValueError) as e:
     # Mixer options are free-form (each mixer has its own): the builder is their rule.
     m = config.model

@@ -26,6 +26,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from attnjax.models.decoder import DecoderLM
 from attnjax.models.mot import MixtureOfTransformers, load_decoder_into_modality
 
 TEXT, IMAGE = 0, 1
@@ -49,6 +50,16 @@ def llamafusion_from_decoder(decoder, *, patch_dim: int, init_image: str = "copy
   if init_image == "copy":
     load_decoder_into_modality(model, decoder, IMAGE, embedding=False)
   return model
+
+
+def decoder_from_checkpoint(checkpoint_dir: str, *, step: int | None = None, **sizes):
+  """The plain softmax `DecoderLM(**sizes)` with the parameters of an orbax checkpoint directory
+  (the trainer's `<workdir>/checkpoints`, latest step by default)."""
+  from attnjax.distributed import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
+  from attnjax.distributed import sharding as sh  # pylint: disable=import-outside-toplevel
+  base = nnx.eval_shape(lambda: DecoderLM(**sizes, rngs=nnx.Rngs(0)))
+  return ckpt.restore_model_for_inference(checkpoint_dir, base, sh.make_mesh({}, jax.devices()[:1]),
+                                          step=step)
 
 
 def _is_frozen(path) -> bool:

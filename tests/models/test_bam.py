@@ -181,6 +181,9 @@ def test_upcycle_averages_the_non_expert_parameters_and_reads_orbax_checkpoints(
   for (p, x), (_, y) in zip(nnx.to_flat_state(nnx.state(got, nnx.Param)),
                             nnx.to_flat_state(nnx.state(bam, nnx.Param))):
     np.testing.assert_array_equal(np.asarray(x[...]), np.asarray(y[...]), err_msg=str(p))
+  with pytest.raises(ckpt.CheckpointMismatch, match=r"mlp.*has shape \((8, 12|12, 8)\) but the model config gives"):
+    upcycle_from_checkpoints(dirs, vocab_size=V, d_model=D, num_layers=L, num_heads=H, mlp_ratio=2.0,
+                             rngs=nnx.Rngs(0))  # other sizes than the checkpoints
   # Copies with noise differ from the seed, and from each other.
   noisy = upcycle_from_checkpoints(dirs[:1], copies=2, vocab_size=V, d_model=D, num_layers=L,
                                    num_heads=H, mlp_ratio=R, noise=0.1, rngs=nnx.Rngs(0))
