@@ -210,6 +210,8 @@ def load_decoder_into_modality(mot: MixtureOfTransformers, decoder, modality: in
         or not hasattr(mix, "q_proj") or mix.window is not None or not mix.rope):
       raise ValueError("decoder blocks must be plain softmax attention (RoPE, no window, no gate, "
                        "no short conv) with a SwiGLU MLP")
+    if mix.rope_base != mblk.rope_base or mix.causal != mblk.causal or mix.attn_options:
+      raise ValueError("decoder's attention (rope_base, causal, attn_options) differs from the MoT's")
     tw = mblk.towers[modality]
     pairs = [(tw.norm1, blk.norm1), (tw.norm2, blk.norm2), (tw.q_proj, mix.q_proj),
              (tw.k_proj, mix.k_proj), (tw.v_proj, mix.v_proj), (tw.o_proj, mix.o_proj),
