@@ -11,7 +11,14 @@ the packaged standard-library text, seq 128, batch 16, 200 steps, checkpointed. 
 "digits_text", see configs/mot_digits.py): the base's weights become the text modality of a
 two-modality MoT (Shi et al., 2024, arXiv 2412.15188), the image modules start as a copy of them,
 and only the image modules and the patch input train (text modules, embedding and head frozen:
-optax.multi_transform with set_to_zero); 200 steps, batch 64, lr 2e-3. Measured: (pending).
+optax.multi_transform with set_to_zero); 200 steps, batch 64, lr 2e-3.
+
+Measured (2-core CPU shared by several jobs, 2026-12-03): base LM held-out next-byte loss 2.035,
+accuracy 0.469 after 200 steps (147,776 parameters, 8 min 44 s wall, 43 s CPU); fusion held-out
+digit accuracy 0.805 / 0.925 at steps 100 / 200 (eval loss 1.056; 279,488 parameters of which the
+text half is frozen), 11 min 39 s wall, 46 s CPU. The base's text behaviour is unchanged by
+construction (tested: text-only logits equal the base's, text weights bit-identical after training).
+For comparison, configs/mot_digits.py (all weights trained from scratch) reaches 0.942 at step 200.
 """
 
 import ml_collections
