@@ -90,7 +90,7 @@ _CROSS_CASES = [
     ("digits", {"model.patch_size": 3}, "model.patch_size", "must divide data.image_size=8"),
     ("mot", {"model.arch": "bam"}, "model.arch", "must be one of ['mot', 'llamafusion']"),
     ("lf", {}, "model.base_workdir", "is required for model.arch='llamafusion'"),
-    ("bam", {"model.top_k": 5}, "model.top_k", "must be <= model.num_experts=4"),
+    ("bam", {"model.top_k": 5}, "model.top_k", "must be <= model.num_experts=2"),
     ("mot", {"data.vocab_size": 100}, "data.vocab_size", ">= 256 for digits_text"),
 ]
 
