@@ -66,7 +66,9 @@ def test_training_steps_leave_text_weights_bit_identical_and_train_the_image_wei
   modality = np.tile(np.array([1, 1, 1, 0, 0, 0, 0], np.int32), (2, 1))
   batch = (_TOKENS, modality, rng.normal(size=(2, 7, P)).astype(np.float32),
            rng.integers(0, V, (2, 7)).astype(np.int32))
-  new, opt_state = params, tx.init(params)
+  # The trainer places the optimizer state (frozen leaves hold optax.MaskedNode) on its mesh.
+  _, _, o_sh = trainer.state_shardings(cfg, trainer.make_mesh(cfg), params, rest, tx)
+  new, opt_state = params, jax.jit(tx.init, out_shardings=o_sh)(params)
   guard = trainer.init_guard(0)
   for _ in range(2):
     new, rest, opt_state, metrics, guard = train_step(new, rest, opt_state, batch, guard)
