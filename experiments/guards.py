@@ -135,7 +135,13 @@ def _rules_ok(v) -> bool:
 
 _MESH_SIZE = ((lambda v: _is_int(v) and (v >= 1 or v == -1)), "must be an integer >= 1, or -1 (the rest)")
 EVAL_METRICS = ("eval_accuracy", "eval_aux_loss", "eval_loss")
-TASKS = ("digit_arith", "digits", "lm", "mqar", "reverse", "selective_copy")
+TASKS = ("digit_arith", "digits", "digits_text", "lm", "mqar", "reverse", "selective_copy")
+# model.arch per task (the first is the default when the field is absent).
+ARCHS = {"lm": ("decoder", "parallel", "bam"), "digits_text": ("mot", "llamafusion")}
+
+
+def _base_workdir_ok(v) -> bool:
+  return v is None or (isinstance(v, str) and os.path.isdir(os.path.join(v, "checkpoints")))
 NONFINITE_MODES = ("stop", "skip")
 
 # field -> (predicate, rule text). Every leaf of every shipped config is here (tested).
@@ -170,6 +176,15 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.attn_res_block_size": _int_at_least(1),
     "model.patch_size": _int_at_least(1),
     "model.pool": _one_of("cls", "mean", "ep", "lama"),
+    "model.arch": _one_of("decoder", "parallel", "bam", "mot", "llamafusion"),
+    "model.base_workdir": (_base_workdir_ok, "must be None or a workdir holding checkpoints/ "
+                           "(a finished run with checkpoint.every > 0)"),
+    "model.init_image": _one_of("copy", "random"),
+    "model.num_experts": _int_at_least(1),
+    "model.top_k": _int_at_least(1),
+    "model.shared_kv": _BOOL,
+    "model.aux_weight": _num(lambda v: v >= 0, ">= 0"),
+    "model.upcycle_noise": _num(lambda v: v >= 0, ">= 0"),
     "optim.lr": _num(lambda v: v > 0, "> 0"),
     "optim.warmup_steps": _int_at_least(0),
     "optim.weight_decay": _num(lambda v: v >= 0, ">= 0"),
@@ -252,9 +267,19 @@ def _cross_checks(f: dict[str, Any]) -> None:
     if n != f["model.num_layers"]:
       fail("model.layer_mixers", f"lists {n} mixers; must list model.num_layers={f['model.num_layers']}")
   seq, vocab, bs = f.get("data.seq_len"), f.get("data.vocab_size"), f["train.batch_size"]
-  if f["task"] in ("digits", "digit_arith"):
+  if f["task"] in ("digits", "digit_arith", "digits_text"):
     if f["data.image_size"] % f["model.patch_size"]:
       fail("model.patch_size", f"must divide data.image_size={f['data.image_size']}")
+  archs = ARCHS.get(f["task"], ("decoder",))  # a task not listed builds its one model
+  arch = f.get("model.arch", archs[0])
+  if arch not in archs:
+    fail("model.arch", f"must be one of {list(archs)} for task {f['task']!r}")
+  if arch == "bam" and f.get("model.top_k", 2) > f.get("model.num_experts", 1):
+    fail("model.top_k", f"must be <= model.num_experts={f.get('model.num_experts', 1)}")
+  if arch in ("bam", "llamafusion") and f.get("model.base_workdir") is None:
+    fail("model.base_workdir", f"is required for model.arch={arch!r} (the trained run to start from)")
+  if f["task"] == "digits_text" and vocab < 256:
+    fail("data.vocab_size", "must be >= 256 for digits_text (the label is a byte)")
   if f["task"] == "mqar":
     kv = f["data.num_kv_pairs"]
     if seq % 2:
@@ -316,8 +341,9 @@ def validate(config) -> None:
                                     "data.num_test"),
                  "digits": ("data.image_size", "model.patch_size"),
                  "digit_arith": ("data.image_size", "data.prompts_per_image", "model.patch_size"),
-                 "reverse": ("data.vocab_size", "data.seq_len", "data.num_train", "data.num_test")
-                 }[fields["task"]]
+                 "reverse": ("data.vocab_size", "data.seq_len", "data.num_train", "data.num_test"),
+                 "digits_text": ("data.image_size", "data.vocab_size", "model.patch_size",
+                                 "model.arch")}[fields["task"]]
   for required in task_fields:
     if required not in fields:
       raise ConfigError(required, None, f"is required for task {fields['task']!r}")

@@ -6,7 +6,10 @@ A task has `train_loader` (an iterator with `state()`/`restore()`), `eval_batche
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import os
 from typing import Any, Callable
 
 import jax
@@ -16,7 +19,7 @@ import optax
 from flax import nnx
 
 from attnjax.data import images, mqar, selective_copy, synthetic, text
-from attnjax.models import DecoderLM, ViT
+from attnjax.models import DecoderLM, ViT, bam, llamafusion, mot
 from attnjax.models.image_text import ImageTextLM
 from attnjax.models.seq2seq import EncoderDecoder
 
@@ -28,6 +31,8 @@ class Task:
   eval_batches: list
   loss: Callable[[nnx.Module, Any], tuple[jax.Array, dict[str, jax.Array]]]
   build_model: Callable[..., nnx.Module]
+  # fn(params) -> "trainable" | "frozen" per leaf; None trains everything (see trainer.make_optimizer).
+  param_labels: Callable[[Any], Any] | None = None
 
 
 def layer_mixers(model_config) -> str | list[str]:
@@ -101,7 +106,46 @@ def make_lm(config) -> Task:
   eval_loader = text.WindowLoader(test, config.train.batch_size, d.seq_len, seed=config.seed + 1,
                                   bos=bos)
   eval_batches = [jnp.asarray(next(eval_loader)) for _ in range(d.num_eval_batches)]
-  return Task("lm", loader, eval_batches, lm_loss, build_decoder)
+  build = {"decoder": build_decoder, "parallel": build_parallel, "bam": build_bam}[
+      config.model.get("arch", "decoder")]
+  return Task("lm", loader, eval_batches, lm_loss, build)
+
+
+def base_checkpoints(config) -> str:
+  """`<model.base_workdir>/checkpoints`: the trained run a model is built from."""
+  return os.path.join(config.model.base_workdir, "checkpoints")
+
+
+@contextlib.contextmanager
+def _base_fits(config):
+  """A base checkpoint of other sizes is a config error naming `model.base_workdir`."""
+  from attnjax.distributed import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
+  from experiments import guards  # pylint: disable=import-outside-toplevel
+  try:
+    yield
+  except (ckpt.CheckpointMismatch, FileNotFoundError) as e:
+    raise guards.ConfigError("model.base_workdir", config.model.base_workdir,
+                             f"its checkpoint does not fit this model: {' '.join(str(e).split())}") from None
+
+
+def build_parallel(config, rngs: nnx.Rngs) -> bam.ParallelDecoderLM:
+  """The dense parallel-attention LM (BAM's seed model)."""
+  m = config.model
+  return bam.ParallelDecoderLM(vocab_size=config.data.vocab_size, d_model=m.d_model,
+                               num_layers=m.num_layers, num_heads=m.num_heads,
+                               mlp_ratio=m.mlp_ratio, rngs=rngs)
+
+
+def build_bam(config, rngs: nnx.Rngs) -> bam.BAMLM:
+  """BAM upcycled from the dense parallel LM of `model.base_workdir`, `model.num_experts` copies
+  with `model.upcycle_noise` relative noise on the expert weights."""
+  m = config.model
+  with _base_fits(config):
+    return bam.upcycle_from_checkpoints(
+        [base_checkpoints(config)], copies=m.num_experts, vocab_size=config.data.vocab_size,
+        d_model=m.d_model, num_layers=m.num_layers, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
+        top_k=m.top_k, shared_kv=m.shared_kv, aux_weight=m.aux_weight, noise=m.upcycle_noise,
+        rngs=rngs)
 
 
 def build_vit(config, rngs: nnx.Rngs) -> ViT:
@@ -129,6 +173,68 @@ def make_digits(config) -> Task:
   loader = images.ArrayLoader(x_train, y_train, bs, seed=config.seed)
   evals = [jax.tree.map(jnp.asarray, b) for b in images.eval_batches(x_test, y_test, bs)]
   return Task("digits", loader, evals, classification_loss, build_vit)
+
+
+# Image + text: an 8x8 digit as patch tokens (image modality), then text (modality 0) naming it.
+DIGITS_PROMPT = b" digit="
+
+
+def digits_text_inputs(images: jax.Array, patch_size: int):
+  """`images [B, S, S, 1]` -> `(tokens, modality, patches)` `[B, P + len(prompt)]` (`[.., p*p]`):
+  the `P = (S / p)^2` patches (row-major) as image positions, then the prompt's bytes as text."""
+  b, s = images.shape[0], images.shape[1]
+  g = s // patch_size
+  patches = images[..., 0].reshape(b, g, patch_size, g, patch_size).transpose(0, 1, 3, 2, 4)
+  patches = patches.reshape(b, g * g, patch_size * patch_size)
+  n_text = len(DIGITS_PROMPT)
+  tokens = jnp.concatenate([jnp.zeros((b, g * g), jnp.int32),
+                            jnp.broadcast_to(jnp.array(list(DIGITS_PROMPT), jnp.int32), (b, n_text))], 1)
+  modality = jnp.concatenate([jnp.ones((b, g * g), jnp.int32), jnp.zeros((b, n_text), jnp.int32)], 1)
+  patches = jnp.concatenate([patches, jnp.zeros((b, n_text, patches.shape[-1]), patches.dtype)], 1)
+  return tokens, modality, patches
+
+
+def digits_text_loss(model: nnx.Module, batch, *, patch_size: int):
+  """Next-token cross-entropy of the label's byte (`"0"`..`"9"`, out of all 256) at the prompt's
+  last position; accuracy of its argmax."""
+  x, y = batch
+  tokens, modality, patches = digits_text_inputs(x, patch_size)
+  h = model.hidden(tokens, modality, patches=patches)[:, -1]
+  logits = model.logits(h).astype(jnp.float32)
+  target = y + ord("0")
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, target).mean()
+  return loss, {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == target)}
+
+
+def build_digits_text(config, rngs: nnx.Rngs) -> nnx.Module:
+  """`model.arch="mot"`: a Mixture-of-Transformers from scratch; `"llamafusion"`: the text-only
+  `DecoderLM` of `model.base_workdir` (an lm run of the same sizes) fused with new image modules."""
+  m, p = config.model, config.model.patch_size
+  if m.arch == "mot":
+    return mot.MixtureOfTransformers(vocab_size=config.data.vocab_size, d_model=m.d_model,
+                                     num_layers=m.num_layers, num_heads=m.num_heads,
+                                     mlp_ratio=m.mlp_ratio, patch_dim=p * p, rngs=rngs)
+  with _base_fits(config):
+    base = llamafusion.decoder_from_checkpoint(
+        base_checkpoints(config), vocab_size=config.data.vocab_size, d_model=m.d_model,
+        num_layers=m.num_layers, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio)
+  return llamafusion.llamafusion_from_decoder(base, patch_dim=p * p, init_image=m.init_image,
+                                              rngs=rngs)
+
+
+def make_digits_text(config) -> Task:
+  """Digits as image patches followed by text whose next byte is the label (MoT / LlamaFusion)."""
+  d = config.data
+  x_train, y_train = images.load_digits("train", seed=config.seed, image_size=d.image_size)
+  x_test, y_test = images.load_digits("test", seed=config.seed, image_size=d.image_size)
+  bs = config.train.batch_size
+  loader = images.ArrayLoader(x_train, y_train, bs, seed=config.seed)
+  evals = [jax.tree.map(jnp.asarray, b) for b in images.eval_batches(x_test, y_test, bs)]
+  loss = functools.partial(digits_text_loss, patch_size=config.model.patch_size)
+  labels = llamafusion.param_labels if config.model.arch == "llamafusion" else None
+  return Task("digits_text", loader, evals, loss, build_digits_text, labels)
+
+
 
 
 def build_image_text(config, rngs: nnx.Rngs) -> ImageTextLM:
@@ -208,7 +314,8 @@ def make_selective_copy(config) -> Task:
 
 
 _TASKS = {"mqar": make_mqar, "lm": make_lm, "digits": make_digits, "selective_copy": make_selective_copy,
-          "digit_arith": make_digit_arith, "reverse": make_reverse}
+          "digit_arith": make_digit_arith, "reverse": make_reverse,
+          "digits_text": make_digits_text}
 
 
 def registered_tasks() -> tuple[str, ...]:

@@ -43,14 +43,18 @@ def _skip_nonfinite(config) -> bool:
   return config.train.get("nonfinite", "stop") == "skip"
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
+def make_optimizer(config, param_labels=None) -> optax.GradientTransformation:
   """AdamW with warm-up + cosine and clipping; `train.nonfinite="skip"` wraps it in
   `optax.apply_if_finite`, which leaves params and moments alone on a non-finite gradient and
-  counts those steps (`total_notfinite`)."""
+  counts those steps (`total_notfinite`). `param_labels` (a task's `fn(params) -> "trainable" |
+  "frozen"` per leaf) trains only the trainable leaves: frozen ones get exactly zero updates
+  (`optax.multi_transform` with `optax.set_to_zero`), and clipping sees the trainable ones only."""
   o = config.optim
   schedule = optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, max(config.train.steps, o.warmup_steps + 1))
   tx = optax.chain(optax.clip_by_global_norm(o.clip_norm),
                    optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
+  if param_labels is not None:
+    tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, param_labels)
   if _skip_nonfinite(config):
     # Never give up skipping: after max_consecutive_errors apply_if_finite would apply the update.
     tx = optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
@@ -244,7 +248,7 @@ def abstract_train_state(config, mesh, task: tasks_lib.Task | None = None):
   task = task or tasks_lib.make_task(config)
   model = nnx.eval_shape(lambda: task.build_model(config, nnx.Rngs(config.seed)))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  tx = make_optimizer(config)
+  tx = make_optimizer(config, task.param_labels)
   p_sh, r_sh, o_sh = state_shardings(config, mesh, params, rest, tx)
   opt_state = jax.eval_shape(tx.init, params)
   return (graphdef, ckpt.abstract_like(params, p_sh), ckpt.abstract_like(rest, r_sh),
@@ -313,6 +317,8 @@ def _train(config, workdir, ck, mesh, is_chief, print_report) -> dict[str, Any]:
   task = tasks_lib.make_task(config)
   try:
     model = task.build_model(config, nnx.Rngs(config.seed))
+  except guards.ConfigError:
+    raise  # a builder that names the field itself (e.g. a base checkpoint of other sizes)
   except (TypeError, ValueError) as e:
     # Mixer options are free-form (each mixer has its own): the builder is their rule.
     m = config.model
@@ -321,7 +327,7 @@ def _train(config, workdir, ck, mesh, is_chief, print_report) -> dict[str, Any]:
     raise guards.ConfigError(field, value, f"rejected by the mixer: {' '.join(str(e).split())}") from None
   n_params = tasks_lib.count_params(model)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  tx = make_optimizer(config)
+  tx = make_optimizer(config, task.param_labels)
 
   p_sh, r_sh, o_sh = state_shardings(config, mesh, params, rest, tx)
   params, rest = _place(params, p_sh), _place(rest, r_sh)

@@ -14,7 +14,8 @@ import sys
 
 import pytest
 
-from configs import digit_arith, lm_tiny, mqar, mqar_sharded, probe, reverse, selective_copy, vit_digits
+from configs import (bam_lm, digit_arith, llamafusion_digits, lm_tiny, mot_digits, mqar, mqar_sharded, probe,
+                     reverse, selective_copy, vit_digits)
 from experiments import guards, trainer
 
 _SHIPPED = {"mqar": mqar.get_config(), "mqar:tiny": mqar.get_config("tiny"),
@@ -26,7 +27,15 @@ _SHIPPED = {"mqar": mqar.get_config(), "mqar:tiny": mqar.get_config("tiny"),
             **{f"probe:{b}": probe.get_config(b) for b in ("lm", "mqar", "digits", "digit_arith", "reverse")},
             "probe:reverse,tiny": probe.get_config("reverse,tiny"),
             "mqar:zoology": mqar.get_config("zoology"),
-            "selective_copy": selective_copy.get_config(), "selective_copy:tiny": selective_copy.get_config("tiny")}
+            "selective_copy": selective_copy.get_config(), "selective_copy:tiny": selective_copy.get_config("tiny"),
+            "mot_digits": mot_digits.get_config(), "mot_digits:tiny": mot_digits.get_config("tiny"),
+            "bam_lm:dense": bam_lm.get_config("dense"), "bam_lm:dense_tiny": bam_lm.get_config("dense_tiny"),
+            "llamafusion_digits:base": llamafusion_digits.get_config("base"),
+            "llamafusion_digits:base_tiny": llamafusion_digits.get_config("base_tiny")}
+# Configs that start from a trained run: shipped with model.base_workdir unset (checked below).
+_FROM_BASE = {"bam_lm": lambda: bam_lm.get_config(), "bam_lm:tiny": lambda: bam_lm.get_config("tiny"),
+              "llamafusion_digits": lambda: llamafusion_digits.get_config(),
+              "llamafusion_digits:tiny": lambda: llamafusion_digits.get_config("tiny")}
 _BASE = {"mqar": lambda: mqar.get_config("tiny").to_dict(),
          "lm": lambda: lm_tiny.get_config("tiny").to_dict(),
          "sharded": lambda: mqar_sharded.get_config("tiny").to_dict(),
@@ -34,7 +43,10 @@ _BASE = {"mqar": lambda: mqar.get_config("tiny").to_dict(),
          "arith": lambda: digit_arith.get_config("tiny").to_dict(),
          "reverse": lambda: reverse.get_config("tiny").to_dict(),
          "probe": lambda: probe.get_config("digits,tiny").to_dict(),
-         "copy": lambda: selective_copy.get_config("tiny").to_dict()}
+         "copy": lambda: selective_copy.get_config("tiny").to_dict(),
+         "mot": lambda: mot_digits.get_config("tiny").to_dict(),
+         "lf": lambda: llamafusion_digits.get_config("tiny").to_dict(),
+         "bam": lambda: bam_lm.get_config("tiny").to_dict()}
 
 # (base, field, bad value, words the rule must say). One row per rule in guards.RULES ...
 _FIELD_CASES = [
@@ -79,6 +91,10 @@ _FIELD_CASES = [
     ("sharded", "checkpoint.async_save", 1, "True or False"),
     ("sharded", "checkpoint.resume", "y", "True or False"),
     ("sharded", "checkpoint.save_on_sigterm", None, "True or False"),
+    ("mot", "model.arch", "moe", "one of"), ("lf", "model.base_workdir", "/no/such/dir", "checkpoints/"),
+    ("lf", "model.init_image", "zeros", "one of"), ("bam", "model.num_experts", 0, ">= 1"),
+    ("bam", "model.top_k", 0, ">= 1"), ("bam", "model.shared_kv", "no", "True or False"),
+    ("bam", "model.aux_weight", -1.0, ">= 0"), ("bam", "model.upcycle_noise", -0.1, ">= 0"),
 ]
 # ... and one per cross-field rule: (base, {field: value}, field named, words).
 _CROSS_CASES = [
@@ -98,6 +114,10 @@ _CROSS_CASES = [
     ("copy", {"data.vocab_size": 2}, "data.vocab_size", ">= 3 for selective_copy"),
     ("copy", {"data.num_tokens": 13}, "data.num_tokens", "<= data.seq_len / 2 = 12"),
     ("copy", {"train.batch_size": 257}, "train.batch_size", "<= data.num_train=256"),
+    ("mot", {"model.arch": "bam"}, "model.arch", "must be one of ['mot', 'llamafusion']"),
+    ("lf", {}, "model.base_workdir", "is required for model.arch='llamafusion'"),
+    ("bam", {"model.top_k": 5}, "model.top_k", "must be <= model.num_experts=2"),
+    ("mot", {"data.vocab_size": 100}, "data.vocab_size", ">= 256 for digits_text"),
 ]
 
 
@@ -115,6 +135,16 @@ def test_every_field_of_every_shipped_config_has_a_rule_and_the_shipped_configs_
     guards.validate(cfg)
   # The table breaks every rule.
   assert {f for _, f, _, _ in _FIELD_CASES} == set(guards.RULES)
+
+
+def test_configs_that_start_from_a_trained_run_pass_once_it_is_named(tmp_path):
+  (tmp_path / "checkpoints").mkdir()
+  for name, make in _FROM_BASE.items():
+    cfg = make()
+    assert not sorted(set(guards.flat_fields(cfg)) - set(guards.RULES)), name
+    with cfg.unlocked():
+      cfg.model.base_workdir = str(tmp_path)
+    guards.validate(cfg)
 
 
 @pytest.mark.parametrize("base,field,value,words", _FIELD_CASES, ids=[c[1] for c in _FIELD_CASES])
@@ -159,7 +189,8 @@ def test_unknown_fields_and_presets_name_the_closest_known_one():
   assert guards._override_problem(["--config=configs/mqar.py:tiny", "--config.model.d_modle=3"]) == (
       "unknown config field 'model.d_modle'; did you mean 'model.d_model'?")
   assert guards._override_problem(["--config=configs/mqar.py", "--config.model.d_model=3"]) is None
-  for module in (mqar, lm_tiny, mqar_sharded, vit_digits, digit_arith, reverse, selective_copy):
+  for module in (mqar, lm_tiny, mqar_sharded, vit_digits, digit_arith, reverse, selective_copy, mot_digits,
+                 bam_lm, llamafusion_digits):
     with pytest.raises(ValueError, match="unknown preset 'tinyy'"):
       module.get_config("tinyy")
 

@@ -119,10 +119,13 @@ def replicated_like(tree, mesh):
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, opt_state, param_shardings, mesh):
-  """Optimizer moments inherit their parameter's sharding; counts and scalars are replicated."""
-  return optax.tree_map_params(tx, lambda _, s: s, opt_state, param_shardings,
-                               transform_non_params=lambda _: NamedSharding(mesh, P()),
-                               is_leaf=lambda x: isinstance(x, NamedSharding))
+  """Optimizer moments inherit their parameter's sharding; counts and scalars are replicated.
+  Parameters an `optax.multi_transform` branch does not own hold an empty `optax.MaskedNode`
+  in that branch's state, which stays as it is."""
+  return optax.tree_map_params(
+      tx, lambda p, s: p if isinstance(p, optax.MaskedNode) else s, opt_state, param_shardings,
+      transform_non_params=lambda _: NamedSharding(mesh, P()),
+      is_leaf=lambda x: isinstance(x, (NamedSharding, optax.MaskedNode)))
 
 
 def present_axes(mesh: jax.sharding.Mesh, axes: Sequence[str] | str | None) -> tuple[str, ...]:

@@ -1,6 +1,8 @@
 """Backbones that take any registered mixer."""
 
+from attnjax.models.bam import BAMLM, ParallelDecoderLM
 from attnjax.models.decoder import DecoderLM
+from attnjax.models.mot import MixtureOfTransformers
 from attnjax.models.vit import ViT
 
-__all__ = ["DecoderLM", "ViT"]
+__all__ = ["BAMLM", "DecoderLM", "MixtureOfTransformers", "ParallelDecoderLM", "ViT"]
