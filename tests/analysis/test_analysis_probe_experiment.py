@@ -119,3 +119,21 @@ def test_inapplicable_probe_is_a_config_error_and_one_line_on_the_command_line(t
   assert p.returncode == 2, p.stderr[-2000:]
   assert p.stderr.strip().splitlines() == [
       "error: config field probe.num_batches=0: must be an integer >= 1"]
+
+
+def test_probe_runs_on_an_imported_hugging_face_checkpoint():
+  """`probe.hf_path`: a local HF-layout checkpoint (the qwen2 test fixture: 2 layers, 4 heads,
+  vocab 100) is loaded through `attnjax.models.hf_import` and probed on the config's batches."""
+  import json as _json
+  fixture = os.path.join(os.path.dirname(__file__), "..", "fixtures", "hf", "qwen2")
+  hf = _json.load(open(os.path.join(fixture, "config.json")))
+  c = probe_config.get_config("mqar,tiny")
+  c.probe.hf_path = fixture
+  c.data.vocab_size = hf["vocab_size"]
+  c.probe.num_batches = 1
+  model, task, summary = probe.get_model(c, None)
+  assert summary == {"hf_path": fixture}
+  m = probe.run_probes(model, task, c)
+  shape = (hf["num_hidden_layers"], hf["num_attention_heads"])
+  assert np.shape(m["sink_mass"]) == shape and np.all(np.isfinite(m["sink_mass"]))
+  assert 0.0 <= m["sink_rate"] <= 1.0
