@@ -40,6 +40,7 @@ class DecoderBlock(nnx.Module):
              if k not in opts}            # an explicit mixer option wins over the block's depth
     self.mixer = build_mixer(mixer, d_model=d_model, num_heads=num_heads, causal=causal, rngs=rngs,
                              **depth, **opts)
+    self.mixer_name = mixer  # the registry name (read by `attnjax.fast_path_report`)
     hidden = int(mlp_ratio * d_model)
     self.norm2 = RMSNorm(d_model) if hidden else None
     self.mlp = SwiGLU(d_model, hidden, rngs=rngs) if hidden else None
