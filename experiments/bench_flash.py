@@ -195,6 +195,65 @@ def sparse_suite(rows, interpret, peers):
   del peers
   dtype, h, d, t = jnp.bfloat16, _HEADS.value, _HEAD_DIM.value, _SPARSE_T.value
   defaults = default_block_sizes(max(16, 1 << (d - 1).bit_length()), interpret=interpret)
+  bq, bk = _BLOCK_Q.value or defaults.block_q, _BLOCK_K.value or defaults.block_k
+  kw = dict(kernel_kwargs(interpret), block_q=None, block_k=None)
+  q, k, v = random_inputs(1, t, t, h, d, dtype)
+  for mode in _MODES.value:
+    dense_ms = None
+    base = dict(suite="sparse", B=1, T=t, H=h, D=d, dtype="bfloat16", mode=mode, block_q=bq,
+                block_k=bk)
+
+    def run_dense():
+      s = timed(functools.partial(api.flash_attention, **dict(kw, block_q=bq, block_k=bk)), mode,
+                q, k, v)
+      return dict(ms=s * 1e3, tflops=attention_flops(1, h, t, d, t * t, mode) / s / 1e12)
+
+    record(rows, dict(base, impl="pallas_dense", density=1.0), run_dense)
+    dense_ms = rows[-1].get("ms")
+    for density in (float(x) for x in _DENSITIES.value):
+      layout, actual = random_block_layout(t, bq, bk, density, h)
+
+      def run_sparse(layout=layout, actual=actual):
+        attn = functools.partial(api.block_sparse_flash_attention, layout=layout, **kw)
+        s = timed(attn, mode, q, k, v)
+        out = dict(ms=s * 1e3, block_density=actual)
+        if dense_ms is not None:
+          ideal = actual * dense_ms
+          out.update(ideal_ms=ideal, efficiency=ideal / (s * 1e3))
+        return out
+
+      record(rows, dict(base, impl="pallas_block_sparse", density=density), run_sparse)
+
+
+def natten_flex_ms(spatial, kernel, stride, heads, d, mode) -> float:
+  """NATTEN's Flex backend on CUDA torch tensors, median ms over CUDA events."""
+  import natten  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  fn = {1: natten.na1d, 2: natten.na2d, 3: natten.na3d}[len(spatial)]
+  if _NATTEN_COMPILE.value and hasattr(natten, "allow_flex_compile"):
+    # NATTEN (>= 0.21) refuses torch.compile of its Flex backend unless allowed; uncompiled Flex
+    # is not the backend NATTEN benchmarks, so allow it and label the rows (`natten_torch_compile`).
+    natten.allow_flex_compile()
+  shape = (1,) + tuple(spatial) + (heads, d)
+  q, k, v = (torch.randn(shape, device="cuda", dtype=torch.float16,
+                         requires_grad=(mode == "fwd_bwd")) for _ in range(3))
+
+  def step():
+    o = fn(q, k, v, kernel_size=kernel, stride=stride, backend="flex-fna",
+           torch_compile=_NATTEN_COMPILE.value)
+    if mode == "fwd_bwd":
+      o.sum().backward()
+
+  # The first untimed call compiles (torch.compile), then `--warmup` more.
+  return statistics.median(common.cuda_event_times_ms(step, _REPEATS.value,
+                                                      warmup=1 + _WARMUP.value))
+
+
+def na_suite(rows, interpret, peers):
+  d = _HEAD_DIM.value
+  dtype = jnp.float16
+  cases = SMOKE_NA_CASES if _SMOKE.value else NA_CASES
+  defaults = default_block_sizes(max(16, 1 << (d - 1).bit_length()), interpret=interpret)
   for name, (spatial, kernel, stride, heads, tile) in cases.items():
     n = math.prod(spatial)
     rank = len(spatial)
