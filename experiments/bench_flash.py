@@ -43,9 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import bench_common as common
+from attnjax.ops import layout as layouts
+from attnjax.ops import neighborhood as na_lib
 from pallas_kernels.flash import api
-from pallas_kernels.flash import layouts
-from pallas_kernels.flash import neighborhood as na_lib
 from pallas_kernels.flash.blocks import default_block_sizes
 
 _SUITES = flags.DEFINE_list("suites", ["dense", "sparse", "na"], "Which suites to run.")
@@ -186,8 +186,9 @@ def random_block_layout(t, block_q, block_k, density, heads, seed=0):
       diag = min(i * block_q // block_k, nk - 1)
       others = rng.choice(np.delete(np.arange(nk), diag), size=per_row - 1, replace=False)
       kind[0, h, i, np.append(others, diag)] = 2
-  return layouts.layout_from_block_kinds(kind, block_q=block_q, block_k=block_k, tq=t, tk=t), \
-      per_row / nk
+  layout = layouts.from_block_mask(kind > 0, kind == 1, block_q=block_q, block_k=block_k, tq=t,
+                                   tk=t)
+  return layout, per_row / nk
 
 
 def sparse_suite(rows, interpret, peers):
@@ -253,30 +254,35 @@ def na_suite(rows, interpret, peers):
   dtype = jnp.float16
   cases = SMOKE_NA_CASES if _SMOKE.value else NA_CASES
   defaults = default_block_sizes(max(16, 1 << (d - 1).bit_length()), interpret=interpret)
-  bq, bk = _BLOCK_Q.value or defaults.block_q, _BLOCK_K.value or defaults.block_k
   for name, (spatial, kernel, stride, heads, tile) in cases.items():
     n = math.prod(spatial)
+    rank = len(spatial)
+    # The ops' tile-permuted NA layout: one tile (a power-of-two token count) is one block.
+    tile = tuple(tile) if tile is not None else (_BLOCK_Q.value or defaults.block_q,)
+    block = math.prod(tile)
     base = dict(suite="na", case=name, spatial=list(spatial), kernel_size=list(kernel),
-                stride=list(stride), B=1, H=heads, D=d, dtype="float16", tile=tile,
-                block_q=bq, block_k=bk)
-    layout = None
+                stride=list(stride), B=1, H=heads, D=d, dtype="float16", tile=list(tile),
+                block_q=block, block_k=block)
     try:
       start = time.perf_counter()
-      layout = na_lib.na_layout(spatial, kernel, stride, block_q=bq, block_k=bk, tile=tile)
+      layout, _, _ = na_lib.na_layout(tuple(spatial), tuple(kernel), tuple(stride), (1,) * rank,
+                                      (False,) * rank, tile)
       counts = np.asarray(layout.kv_counts)
       base.update(layout_build_s=time.perf_counter() - start,
-                  block_density=float(counts.sum()) / (counts.size * -(-n // bk)))
+                  block_density=float(counts.sum()) / (counts.size * layout.num_k_blocks))
     except Exception as e:  # pylint: disable=broad-except
       rows.append(dict(base, impl="pallas", error=f"layout: {type(e).__name__}: {e}"[:300]))
       continue
-    q, k, v = random_inputs(1, n, n, heads, d, dtype)
+    q, k, v = (x.reshape((1,) + tuple(spatial) + x.shape[2:])
+               for x in random_inputs(1, n, n, heads, d, dtype))
     window_pairs = n * math.prod(kernel)  # NATTEN's FLOP count: every query sees prod(kernel) keys
     for mode in _NA_MODES.value:
       mbase = dict(base, mode=mode)
-      kw = dict(kernel_kwargs(interpret), block_q=None, block_k=None)
 
       def run_pallas():
-        attn = functools.partial(api.block_sparse_flash_attention, layout=layout, **kw)
+        # Includes the token permutation in and out (the ops path's full cost).
+        attn = functools.partial(na_lib.neighborhood_attention, kernel_size=tuple(kernel),
+                                 stride=tuple(stride), tile_shape=tile, implementation="pallas")
         s = timed(attn, mode, q, k, v)
         return dict(ms=s * 1e3, tflops=attention_flops(1, heads, n, d, window_pairs, mode)
                     / s / 1e12)

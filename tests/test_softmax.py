@@ -427,14 +427,16 @@ def test_cudnn_matches_reference_on_gpu(causal):
                                rtol=6e-2)
 
 
-def test_xla_block_ranges_are_exactly_the_blocks_with_visible_pairs():
-  """The skipped (query block, key block) pairs of the xla path hold no visible pair, and no
-  block pair with a visible one is skipped (brute force over small shapes)."""
+def test_xla_band_layout_lists_exactly_the_blocks_with_visible_pairs():
+  """The xla path's band layout (walked by its forward over key blocks and by its backward over
+  query blocks) lists exactly the block pairs holding a visible pair, and flags a block full only
+  when every real pair in it is visible (brute force over small shapes)."""
   for tq, tk, bq, bk in [(1, 7, 3, 4), (7, 7, 3, 4), (10, 7, 4, 3), (7, 10, 3, 3), (9, 4, 4, 3)]:
     for causal in (False, True):
       for window in (None, (0, 0), (2, None), (None, 1), (3, 1)):
         cfg = softmax._XlaConfig(tq=tq, tk=tk, bq=bq, bk=bk, scale=1.0, causal=causal,
                                  window=window, softcap=None)
+        band = softmax._band(cfg)
         vis = np.ones((tq, tk), bool)
         pos = np.arange(tq)[:, None] + tk - tq
         j = np.arange(tk)[None, :]
@@ -445,13 +447,18 @@ def test_xla_block_ranges_are_exactly_the_blocks_with_visible_pairs():
         if window is not None and window[1] is not None:
           vis &= j <= pos + window[1]
         nq, nk = -(-tq // bq), -(-tk // bk)
-        pairs = {(qi, ki) for qi in range(nq) for ki in range(nk)
-                 if vis[qi * bq:(qi + 1) * bq, ki * bk:(ki + 1) * bk].any()}
-        by_q = {(qi, ki) for qi in range(nq)
-                for ki in range(*map(int, softmax._key_block_range(cfg, qi)))}
-        by_k = {(qi, ki) for ki in range(nk)
-                for qi in range(*map(int, softmax._query_block_range(cfg, ki)))}
+        tile = lambda qi, ki: vis[qi * bq:(qi + 1) * bq, ki * bk:(ki + 1) * bk]
+        pairs = {(qi, ki) for qi in range(nq) for ki in range(nk) if tile(qi, ki).any()}
+        kc, ki_, kp = (np.asarray(a)[0, 0] for a in (band.kv_counts, band.kv_indices,
+                                                      band.kv_partial))
+        qc, qi_ = np.asarray(band.q_counts)[0, 0], np.asarray(band.q_indices)[0, 0]
+        by_q = {(qi, int(ki_[qi, t])) for qi in range(nq) for t in range(kc[qi])}
+        by_k = {(int(qi_[ki, t]), ki) for ki in range(nk) for t in range(qc[ki])}
         assert by_q == pairs == by_k, (tq, tk, bq, bk, causal, window)
+        for qi in range(nq):
+          for t in range(kc[qi]):
+            if kp[qi, t] == 0:
+              assert tile(qi, int(ki_[qi, t])).all(), (tq, tk, bq, bk, causal, window, qi)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="memory analysis checked on CPU")

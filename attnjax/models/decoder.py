@@ -46,6 +46,7 @@ class DecoderBlock(nnx.Module):
              if k not in opts}            # an explicit mixer option wins over the block's depth
     self.mixer = build_mixer(mixer, d_model=d_model, num_heads=num_heads, causal=causal, rngs=rngs,
                              **depth, **opts)
+    self.mixer_name = mixer  # the registry name (read by `attnjax.fast_path_report`)
     hidden = int(mlp_ratio * d_model) if mlp_hidden is None else mlp_hidden
     self.norm2 = make_norm(norm, d_model, eps=norm_eps) if hidden else None
     mlp_cls = SwiGLU if mlp == "swiglu" else GeluMLP

@@ -101,7 +101,8 @@ class LinearMixer(nnx.Module, _StateCache):
   of `o`), `output_gate` (`swish`/`sigmoid` of `x W_r`, elementwise on `o`); `window > 0` adds a
   sliding-window softmax branch (its own projections, RoPE) whose output is summed (Based);
   `distill=True` sows Hedgehog's softmax-mimicry loss on this layer's q, k as "aux_loss" (times
-  `distill_weight`). The engine's `chunk_size` / `form` are exposed.
+  `distill_weight`). The engine's `chunk_size` / `form` / `implementation` are exposed (None: the
+  engine's table for the backend, the Pallas kernel on a CUDA GPU).
   """
 
   def __init__(self, d_model: int, num_heads: int, *, causal: bool = True, feature_map: str = "elu",
@@ -110,7 +111,7 @@ class LinearMixer(nnx.Module, _StateCache):
                num_features: int | None = None, distill: bool = False, distill_weight: float = 1.0,
                layer_index: int = 0, num_layers: int = 1, gate_low_rank: int = 16,
                gate_normalizer: float = 16.0, chunk_size: int | None = None, form: str | None = None,
-               rngs: nnx.Rngs):
+               implementation: str | None = None, rngs: nnx.Rngs):
     if feature_map not in FEATURE_MAPS:
       raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
     if decay not in DECAYS:
@@ -124,7 +125,7 @@ class LinearMixer(nnx.Module, _StateCache):
       raise PatternUndefinedError(f"decay={decay!r} needs causal=True (a bidirectional state has no decay)")
     self.h, self.dk, self.dv = num_heads, key_dim // num_heads, d_model // num_heads
     self.causal, self.feature_map, self.normalize, self.decay = causal, feature_map, normalize, decay
-    self.chunk_size, self.form = chunk_size, form
+    self.chunk_size, self.form, self.implementation = chunk_size, form, implementation
     self.distill, self.distill_weight = distill, distill_weight
     self.gate_normalizer = gate_normalizer
     self.q_proj = dense(d_model, key_dim, axes=("embed", "heads"), rngs=rngs)
@@ -199,7 +200,7 @@ class LinearMixer(nnx.Module, _StateCache):
     return None
 
   def _mix(self, q, k, v, log_decay, segment_ids, decode):
-    kw = dict(normalize=self.normalize)
+    kw = dict(normalize=self.normalize, implementation=self.implementation)
     if not decode:
       o, _ = linear_attention(q, k, v, log_decay=log_decay, causal=self.causal, segment_ids=segment_ids,
                               form=self.form, chunk_size=self.chunk_size, **kw)
@@ -207,7 +208,8 @@ class LinearMixer(nnx.Module, _StateCache):
     state = self._cache_get("state")
     if q.shape[1] == 1:
       ld = log_decay if log_decay is None or log_decay.ndim == 1 else log_decay[:, 0]
-      o, state = linear_attention_step(q[:, 0], k[:, 0], v[:, 0], state, log_decay_t=ld, **kw)
+      o, state = linear_attention_step(q[:, 0], k[:, 0], v[:, 0], state, log_decay_t=ld,
+                                       normalize=self.normalize)
       o = o[:, None]
     else:
       o, state = linear_attention(q, k, v, log_decay=log_decay, initial_state=state,
@@ -253,11 +255,13 @@ class DeltaNetMixer(nnx.Module, _StateCache):
   """
 
   def __init__(self, d_model: int, num_heads: int, *, causal: bool = True, gated: bool = True,
-               chunk_size: int = 64, form: str | None = None, rngs: nnx.Rngs):
+               chunk_size: int = 64, form: str | None = None, implementation: str | None = None,
+               rngs: nnx.Rngs):
     if not causal:
       raise PatternUndefinedError("deltanet / gated_deltanet are causal recurrences (causal=True only)")
     self.h, self.d = num_heads, d_model // num_heads
     self.gated, self.chunk_size, self.form = gated, chunk_size, form
+    self.implementation = implementation
     self.q_proj = dense(d_model, d_model, axes=("embed", "heads"), rngs=rngs)
     self.k_proj = dense(d_model, d_model, axes=("embed", "heads"), rngs=rngs)
     self.v_proj = dense(d_model, d_model, axes=("embed", "heads"), rngs=rngs)
@@ -300,11 +304,12 @@ class DeltaNetMixer(nnx.Module, _StateCache):
         o = o[:, None]
       else:
         o, s = delta_rule(q, k, v, beta, log_decay=ld, initial_state=s, output_final_state=True,
-                          form=self.form, chunk_size=self.chunk_size)
+                          form=self.form, chunk_size=self.chunk_size,
+                          implementation=self.implementation)
       self.state.set_value(s)
     else:
       o, _ = delta_rule(q, k, v, beta, log_decay=ld, segment_ids=segment_ids, form=self.form,
-                        chunk_size=self.chunk_size)
+                        chunk_size=self.chunk_size, implementation=self.implementation)
     o = self.norm(o).reshape(b, t, self.h * self.d)
     if self.g_proj is not None:
       o = o * jax.nn.silu(self.g_proj(x))

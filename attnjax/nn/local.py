@@ -19,6 +19,7 @@ from flax import nnx
 
 from attnjax.nn.attention import MultiHeadAttention
 from attnjax.nn.layers import dense
+from attnjax.ops import dispatch
 from attnjax.ops import local as local_ops
 from attnjax.ops import neighborhood
 from attnjax.ops.operators._common import PatternUndefinedError
@@ -28,8 +29,12 @@ from attnjax.registry import register_mixer
 
 
 def na1d_attn_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=None,
-                 kernel_size: int = 7, stride: int = 1, dilation: int = 1, **unused):
+                 kernel_size: int = 7, stride: int = 1, dilation: int = 1, implementation=None,
+                 **unused):
   """`attn_fn` for `MultiHeadAttention`: NATTEN 1D NA with `is_causal=causal`.
+
+  `implementation` (an `attn_options` entry) goes to `neighborhood.na1d` (None: the flash kernel
+  on a CUDA GPU, the gather path elsewhere).
 
   Sequences shorter than `kernel_size * dilation` use the largest kernel that fits (the whole
   group: full attention), so short prompts work. Decoding (`mask` given by the cache) is defined for
@@ -56,7 +61,8 @@ def na1d_attn_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_i
   kern = min(kern, t)
   if t < 2:
     return dot_product_attention(q, k, v, causal=causal, implementation="reference")
-  return neighborhood.na1d(q, k, v, kern, min(stride, kern), dil, causal)
+  return neighborhood.na1d(q, k, v, kern, min(stride, kern), dil, causal,
+                           implementation=implementation)
 
 
 @register_mixer("na1d", "1D neighborhood attention (NATTEN semantics; kernel_size/stride/dilation).")
@@ -161,21 +167,33 @@ def _swin_window(gx, gy, window, shift):
   return (wx, wy), ((shift % wx if wx < gx else 0), (shift % wy if wy < gy else 0))
 
 
-def _grid_swin(q, k, v, gx, gy, *, window: int = 7, shift: int = 0, force_dense: bool = False):
+def _plain_jax_only(pattern: str, implementation):
+  """Patterns with an "xla" fast path and a "reference" oracle but no kernel."""
+  dispatch.check_implementation(implementation, ("reference", "xla"), op=pattern)
+
+
+def _grid_swin(q, k, v, gx, gy, *, window: int = 7, shift: int = 0, implementation=None):
+  _plain_jax_only("swin", implementation)
   (wx, wy), (sx, sy) = _swin_window(gx, gy, window, shift)
-  if not force_dense and gx % wx == 0 and gy % wy == 0:
+  tiles = gx % wx == 0 and gy % wy == 0
+  if implementation == "xla" and not tiles:
+    raise ValueError(f"swin: implementation='xla' cannot serve a {gx}x{gy} map with {wx}x{wy} "
+                     "windows (partial border windows need the dense mask: None or 'reference')")
+  if implementation != "reference" and tiles:
     return local_ops.swin_window_attention(q, k, v, (wx, wy), (sx, sy))
   # Partial windows at the far border: Swin pads the map, and padded tokens are hidden here.
   return _dense_grid(q, k, v, local_ops.swin_mask(gx, gy, (wx, wy), (sx, sy)))
 
 
 def _grid_halo(q, k, v, gx, gy, *, block: int = 8, halo: int = 3, pad_mode: str = "zeros",
-               rel_h=None, rel_w=None, force_dense: bool = False):
-  fn = local_ops.halo_attention_reference if force_dense else local_ops.halo_attention
+               rel_h=None, rel_w=None, implementation=None):
+  _plain_jax_only("halo", implementation)
+  fn = (local_ops.halo_attention_reference if implementation == "reference"
+        else local_ops.halo_attention)
   return fn(q, k, v, block, halo, pad_mode=pad_mode, rel_h=rel_h, rel_w=rel_w)
 
 
-def _grid_bra(q, k, v, gx, gy, *, regions: int = 7, top_k: int = 4, force_dense: bool = False):
+def _grid_bra(q, k, v, gx, gy, *, regions: int = 7, top_k: int = 4, implementation=None):
   """BRA over an `regions x regions` grid of regions. As the authors' `auto_pad`
   (rayleizhu/BiFormer `ops/bra_legacy.py`), a map that `regions` does not divide is zero-padded
   at the far border (bottom / right) to the next multiple, the padded tokens are ordinary keys
@@ -190,7 +208,7 @@ def _grid_bra(q, k, v, gx, gy, *, regions: int = 7, top_k: int = 4, force_dense:
     q, k, v = jnp.pad(q, grow), jnp.pad(k, grow), jnp.pad(v, grow)
   o = routing_ops.bra_attention(q, k, v, regions=regions, top_k=min(top_k, regions * regions),
                                 scale=(q.shape[3] * q.shape[4]) ** -0.5,
-                                implementation="reference" if force_dense else "block_sparse")
+                                implementation=implementation)
   return o[:, :gx, :gy]
 
 
@@ -206,22 +224,20 @@ def _on_sides_above_one(q, k, v, gx, gy, attend):
   return attend(shape(q), shape(k), shape(v)).reshape(b, gx, gy, h, v.shape[-1])
 
 
-def _grid_freeswim(q, k, v, gx, gy, *, window: int = 7, force_dense: bool = False):
-  impl = "reference" if force_dense else "block_sparse"
+def _grid_freeswim(q, k, v, gx, gy, *, window: int = 7, implementation=None):
   return _on_sides_above_one(q, k, v, gx, gy, lambda q, k, v: local_ops.freeswim_attention(
-      q, k, v, window, implementation=impl))
+      q, k, v, window, implementation=implementation))
 
 
 def _grid_na2d(q, k, v, gx, gy, *, kernel_size: int = 7, dilation: int = 1,
-               force_dense: bool = False):
-  impl = "reference" if force_dense else "block_sparse"
-
+               implementation=None):
   def attend(q, k, v):
     spatial = q.shape[1:-2]
     kern = tuple(max(2, min(kernel_size, s)) for s in spatial)
     # As NAT/DiNAT do at small resolutions: no dilation where kernel * dilation exceeds the map.
     dil = tuple(dilation if kk * dilation <= s else 1 for kk, s in zip(kern, spatial))
-    return neighborhood.neighborhood_attention(q, k, v, kern, 1, dil, implementation=impl)
+    return neighborhood.neighborhood_attention(q, k, v, kern, 1, dil,
+                                               implementation=implementation)
 
   return _on_sides_above_one(q, k, v, gx, gy, attend)
 
@@ -262,7 +278,7 @@ def _grid_apply(q, k, v, *, causal, mask, q_segment_ids, pattern: str, grid, num
 
 
 def grid_attn_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=None,
-                 pattern: str, grid=None, num_prefix: int | None = None, force_dense: bool = False,
+                 pattern: str, grid=None, num_prefix: int | None = None, implementation=None,
                  pattern_options: dict | None = None, **unused):
   """`attn_fn` for `MultiHeadAttention`: a 2D vision pattern over `[B, T, H, D]` tokens laid out
   by `grid_layout` (prefix tokens, then a row-major `X x Y` grid).
@@ -271,13 +287,15 @@ def grid_attn_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_i
   and `swin_rmt` have parameters and run through `HaloAttnFn` / `SwinRMTAttnFn`); prefix tokens (a
   class token) attend to every token, as global tokens do. Sides of one token drop out for
   `freeswim` / `na2d` (a `(1, T)` grid is their 1D form). Grids the fast op cannot tile (a window
-  that does not divide the map) use the pattern's dense mask (O(T^2)).
+  that does not divide the map) use the pattern's dense mask (O(T^2)). `implementation`
+  (`attnjax.ops.dispatch`; an `attn_options` entry): None (the fast path), "xla", "pallas" (`bra`,
+  `freeswim`, `na2d`: the flash kernel) or "reference" (the pattern's dense mask, the oracle).
   CAB patterns: non-causal self-attention is defined. Non-causal cross attention is defined when the
   context is a map on the same grid (same token count: keys at the same positions); any other
   context raises `PatternUndefinedError`, as do causal attention, decoding and packed sequences.
   """
-  fn = lambda q, k, v, gx, gy: _GRID_PATTERNS[pattern](q, k, v, gx, gy, force_dense=force_dense,
-                                                      **(pattern_options or {}))
+  fn = lambda q, k, v, gx, gy: _GRID_PATTERNS[pattern](
+      q, k, v, gx, gy, implementation=implementation, **(pattern_options or {}))
   return _grid_apply(q, k, v, causal=causal, mask=mask, q_segment_ids=q_segment_ids,
                      pattern=pattern, grid=grid, num_prefix=num_prefix, image_fn=fn)
 
@@ -322,13 +340,13 @@ class HaloAttnFn(nnx.Module):
     self.rel_w = nnx.Param(init(rngs.params(), (2 * win - 1, head_dim))) if rel_pos else None
 
   def __call__(self, q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=None,
-               force_dense: bool = False, **unused):
+               implementation=None, **unused):
     opts = dict(block=self.block, halo=self.halo, pad_mode=self.pad_mode)
     if self.rel_h is not None:
       opts.update(rel_h=self.rel_h[...], rel_w=self.rel_w[...])
     return grid_attn_fn(q, k, v, causal=causal, mask=mask, q_segment_ids=q_segment_ids,
                         pattern="halo", grid=self.grid, num_prefix=self.num_prefix,
-                        force_dense=force_dense, pattern_options=opts)
+                        implementation=implementation, pattern_options=opts)
 
 
 class SwinRMTAttnFn(nnx.Module):

@@ -50,9 +50,11 @@ def _window_layout(t, left, right, block):
 
 
 def sliding_window_sparse_fn(q, k, v, *, causal, mask=None, q_segment_ids=None,
-                             kv_segment_ids=None, window: int = 16, block: int = 16, **unused):
-  """Keys `i - window <= j <= i` (causal) or `|i - j| <= window`, via `block_sparse_attention`.
-  Decoding (cache `mask` given) uses the dense path with the same window."""
+                             kv_segment_ids=None, window: int = 16, block: int = 16,
+                             implementation=None, **unused):
+  """Keys `i - window <= j <= i` (causal) or `|i - j| <= window`, via `block_sparse_attention`
+  (`implementation`, an `attn_options` entry, goes to it; None: the flash kernel on a CUDA GPU when
+  `block` is a power of two >= 16). Decoding (cache `mask` given) uses the dense path."""
   if mask is not None:
     q_pos = jnp.sum(mask, axis=-1, keepdims=True) - 1
     nb = mask & (jnp.arange(k.shape[1]) >= q_pos - window)
@@ -60,7 +62,8 @@ def sliding_window_sparse_fn(q, k, v, *, causal, mask=None, q_segment_ids=None,
   _self_only("sliding_window_sparse", q, k, mask, "the window is on one token axis")
   lay = _window_layout(q.shape[1], window, 0 if causal else window, block)
   return block_sparse.block_sparse_attention(q, k, v, lay, q_segment_ids=q_segment_ids,
-                                             kv_segment_ids=kv_segment_ids)
+                                             kv_segment_ids=kv_segment_ids,
+                                             implementation=implementation)
 
 
 @register_mixer("sliding_window_sparse", "Sliding-window softmax via the block-sparse layout path.")
@@ -71,7 +74,8 @@ def _build_sws(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, wi
 
 
 def moba_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=None,
-            chunk_size: int = 8, top_k: int = 2, threshold: float | None = None, **unused):
+            chunk_size: int = 8, top_k: int = 2, threshold: float | None = None,
+            implementation=None, **unused):
   """MoBA as an `attn_fn`. Packed sequences and decoding are not supported (chunk gates are over
   absolute chunks, and a partially filled cache would pollute the chunk means)."""
   if mask is not None:
@@ -79,7 +83,7 @@ def moba_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=No
   if q_segment_ids is not None:
     raise NotImplementedError("moba: segment_ids are not supported (chunks are absolute)")
   return routing.moba_attention(q, k, v, chunk_size=chunk_size, top_k=top_k, causal=causal,
-                                threshold=threshold)
+                                threshold=threshold, implementation=implementation)
 
 
 @register_mixer("moba", "MoBA: per-token top-k key chunks by q . mean(K_chunk) (block-sparse path).")
@@ -108,9 +112,12 @@ def _static_layout(kind, t, block, num_heads, a, b):
 
 
 def static_pattern_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=None,
-                      kind: str = "power", block: int = 4, a: int = 1, b: int = 4, **unused):
+                      kind: str = "power", block: int = 4, a: int = 1, b: int = 4,
+                      implementation=None, **unused):
   """Causal static block pattern (`kind` "power", "s2", "sink_local" or "strided") as an
-  `attn_fn`; `a`, `b` are the pattern's two integer options (see `_static_layout`)."""
+  `attn_fn`; `a`, `b` are the pattern's two integer options (see `_static_layout`).
+  `implementation` (an `attn_options` entry) goes to `block_sparse_attention` (None: the flash
+  kernel on a CUDA GPU when `block` is a power of two >= 16)."""
   if mask is not None:
     raise NotImplementedError(f"{kind} pattern: decode is not implemented")
   _causal_only(f"{kind} pattern", causal)
@@ -118,7 +125,7 @@ def static_pattern_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segm
   if q_segment_ids is not None:
     raise NotImplementedError(f"{kind} pattern: segment_ids are not supported (absolute blocks)")
   lay = _static_layout(kind, q.shape[1], block, q.shape[2], a, b)
-  return block_sparse.block_sparse_attention(q, k, v, lay)
+  return block_sparse.block_sparse_attention(q, k, v, lay, implementation=implementation)
 
 
 @register_mixer("power_attention", "PowerAttention: causal blocks at distance 0, 1, 2^m (+ sink).")
@@ -299,11 +306,15 @@ class DynamicMaskAttnFn(nnx.Module):
     self.keep_window = keep_window
 
   def __call__(self, q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=None,
-               **unused):
+               implementation=None, **unused):
     bias = dynamic.dma_key_bias(v, self.dt_weight[...], self.a[...])          # [B, H, Tk]
     if not causal and mask is None and q_segment_ids is None:
       return dynamic.dma_attention(q, k, v, bias, keep_window=self.keep_window, causal=False,
-                                   block=8)
+                                   block=8, implementation=implementation)
+    if implementation not in (None, "reference"):
+      raise ValueError(f"dynamic_mask: implementation={implementation!r} cannot serve causal, "
+                       "masked or packed calls (per-query top-w over the visible keys: dense "
+                       "mask only; use None or 'reference')")
     vis = _visibility(q, k, causal=causal, mask=mask, q_segment_ids=q_segment_ids,
                       kv_segment_ids=kv_segment_ids)
     s = jnp.where(vis, jax.lax.stop_gradient(bias)[:, :, None, :], -jnp.inf)
@@ -397,7 +408,7 @@ class SEAAttnFn(nnx.Module):
     self.deterministic = False
 
   def __call__(self, q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=None,
-               **unused):
+               implementation=None, **unused):
     if mask is not None:
       raise NotImplementedError("sea: decode is not implemented")
     if q_segment_ids is not None:
@@ -408,7 +419,8 @@ class SEAAttnFn(nnx.Module):
                                              proj, chunk_size=self.chunk_size, causal=causal)
       self.sow(nnx.Intermediate, "aux_loss", self.distill_weight * loss)
     return estimated.sea_attention(q, k, v, jax.lax.stop_gradient(proj),
-                                   chunk_size=self.chunk_size, top_k=self.top_k, causal=causal)
+                                   chunk_size=self.chunk_size, top_k=self.top_k, causal=causal,
+                                   implementation=implementation)
 
 
 @register_mixer("sea", "SEA: kernel-estimated chunk attention, top-k chunks per query (sparse).")
@@ -442,7 +454,8 @@ def radial_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=
   _self_only("radial", q, k, mask, "frames of one video")
   lay = _radial_layout(q.shape[1], frame_tokens, block, decay_factor, model_type)
   return block_sparse.block_sparse_attention(q, k, v, lay, q_segment_ids=q_segment_ids,
-                                             kv_segment_ids=kv_segment_ids)
+                                             kv_segment_ids=kv_segment_ids,
+                                             implementation=implementation)
 
 
 @register_mixer("radial", "Radial attention: band halves as frame distance doubles (non-causal).")

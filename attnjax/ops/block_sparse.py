@@ -10,12 +10,82 @@ scatter-adds onto the key blocks; the Pallas kernel walks the transposed layout 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
+from attnjax.ops import dispatch
 from attnjax.ops import layout as layout_lib
 from attnjax.ops import validation
 from attnjax.ops.layout import BlockLayout
+
+PALLAS_MAX_HEAD_DIM = 256
+PALLAS_MIN_BLOCK = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSparseCall:
+  """Static description of one `block_sparse_attention` call, used to choose an implementation."""
+  dtype: str
+  d: int
+  dv: int
+  block_q: int
+  block_k: int
+  has_bias_k: bool = False
+  has_query_block_select: bool = False
+
+
+def describe_call(q, k, v, layout: BlockLayout, *, bias_k=None) -> BlockSparseCall:
+  same = jnp.result_type(q) == jnp.result_type(k) == jnp.result_type(v)
+  return BlockSparseCall(dtype=str(jnp.result_type(q)) if same else "mixed q/k/v dtypes",
+                         d=q.shape[-1], dv=v.shape[-1], block_q=layout.block_q,
+                         block_k=layout.block_k, has_bias_k=bias_k is not None,
+                         has_query_block_select=layout.query_block_select is not None)
+
+
+def pallas_unsupported_reason(call: BlockSparseCall) -> str | None:
+  """Why the flash kernel cannot serve `call` (None if it can)."""
+  if call.has_bias_k:
+    return "the flash kernel takes no per-key bias bias_k"
+  if call.has_query_block_select:
+    return ("the flash kernel takes no per-token query_block_select (per-token routers); use "
+            "layouts whose selection is shared by a query block")
+  if call.dtype not in dispatch.PALLAS_DTYPES:
+    return (f"the flash kernel takes q, k, v of one dtype among {dispatch.PALLAS_DTYPES}, got "
+            f"{call.dtype}")
+  if max(call.d, call.dv) > PALLAS_MAX_HEAD_DIM:
+    return f"the flash kernel needs D, Dv <= {PALLAS_MAX_HEAD_DIM}, got D={call.d}, Dv={call.dv}"
+  for name, blk in (("block_q", call.block_q), ("block_k", call.block_k)):
+    if not dispatch.is_power_of_two(blk) or blk < PALLAS_MIN_BLOCK:
+      return (f"the flash kernel needs power-of-two blocks >= {PALLAS_MIN_BLOCK} (the GPU's dot "
+              f"tiles), the layout's {name} is {blk}")
+  return None
+
+
+def choose_implementation(implementation: str | None, call: BlockSparseCall,
+                          backend: str | None = None) -> tuple[str, str]:
+  """`(implementation, reason)` for `call` on `backend` (default: the current one); pure.
+
+  None picks "pallas" on a CUDA GPU when the flash kernel serves the call, else "xla" (the gather
+  formulation). An explicit choice that cannot serve the call raises ValueError saying why.
+  """
+  dispatch.check_implementation(implementation, op="block_sparse_attention")
+  backend = dispatch.resolve_backend(backend)
+  reason = pallas_unsupported_reason(call)
+  if implementation == "pallas" and reason is not None:
+    raise ValueError(f"implementation='pallas' cannot serve this call: {reason}")
+  if implementation is not None:
+    return implementation, "explicit choice"
+  if backend == "gpu" and reason is None:
+    return "pallas", "flash kernel on the layout's blocks"
+  why = reason if backend == "gpu" else f"no GPU kernel on {backend!r}"
+  return "xla", f"gather over the layout's blocks ({why})"
+
+
+def select_implementation(implementation: str | None, call: BlockSparseCall,
+                          backend: str | None = None) -> str:
+  return choose_implementation(implementation, call, backend)[0]
 
 
 def _pad_to(x, length, axis=1, value=0):
@@ -31,6 +101,7 @@ def _broadcast_layout_array(a, b, h):
   return jnp.broadcast_to(a, (b, h) + a.shape[2:])
 
 
+@dispatch.dispatching_op
 def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale=None, q_segment_ids=None,
                            kv_segment_ids=None, bias_k=None, return_lse=False,
                            query_chunk: int | None = None, implementation: str | None = None):
@@ -42,24 +113,27 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale=None, q_segmen
   Query head h reads key head `h // (H // Hk)` (GQA). `bias_k [B, Hk|H, Tk]` is an optional per-key
   additive score (Dynamic Mask Attention). Rows with no visible key give zeros and lse = -inf.
   `scale` defaults to `D ** -0.5`. `query_chunk` (query blocks per step, default all) bounds peak
-  memory further by mapping over groups of query blocks. `implementation`: None / "xla" (this
-  gather formulation), "pallas" (the flash kernel `pallas_kernels.flash.api`, which needs power-of-two
-  blocks and takes neither `bias_k` nor `query_block_select`; interpret mode without a GPU) or
-  "reference" (the dense-masked oracle). Returns `o` in q's dtype, or `(o, lse [B, H, Tq] float32)`.
+  memory further by mapping over groups of query blocks. `implementation` (`attnjax.ops.dispatch`):
+  "xla" (this gather formulation), "pallas" (the flash kernel `pallas_kernels.flash.api`, which
+  needs power-of-two blocks and takes neither `bias_k` nor `query_block_select`; interpret mode
+  without a GPU), "reference" (the dense-masked oracle), or None: pallas on a CUDA GPU when it
+  serves the call, else xla (`choose_implementation`). Returns `o` in q's dtype, or
+  `(o, lse [B, H, Tq] float32)`.
   """
-  if implementation == "pallas":
-    return _pallas_block_sparse(q, k, v, layout, scale=scale, q_segment_ids=q_segment_ids,
-                                kv_segment_ids=kv_segment_ids, bias_k=bias_k,
-                                return_lse=return_lse)
-  if implementation == "reference":
-    return reference_attention(q, k, v, layout, scale=scale, q_segment_ids=q_segment_ids,
-                               kv_segment_ids=kv_segment_ids, bias_k=bias_k, return_lse=return_lse)
-  if implementation not in (None, "xla"):
-    raise ValueError(f"implementation must be None, 'xla', 'pallas' or 'reference', got "
-                     f"{implementation!r}")
-  b, tq, hq, d, tk, hk, dv = validation.check_qkv(q, k, v)
+  dispatch.check_implementation(implementation, op="block_sparse_attention")
   if not isinstance(layout, BlockLayout):
     raise ValueError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+  call = describe_call(q, k, v, layout, bias_k=bias_k)
+  dispatch.note("block_sparse_attention",
+                lambda be: choose_implementation(implementation, call, be))
+  impl = select_implementation(implementation, call)
+  if impl == "pallas":
+    return _pallas_block_sparse(q, k, v, layout, scale=scale, q_segment_ids=q_segment_ids,
+                                kv_segment_ids=kv_segment_ids, return_lse=return_lse)
+  if impl == "reference":
+    return reference_attention(q, k, v, layout, scale=scale, q_segment_ids=q_segment_ids,
+                               kv_segment_ids=kv_segment_ids, bias_k=bias_k, return_lse=return_lse)
+  b, tq, hq, d, tk, hk, dv = validation.check_qkv(q, k, v)
   if (layout.tq, layout.tk) != (tq, tk):
     raise ValueError(f"layout is for (Tq, Tk) = ({layout.tq}, {layout.tk}), got q {q.shape}, "
                      f"k {k.shape}")
@@ -165,19 +239,21 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale=None, q_segmen
   return (o, lse) if return_lse else o
 
 
-def _pallas_block_sparse(q, k, v, layout, *, scale, q_segment_ids, kv_segment_ids, bias_k,
-                         return_lse):
-  """Routes to the Pallas flash kernel (imported lazily: it is an optional, separately owned piece)."""
-  if not isinstance(layout, BlockLayout):
-    raise ValueError(f"layout must be a BlockLayout, got {type(layout).__name__}")
-  if bias_k is not None:
-    raise ValueError("implementation='pallas' does not take bias_k (use the 'xla' path)")
-  if layout.query_block_select is not None:
-    raise ValueError("implementation='pallas' does not take layouts with query_block_select "
-                     "(per-token routers); use block_q=1 layouts or the 'xla' path")
+def _pallas_block_sparse(q, k, v, layout, *, scale, q_segment_ids, kv_segment_ids, return_lse):
+  """Routes to the Pallas flash kernel (imported lazily: it is heavy to import)."""
   from pallas_kernels.flash.api import block_sparse_flash_attention
-  return block_sparse_flash_attention(q, k, v, layout, scale=scale, q_segment_ids=q_segment_ids,
-                                      kv_segment_ids=kv_segment_ids, return_lse=return_lse)
+  d, dv = q.shape[-1], v.shape[-1]
+  if d != dv:
+    # The kernel wants one head dim: zero columns change neither q.k nor the kept output columns.
+    width = max(d, dv)
+    pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, width - x.shape[-1])])
+    q, k, v = pad(q), pad(k), pad(v)
+  scale = d ** -0.5 if scale is None else float(scale)
+  out = block_sparse_flash_attention(q, k, v, layout, scale=scale, q_segment_ids=q_segment_ids,
+                                     kv_segment_ids=kv_segment_ids, return_lse=return_lse)
+  if return_lse:
+    return out[0][..., :dv], out[1]
+  return out[..., :dv]
 
 
 def reference_attention(q, k, v, layout: BlockLayout, *, scale=None, q_segment_ids=None,

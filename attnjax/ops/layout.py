@@ -28,6 +28,7 @@ and `max_q` (default nQ), so shapes stay static.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Sequence
 
@@ -227,13 +228,17 @@ def _compact(sel, partial, max_count, xp):
 
 def from_block_mask(block_mask, block_partial=None, *, block_q: int, block_k: int, tq: int, tk: int,
                     mask_rule: MaskRule | None = None, max_kv: int | None = None,
-                    max_q: int | None = None, query_block_select=None) -> BlockLayout:
+                    max_q: int | None = None, query_block_select=None,
+                    numpy_arrays: bool = False) -> BlockLayout:
   """Builds a layout from a block matrix `block_mask [B|1, H|1, nQ, nK]` (bool, True = listed).
 
   `block_partial` (same shape, bool) flags blocks that need the element mask; default: every listed
   block is partial when a rule is given, none otherwise. The last key block is flagged partial when
   `tk % block_k != 0`. With numpy inputs `max_kv`/`max_q` default to the exact maxima (host build);
   with traced inputs they default to nK / nQ (static shapes under jit; pass the router's top-k).
+  `numpy_arrays=True` (host builds only) keeps the index arrays as numpy: consumers index them with
+  `jnp`, and no eager device op runs while tracing (which fails when cross-lowering for a device
+  that is not present).
   """
   _check_blocks(block_q, block_k, tq, tk)
   nq, nk = -(-tq // block_q), -(-tk // block_k)
@@ -268,7 +273,7 @@ def from_block_mask(block_mask, block_partial=None, *, block_q: int, block_k: in
   # Host layouts become concrete device arrays even when built inside a trace: they are cached
   # (`functools.lru_cache` on the callers), and a cached tracer would leak into the next trace.
   def conv(a):
-    if xp is not np:
+    if xp is not np or numpy_arrays:
       return a
     with jax.ensure_compile_time_eval():
       return jnp.asarray(a)
@@ -296,10 +301,12 @@ def transpose(layout: BlockLayout, max_q: int | None = None) -> BlockLayout:
   return dataclasses.replace(layout, q_counts=qc, q_indices=qi, q_partial=qp)
 
 
+@functools.partial(jax.jit, static_argnames=("rule_everywhere",))
 def dense_mask(layout: BlockLayout, *, rule_everywhere: bool = False):
   """`[B|1, H|1, Tq, Tk]` bool: the oracle's mask (listed blocks AND rule on partial blocks).
 
   `rule_everywhere=True` applies the rule to full blocks too (equal iff the full flags are honest).
+  Jitted (the layout's static fields are the cache key): eagerly its many small ops took seconds.
   """
   bm = block_matrix(layout)
   q_idx = jnp.arange(layout.tq, dtype=jnp.int32)
@@ -411,3 +418,54 @@ def stack_heads(layouts: Sequence[BlockLayout]) -> BlockLayout:
 
 def num_blocks(t: int, block: int) -> int:
   return math.ceil(t / block)
+
+
+# ----------------------------------------------------------------------------------------------
+# Band layouts (dense / causal / sliding window), shared by the tiled XLA softmax and the kernel
+# ----------------------------------------------------------------------------------------------
+
+
+def band_rule(tq: int, tk: int, causal: bool = False, window=None) -> MaskRule | None:
+  """The causal / sliding-window rule, bottom-right aligned as `ops.masks` (None: no mask).
+
+  A key is visible iff `-left <= k - (q + tk - tq) <= right`; `causal` caps `right` at 0.
+  """
+  left, right = (None, None) if window is None else tuple(window)
+  if causal:
+    right = 0 if right is None else min(right, 0)
+  if left is None and right is None:
+    return None
+  return WindowRule(left, right, offset=tk - tq)
+
+
+@functools.lru_cache(maxsize=256)
+def band_layout(tq: int, tk: int, block_q: int, block_k: int, *, causal: bool = False,
+                window=None) -> BlockLayout:
+  """Host (cached): the layout of dense / causal / sliding-window attention, classified exactly.
+
+  With `rel = k - (q + tk - tq)` a key is visible iff `-left <= rel <= right`; a block spans `rel`
+  in `[k0 - q1 - off, k1 - q0 - off]` (real tokens only), so interval tests say whether it is
+  empty, full or partial. Leading dims are `[1, 1]`; the index arrays stay numpy (it is built while
+  tracing, also when cross-lowering). The rule is `band_rule(...)`.
+  """
+  _check_blocks(block_q, block_k, tq, tk)
+  window = None if window is None else tuple(window)
+  rule = band_rule(tq, tk, causal, window)
+  left, right = (None, None) if rule is None else (rule.left, rule.right)
+  nq, nk = -(-tq // block_q), -(-tk // block_k)
+  q0 = np.arange(nq)[:, None] * block_q
+  q1 = np.minimum(q0 + block_q, tq) - 1
+  k0 = np.arange(nk)[None, :] * block_k
+  k1 = np.minimum(k0 + block_k, tk) - 1
+  off = tk - tq
+  lo, hi = k0 - q1 - off, k1 - q0 - off
+  yes = np.ones(lo.shape, bool)
+  listed = (yes if left is None else hi >= -left) & (yes if right is None else lo <= right)
+  full = (yes if left is None else lo >= -left) & (yes if right is None else hi <= right)
+  return from_block_mask(listed[None, None], (listed & ~full)[None, None], block_q=block_q,
+                         block_k=block_k, tq=tq, tk=tk, mask_rule=rule, numpy_arrays=True)
+
+
+def broadcast_dense_mask(layout: BlockLayout, batch: int, heads: int):
+  """`dense_mask(layout)` broadcast to `[B, H, Tq, Tk]` (for references and tests)."""
+  return jnp.broadcast_to(dense_mask(layout), (batch, heads, layout.tq, layout.tk))

@@ -329,7 +329,7 @@ def decomposed_window_retention(q, k, v, window, shift=0, *, log_decay, scale=No
 # ---------------------------------------------------------------------------------------------
 
 
-def freeswim_attention(q, k, v, window, *, scale=None, implementation="block_sparse",
+def freeswim_attention(q, k, v, window, *, scale=None, implementation=None,
                        return_lse=False):
   """FreeSwim's inward sliding window [113] on `[B, *spatial, H, D]` (1 to 3 spatial dims).
 
@@ -337,6 +337,7 @@ def freeswim_attention(q, k, v, window, *, scale=None, implementation="block_spa
   borders, so every query sees exactly `prod(min(window, size))` keys: NATTEN NA with kernel =
   window, clipped to the input size (window >= input gives full attention in that dimension).
   Reading ("from abstract"): the dual-path cross-attention override is out of scope of this op.
+  `implementation` goes to `neighborhood_attention`.
   """
   rank = q.ndim - 3
   spatial = q.shape[1:1 + rank]

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax.ops import block_sparse
+from attnjax.ops import dispatch
 from attnjax.ops import layout as layout_lib
 from attnjax.ops.layout import MaskRule, _xp
 
@@ -214,9 +215,50 @@ def _check_inputs(q, k, v, rank, additional_keys, additional_values):
                        f"Hk={hk}, got {additional_keys.shape}, {additional_values.shape}")
 
 
+def _tile_for(implementation, spatial, dilation, tile_shape, rank):
+  """The tile (one layout block) for `implementation`: the kernel's blocks are powers of two."""
+  if tile_shape is None:
+    tile = default_tile_shape(spatial, dilation)
+    if implementation == "pallas":
+      tile = tuple(1 << (x.bit_length() - 1) for x in tile)
+    return tile
+  tile = _per_dim(tile_shape, rank, "tile_shape")
+  if any(x < 1 for x in tile):
+    raise ValueError(f"tile_shape entries must be >= 1, got {tile}")
+  return tile
+
+
+def choose_implementation(implementation, q, k, v, *, dilation=1, tile_shape=None,
+                          backend: str | None = None) -> tuple[str, str]:
+  """`(implementation, reason)` of `neighborhood_attention` for these inputs on `backend` (pure).
+
+  None picks "pallas" (the flash kernel over the tile-permuted layout) on a CUDA GPU when it serves
+  the call, else "xla" (the gather path over the same layout). Explicit "pallas" that cannot serve
+  the call raises ValueError saying why.
+  """
+  dispatch.check_implementation(implementation, op="neighborhood_attention")
+  if implementation in ("reference", "xla"):
+    return implementation, "explicit choice"
+  rank = q.ndim - 3
+  spatial = tuple(q.shape[1:1 + rank])
+  dil = _per_dim(dilation, rank, "dilation")
+  block = math.prod(_tile_for("pallas", spatial, dil, tile_shape, rank))
+  call = block_sparse.describe_call(q, k, v, _BlockSizes(block, block))
+  impl, reason = block_sparse.choose_implementation(implementation, call, backend)
+  return impl, reason
+
+
+@dataclasses.dataclass(frozen=True)
+class _BlockSizes:
+  block_q: int
+  block_k: int
+  query_block_select: None = None
+
+
+@dispatch.dispatching_op
 def neighborhood_attention(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, *,
                            scale=None, additional_keys=None, additional_values=None,
-                           return_lse=False, implementation: str = "block_sparse",
+                           return_lse=False, implementation: str | None = None,
                            tile_shape=None):
   """NA/GNA on `q [B, *spatial, H, D]`, `k, v [B, *spatial, Hk, D|Dv]` -> `[B, *spatial, H, Dv]`.
 
@@ -224,14 +266,16 @@ def neighborhood_attention(q, k, v, kernel_size, stride=1, dilation=1, is_causal
   docstring; `kernel_size`, `stride`, `dilation`, `is_causal` are an int/bool or one per dimension.
   GQA when `H % Hk == 0`. `additional_keys/values [B, S, Hk, D|Dv]` are visible to every query; they
   are merged with the neighbourhood result through the log-sum-exp, as NATTEN's fast backends do.
-  `return_lse` also returns lse `[B, *spatial, H]` (NATTEN's layout). `implementation`:
-  "block_sparse" (tile-permuted layout, plain JAX, default), "pallas" (the same layout through the
-  Pallas flash kernel, tiles rounded down to powers of two; interpret mode without a GPU) or
-  "reference" (dense mask, the oracle).
+  `return_lse` also returns lse `[B, *spatial, H]` (NATTEN's layout). `implementation`
+  (`attnjax.ops.dispatch`): "xla" (tile-permuted layout, plain-JAX gather), "pallas" (the same
+  layout through the Pallas flash kernel, default tiles rounded down to powers of two; interpret
+  mode without a GPU), "reference" (dense mask, the oracle), or None: pallas on a CUDA GPU when it
+  serves the call, else xla (`choose_implementation`).
   """
   rank = q.ndim - 3
   if rank not in (1, 2, 3):
     raise ValueError(f"q must be [B, *spatial, H, D] with 1 to 3 spatial dims, got {q.shape}")
+  dispatch.check_implementation(implementation, op="neighborhood_attention")
   _check_inputs(q, k, v, rank, additional_keys, additional_values)
   spatial = tuple(q.shape[1:1 + rank])
   kernel, stride, dilation, causal = check_na_args(spatial, kernel_size, stride, dilation,
@@ -240,18 +284,15 @@ def neighborhood_attention(q, k, v, kernel_size, stride=1, dilation=1, is_causal
   hk, dv = k.shape[-2], v.shape[-1]
   t = math.prod(spatial)
   qf, kf, vf = q.reshape(b, t, h, d), k.reshape(b, t, hk, d), v.reshape(b, t, hk, dv)
-  if implementation == "reference":
+  choose = functools.partial(choose_implementation, implementation, q, k, v, dilation=dilation,
+                             tile_shape=tile_shape)
+  dispatch.note("neighborhood_attention", lambda be: choose(backend=be))
+  impl = choose()[0]
+  if impl == "reference":
     o, lse = _na_reference(qf, kf, vf, spatial, kernel, stride, dilation, causal, scale,
                            additional_keys, additional_values)
-  elif implementation in ("block_sparse", "pallas"):
-    if tile_shape is None:
-      tile = default_tile_shape(spatial, dilation)
-      if implementation == "pallas":  # the kernel's blocks must be powers of two
-        tile = tuple(1 << (x.bit_length() - 1) for x in tile)
-    else:
-      tile = _per_dim(tile_shape, rank, "tile_shape")
-      if any(x < 1 for x in tile):
-        raise ValueError(f"tile_shape entries must be >= 1, got {tile}")
+  else:
+    tile = _tile_for(impl, spatial, dilation, tile_shape, rank)
     lay, perm, inv = na_layout(spatial, kernel, stride, dilation, causal, tile)
     valid = jnp.asarray(perm >= 0)
     pidx = jnp.asarray(np.maximum(perm, 0))
@@ -261,7 +302,7 @@ def neighborhood_attention(q, k, v, kernel_size, stride=1, dilation=1, is_causal
 
     op, lp = block_sparse.block_sparse_attention(
         permute(qf), permute(kf), permute(vf), lay, scale=scale, return_lse=True,
-        implementation="pallas" if implementation == "pallas" else None)
+        implementation=impl)
     inv = jnp.asarray(inv)
     o, lse = jnp.take(op, inv, axis=1), jnp.take(lp, inv, axis=2)
     if additional_keys is not None:
@@ -269,9 +310,6 @@ def neighborhood_attention(q, k, v, kernel_size, stride=1, dilation=1, is_causal
       oe, le = dot_product_attention(qf, additional_keys, additional_values, scale=scale,
                                      return_lse=True, implementation="reference")
       o, lse = block_sparse.merge_attentions([o, oe], [lse, le])
-  else:
-    raise ValueError(f"implementation must be 'block_sparse', 'pallas' or 'reference', got "
-                     f"{implementation!r}")
   o = o.reshape(q.shape[:-1] + (dv,))
   if return_lse:
     return o, jnp.moveaxis(lse, 1, 2).reshape(q.shape[:-1])

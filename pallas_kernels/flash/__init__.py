@@ -1,8 +1,8 @@
-"""Block-sparse flash attention: Pallas-Triton forward + deterministic custom-VJP backward."""
+"""Block-sparse flash attention: Pallas-Triton forward + deterministic custom-VJP backward.
+
+Layouts are `attnjax.ops.layout.BlockLayout`s (the one layout type of the library).
+"""
 
 from pallas_kernels.flash.api import block_sparse_flash_attention, flash_attention
-from pallas_kernels.flash.layouts import (BlockLayout, band_layout, dense_mask_from_layout,
-                                          layout_from_block_kinds)
 
-__all__ = ["flash_attention", "block_sparse_flash_attention", "BlockLayout", "band_layout",
-           "dense_mask_from_layout", "layout_from_block_kinds"]
+__all__ = ["flash_attention", "block_sparse_flash_attention"]

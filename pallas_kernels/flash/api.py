@@ -10,9 +10,9 @@ form under a causal mask; `i'` is the bottom-right aligned query position), and 
 bias factors folded into extra q/k columns (FlashBias [119]; their gradients flow through the same
 kernel). Learned `sinks [H]` add `exp(sink_h)` to each softmax denominator (the sink carries no value).
 Masking: causal and windows are bottom-right aligned when Tq != Tk, as `attnjax.ops.masks`; an explicit
-`layout` (see `layouts.py`) replaces them; segment ids mask pairs of different segments. A row with no
-visible key returns zeros (lse = -inf, or the sink). D up to 256 is padded to a power of two and T to a
-whole number of blocks inside; float32 / bf16 / fp16 inputs, float32 accumulation; float32 dots use
+`layout` (an `attnjax.ops.layout.BlockLayout`) replaces them; segment ids mask pairs of different
+segments. A row with no visible key returns zeros (lse = -inf, or the sink). D up to 256 is padded
+to a power of two and T to a whole number of blocks inside; float32 / bf16 / fp16 inputs, float32 accumulation; float32 dots use
 `HIGHEST` precision so a GPU run matches interpret mode rather than TF32. Gradients (custom VJP,
 deterministic kernels) flow to q, k, v, sinks, alibi_slopes and the bias factors, and through the
 returned lse (an lse cotangent only shifts `delta = rowsum(dO * O)` by `-dlse`).
@@ -27,10 +27,10 @@ import math
 import jax
 import jax.numpy as jnp
 
+from attnjax.ops import layout as layout_lib
 from pallas_kernels.common import resolve_interpret
 from pallas_kernels.flash import backward as bwd_lib
 from pallas_kernels.flash import forward as fwd_lib
-from pallas_kernels.flash import layouts as layouts_lib
 from pallas_kernels.flash.blocks import default_block_sizes, is_power_of_two, next_power_of_two
 
 MAX_HEAD_DIM = 256
@@ -140,8 +140,8 @@ def flash_attention(q, k, v, layout=None, *, causal: bool = False, window=None,
                     num_stages: int | None = None, interpret: bool | None = None):
   """Block-sparse flash attention on `[B, T, H, D]` (see the module docstring for the formula).
 
-  Args: `layout` a block layout (`layouts.BlockLayout` or `attnjax.ops.layout`'s, same fields); when
-  None, one is built from `causal` / `window=(left, right)` (None on a side = unbounded). `sinks`,
+  Args: `layout` an `attnjax.ops.layout.BlockLayout`; when None, `attnjax.ops.layout.band_layout`
+  builds one from `causal` / `window=(left, right)` (None on a side = unbounded). `sinks`,
   `alibi_slopes` are `[H]`; `bias_factors=(phi_q [B,Tq,H,R], phi_k [B,Tk,Hkv,R])`; `score_mode` is
   "softmax" or "sigmoid". Block sizes must be powers of two (>= 16 for the GPU's dots) and, with a
   layout, equal the layout's. `interpret=None` runs interpret mode when no GPU is present.
@@ -188,7 +188,8 @@ def flash_attention(q, k, v, layout=None, *, causal: bool = False, window=None,
     if not is_power_of_two(blk):
       raise ValueError(f"{name} must be a power of two, got {blk}")
   if layout is None:
-    layout = layouts_lib.band_layout(tq, tk, block_q, block_k, causal=causal, window=window)
+    layout = layout_lib.band_layout(tq, tk, block_q, block_k, causal=bool(causal),
+                                    window=None if window is None else tuple(window))
   lb, lh = layout.kv_counts.shape[:2]
   if lb not in (1, b) or lh not in (1, h):
     raise ValueError(f"layout.kv_counts must be [1|B, 1|H, nQ]; got {layout.kv_counts.shape}")

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from attnjax.ops import masks as masks_lib
-from pallas_kernels.flash import api, layouts
+from attnjax.ops import layout as layouts
+from pallas_kernels.flash import api
 from pallas_kernels.flash import forward as fwd_lib
 from pallas_kernels.flash.reference import flash_reference
 from pallas_kernels.flash.testing import assert_close, check_values_and_grads, random_qkv
@@ -56,14 +57,14 @@ def random_layout(seed, b, h, tq, tk, bq, bk):
   kind = rng.choice(3, size=(b, h, -(-tq // bq), -(-tk // bk)), p=[0.4, 0.3, 0.3])
   kind[0, 0, 0, :] = 0  # one query block with no key block at all: its rows must come out 0
   rule = lambda qi, ki: (qi + 2 * ki) % 3 != 0
-  return layouts.layout_from_block_kinds(kind, block_q=bq, block_k=bk, tq=tq, tk=tk,
+  return layouts.from_block_mask(kind > 0, kind == 1, block_q=bq, block_k=bk, tq=tq, tk=tk,
                                          mask_rule=rule)
 
 
 def test_random_block_layout_fp32():
   q, k, v, do = random_qkv(2, B, TQ, TK, H, HK, D)
   layout = random_layout(0, B, H, TQ, TK, 16, 16)
-  mask = layouts.dense_mask_from_layout(layout, B, H)
+  mask = layouts.broadcast_dense_mask(layout, B, H)
   fast = functools.partial(api.block_sparse_flash_attention, layout=layout, interpret=INTERPRET)
   ref = functools.partial(flash_reference, mask=mask)
   check_values_and_grads(fast, ref, (q, k, v), do, jnp.float32)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels.common import lower_for_h100
-from pallas_kernels.flash import api, layouts
+from attnjax.ops import layout as layouts
+from pallas_kernels.flash import api
 
 CONFIGS = {
     # name: (dtype, Tq, Tk, H, Hkv, D, kwargs); None block sizes = the GPU defaults of blocks.py
@@ -42,8 +43,8 @@ def _build(name):
     args += [spec(1, tq, h, rank), spec(1, tk, hk, rank)]
   if kw.pop("layout", False):
     kind = np.random.default_rng(0).choice(3, size=(1, h, -(-tq // 64), -(-tk // 64)))
-    kw["layout"] = layouts.layout_from_block_kinds(kind, block_q=64, block_k=64, tq=tq, tk=tk,
-                                                   mask_rule=lambda qi, ki: (qi ^ ki) % 5 != 0)
+    kw["layout"] = layouts.from_block_mask(kind > 0, kind == 1, block_q=64, block_k=64, tq=tq,
+                                           tk=tk, mask_rule=lambda qi, ki: (qi ^ ki) % 5 != 0)
   return args, kw, (1, tq, h, d), dtype
 
 

@@ -1,4 +1,9 @@
-"""Neighborhood attention on the flash kernel: NATTEN window semantics and kernel vs reference."""
+"""Neighborhood attention on the flash kernel: the ops' NA rule and layout (the only NA rule) against
+an independent transcription of NATTEN's reference mask, and the kernel against the dense reference.
+
+Oracle: NATTEN's `csrc/include/natten/cuda/reference/mask.hpp` (SHI-Labs/NATTEN), written per query
+as key index sets below, independently of `attnjax.ops.neighborhood`.
+"""
 
 import functools
 import itertools
@@ -7,13 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.flash import layouts
-from pallas_kernels.flash import neighborhood as na
+from attnjax.ops import layout as L
+from attnjax.ops import neighborhood as N
 from pallas_kernels.flash.reference import flash_reference
 from pallas_kernels.flash.testing import check_values_and_grads, random_qkv
-from pallas_kernels.common import interpret_in_tests
 
-INTERPRET = interpret_in_tests()  # False on a GPU with ATTNJAX_KERNEL_TESTS_ON_GPU=1
 
 
 def natten_windows_1d(length, kernel, stride=1, dilation=1, causal=False):
@@ -57,53 +60,44 @@ def test_windows_match_natten_tables():
   assert as_ranges(natten_windows_1d(10, 4, 4)) == [(0, 4)] * 4 + [(4, 8)] * 4 + [(6, 10)] * 2
 
 
+def _per_dim(x, n):
+  return tuple(x) if isinstance(x, (tuple, list)) else (x,) * n
+
+
 @pytest.mark.parametrize("spatial,kernel,stride,dilation,causal,tile", [
-    ((23,), (5,), (1,), (1,), (False,), None),
-    ((30,), (6,), (3,), (2,), (False,), None),
-    ((19,), (4,), (2,), (1,), (True,), None),
-    ((6, 7), (3, 4), (2, 1), (1, 1), (False, True), None),
+    ((23,), (5,), (1,), (1,), (False,), (8,)),
+    ((30,), (6,), (3,), (2,), (False,), (4,)),
+    ((19,), (4,), (2,), (1,), (True,), (16,)),
+    ((6, 7), (3, 4), (2, 1), (1, 1), (False, True), (4, 4)),
     ((8, 8), (5, 3), (1, 2), (1, 2), (False, False), (4, 4)),
     ((4, 4, 6), (2, 3, 3), (1, 1, 2), (1, 1, 1), (False, False, True), (2, 2, 2)),
 ], ids=["1d", "1d_stride_dil", "1d_causal", "2d_mixed_causal", "2d_tiled_dil", "3d_tiled"])
-def test_mask_rule_matches_natten(spatial, kernel, stride, dilation, causal, tile):
-  n = int(np.prod(spatial))
-  rule = na.na_mask_rule(spatial, kernel, stride, dilation, causal, tile)
-  got = np.asarray(rule(jnp.arange(n)[:, None], jnp.arange(n)[None, :]))
+def test_ops_na_rule_and_layout_match_natten(spatial, kernel, stride, dilation, causal, tile):
   want = natten_mask(spatial, kernel, stride, dilation, causal)
-  if tile is not None:
-    # Map flattened tile-major positions back to raster order through the permutation itself.
-    order = np.asarray(na.flatten_tokens(jnp.arange(n).reshape((1,) + spatial + (1, 1)), spatial,
-                                         tile))[0, :, 0, 0]
-    want = want[np.ix_(order, order)]
-  np.testing.assert_array_equal(got, want)
-  layout = na.na_layout(spatial, kernel, stride, dilation, causal, block_q=16, block_k=16,
-                        tile=tile)
-  np.testing.assert_array_equal(layouts.dense_mask_from_layout(layout, 1, 1)[0, 0], got)
-
-
-def test_flatten_roundtrip():
-  x = jnp.arange(2 * 4 * 6 * 3 * 2, dtype=jnp.float32).reshape(2, 4, 6, 3, 2)
-  for tile in (None, (2, 3)):
-    y = na.flatten_tokens(x, (4, 6), tile)
-    np.testing.assert_array_equal(na.unflatten_tokens(y, (4, 6), tile), x)
+  np.testing.assert_array_equal(N.na_mask(spatial, kernel, stride, dilation, causal), want)
+  # The tile-permuted layout the kernel runs on encodes the same mask in its token order.
+  lay, perm, _ = N.na_layout(spatial, kernel, stride, dilation, causal, tile)
+  got = np.asarray(L.dense_mask(lay)[0, 0])
+  valid = perm >= 0
+  p = np.maximum(perm, 0)
+  want_perm = want[np.ix_(p, p)] & valid[:, None] & valid[None, :]
+  np.testing.assert_array_equal(got, want_perm)
 
 
 @pytest.mark.parametrize("spatial,kernel,stride,dilation,causal,tile", [
     ((37,), 7, 3, 2, False, None),
-    ((6, 10), (3, 5), (1, 2), 1, (True, False), (2, 5)),
-    ((4, 4, 4), (3, 2, 3), 1, (1, 2, 1), False, (2, 2, 2)),
+    ((6, 10), (3, 5), (1, 2), 1, (True, False), (2, 8)),
+    ((4, 4, 4), (3, 2, 3), 1, (1, 2, 1), False, (2, 2, 4)),
 ], ids=["1d", "2d", "3d"])
 def test_kernel_matches_reference(spatial, kernel, stride, dilation, causal, tile):
   n = int(np.prod(spatial))
   q, k, v, do = random_qkv(11, 1, n, n, 2, 1, 16)
   shape = lambda x: x.reshape((1,) + spatial + x.shape[2:])
   q, k, v, do = map(shape, (q, k, v, do))
-  layout = na.na_layout(spatial, kernel, stride, dilation, causal, block_q=16, block_k=16,
-                        tile=tile)
-  fast = functools.partial(na.neighborhood_flash_attention, kernel_size=kernel, stride=stride,
-                           dilation=dilation, is_causal=causal, tile=tile, layout=layout,
-                           interpret=INTERPRET)
-  mask = jnp.asarray(natten_mask(spatial, *(na._as_tuple(a, len(spatial), "")
+  fast = functools.partial(N.neighborhood_attention, kernel_size=kernel, stride=stride,
+                           dilation=dilation, is_causal=causal, tile_shape=tile,
+                           implementation="pallas")
+  mask = jnp.asarray(natten_mask(spatial, *(_per_dim(a, len(spatial))
                                             for a in (kernel, stride, dilation, causal))))
 
   def ref(q, k, v):
@@ -115,15 +109,15 @@ def test_kernel_matches_reference(spatial, kernel, stride, dilation, causal, til
 
 def test_full_window_equals_dense():
   q, k, v, _ = random_qkv(12, 1, 20, 20, 2, 2, 16)
-  o = na.neighborhood_flash_attention(q, k, v, 20, block_q=16, block_k=16, interpret=INTERPRET)
+  o = N.na1d(q, k, v, 20, implementation="pallas")
   np.testing.assert_allclose(o, flash_reference(q, k, v), atol=1e-5)
 
 
 def test_bad_na_args_raise():
   q = jnp.zeros((1, 10, 1, 16))
   with pytest.raises(ValueError, match="kernel_size"):
-    na.neighborhood_flash_attention(q, q, q, 11)
+    N.na1d(q, q, q, 11, implementation="pallas")
   with pytest.raises(ValueError, match="stride"):
-    na.neighborhood_flash_attention(q, q, q, 3, stride=4)
-  with pytest.raises(ValueError, match="tile"):
-    na.na_layout((10,), 3, block_q=16, block_k=16, tile=(3,))
+    N.na1d(q, q, q, 3, stride=4, implementation="pallas")
+  with pytest.raises(ValueError, match="power-of-two blocks >= 16"):
+    N.na1d(q, q, q, 3, tile_shape=(3,), implementation="pallas")

@@ -9,7 +9,7 @@ import pytest
 
 from attnjax.ops import dot_product_attention
 from attnjax.ops import masks as masks_lib
-from pallas_kernels.flash import layouts
+from attnjax.ops import layout as layouts
 from pallas_kernels.flash.reference import flash_reference
 from pallas_kernels.flash.testing import random_qkv
 
@@ -79,7 +79,7 @@ def test_band_layout_encodes_the_band_mask(tq, tk, causal, window, bq, bk):
     want &= masks_lib.causal_mask(tq, tk)
   if window is not None:
     want &= masks_lib.window_mask(tq, tk, *window)
-  got = layouts.dense_mask_from_layout(layout, 1, 1)[0, 0]
+  got = layouts.broadcast_dense_mask(layout, 1, 1)[0, 0]
   np.testing.assert_array_equal(got, want)
   # Blocks marked full must be entirely visible (they are never masked by the kernel).
   counts, idx, part = (np.asarray(a)[0, 0] for a in (layout.kv_counts, layout.kv_indices,
@@ -95,7 +95,7 @@ def test_band_layout_encodes_the_band_mask(tq, tk, causal, window, bq, bk):
 
 def test_layout_transpose_is_consistent():
   kind = np.random.default_rng(0).choice(3, size=(2, 3, 4, 5))
-  layout = layouts.layout_from_block_kinds(kind, block_q=16, block_k=16, tq=64, tk=80)
+  layout = layouts.from_block_mask(kind > 0, kind == 1, block_q=16, block_k=16, tq=64, tk=80)
   fwd, tr = set(), set()
   for name, store, (c, i, p) in (("kv", fwd, (layout.kv_counts, layout.kv_indices,
                                               layout.kv_partial)),

@@ -60,7 +60,7 @@ def test_moba_matches_numpy_definition_values_and_grads(block_q):
   L.check_layout(lay)
   np.testing.assert_array_equal(np.asarray(L.dense_mask(lay)),
                                 _moba_dense_definition(q, k, 5, 2))
-  o, g = _moba_out_and_grads(q, k, v, "block_sparse", block_q)
+  o, g = _moba_out_and_grads(q, k, v, "xla", block_q)
   o_ref, g_ref = _moba_out_and_grads(q, k, v, "reference", block_q)
   np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), atol=2e-5)
   for a, r in zip(g, g_ref):

@@ -14,13 +14,15 @@ segment sums (<= 0), as in the engine.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-import functools
-
-from attnjax.ops.linear.engine import (FormChoice, _check_gate, _concrete_range, _check_state,
-                                       _reverse_exclusive_cumsum, check_causal_qkv, run_ids, segsum,
+from attnjax.ops import dispatch
+from attnjax.ops.linear.engine import (FormChoice, LinearCall, _check_gate, _concrete_range,
+                                       _check_state, _reverse_exclusive_cumsum, check_causal_qkv,
+                                       _noted, choose_implementation, run_ids, segsum,
                                        select_form, split_forms)
 
 DELTA_FORMS = ("recurrent", "parallel", "chunked")
@@ -139,8 +141,10 @@ def _run_form(form, q, k, v, beta, g, s0, runs, *, chunk_size, want_state=True):
   return (o, s) if want_state else (o, None)
 
 
+@dispatch.dispatching_op
 def delta_rule(q, k, v, beta, *, log_decay=None, scale=None, initial_state=None,
-               output_final_state=False, segment_ids=None, form=None, chunk_size=64):
+               output_final_state=False, segment_ids=None, form=None, chunk_size=64,
+               implementation=None):
   """Gated delta rule on `[B, T, H, D]`; returns `(o [B, T, H, Dv], final_state | None)`.
 
   `S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t^T v_t`, `o_t = scale q_t S_t`
@@ -154,17 +158,32 @@ def delta_rule(q, k, v, beta, *, log_decay=None, scale=None, initial_state=None,
   form with a single chunk of length T (the WY form, O(T^2)). `form=None` (default): the fastest
   form measured for this backend and length (`select_delta_form`; on the CPU the token scan when not
   differentiated and the chunked form under autodiff, through a `custom_vjp`).
+  `implementation` (`attnjax.ops.dispatch`): "reference" (the token scan), "xla" (the forms above),
+  "pallas" (`pallas_kernels.linear.chunked_delta_rule`: no decay, `[H]` or `[B, T, H]` gates,
+  segments, states; chunk_size a power of two >= 16; compiled on a GPU, interpret mode elsewhere)
+  or None: `FORM_TABLE`'s "delta" row for the backend, the kernel on a CUDA GPU.
   """
   if form is not None and form not in DELTA_FORMS:
     raise ValueError(f"form must be None or one of {DELTA_FORMS}, got {form!r}")
+  dispatch.check_implementation(implementation, op="delta_rule")
   b, t, h, dk, dv = check_causal_qkv(q, k, v, segment_ids, chunk_size)
   s0, _ = _check_state(initial_state, b, h, dk, dv, False)
   g, bt = _canonical(log_decay, jnp.asarray(beta), b, t, h)
   scale = dk ** -0.5 if scale is None else scale
+  same = jnp.result_type(q) == jnp.result_type(k) == jnp.result_type(v)
+  call = LinearCall(t=t, tk=t, decay="delta", causal=True, chunk_size=chunk_size,
+                    dtype=str(jnp.result_type(q)) if same else "mixed q/k/v dtypes")
+  dispatch.note("delta_rule", lambda be: _noted(
+      *choose_implementation(implementation, call, form, be, forms=DELTA_FORMS)))
+  impl, choice, _ = choose_implementation(implementation, call, form, forms=DELTA_FORMS)
+  if impl == "pallas":
+    from pallas_kernels.linear.delta import chunked_delta_rule  # heavy; lazily
+    return chunked_delta_rule(q, k, v, jnp.asarray(beta), log_decay=log_decay, scale=scale,
+                              initial_state=initial_state, output_final_state=output_final_state,
+                              segment_ids=segment_ids, chunk_size=chunk_size)
   tr = lambda x: jnp.transpose(x, (0, 2, 1, 3)).astype(jnp.float32)
   qf, kf, vf = tr(q), tr(k), tr(v)
   runs = None if segment_ids is None else run_ids(segment_ids)
-  choice = select_delta_form(t) if form is None else FormChoice(form, form)
   run = functools.partial(_run_form, chunk_size=chunk_size, want_state=output_final_state)
   if choice.primal == choice.differentiated:
     o, s = run(choice.primal, qf, kf, vf, bt, g, s0, runs)

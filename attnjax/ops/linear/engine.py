@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax.cab import PatternUndefinedError
+from attnjax.ops import dispatch
 
 #: Added to the denominator `scale * q_t . z_t` when `normalize=True` (fla's value; all-zero
 #: features give `0 / eps = 0`, never NaN).
@@ -68,12 +69,22 @@ class FormChoice:
 #: the chunked form's (GLA's per-key gate, in chunks of 16: 1.3-1.5x); at T=64 all forms are within
 #: 0.3 ms. GPU:
 #: not measured against the scan here, so the chunked form stays.
+#: "pallas" in a row means the Pallas kernel (`pallas_kernels.linear`: `chunked_linear_attention`,
+#: `chunked_delta_rule`) in both passes; a call it cannot serve runs the chunked form instead. On a
+#: CUDA GPU every kind goes to the kernel. Not measured there against the chunked XLA form: on an
+#: H200 (benchmarks/gpu_h200_2026-11-27, T=4K, bf16) the kernel's forward is on par with fla's
+#: without decay and with a scalar gate, while its per-key-dim (GLA) path is 20x slower than its
+#: scalar one, so the "vector" row is the first to re-check with `bench_linear_vs_scan` on a GPU.
 FORM_TABLE = {
     "cpu": {kind: ((None, "recurrent", "chunked"),) for kind in ("none", "head", "scalar", "delta")}
            # GLA's per-key gate: its sub-chunk exponentials dominate; chunks of 16 (one sub-chunk)
            # ran its forward+backward 1.2-1.3x faster than 64 at T = 256 ... 32K.
            | {"vector": ((None, "recurrent", "chunked", 16),)},
+    "gpu": {kind: ((None, "pallas", "pallas"),)
+            for kind in ("none", "head", "scalar", "vector", "delta")},
 }
+#: The value `form` / `FORM_TABLE` use for the Pallas kernel.
+PALLAS = "pallas"
 
 
 def select_form(t: int, decay: str = "none", *, backend: str | None = None) -> FormChoice:
@@ -85,11 +96,75 @@ def select_form(t: int, decay: str = "none", *, backend: str | None = None) -> F
   form's matmuls for the forward pass, while its backward (which keeps every step's state) loses
   to the chunked form's, so the two passes run different forms there (`FORM_TABLE`).
   """
-  backend = jax.default_backend() if backend is None else backend
+  backend = dispatch.resolve_backend(backend)
   for max_t, primal, differentiated, *chunk in FORM_TABLE.get(backend, {}).get(decay, ()):
     if max_t is None or t <= max_t:
       return FormChoice(primal, differentiated, *chunk)
   return FormChoice("chunked", "chunked")
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearCall:
+  """Static description of one `linear_attention` / `delta_rule` call, used to choose a path."""
+  t: int
+  tk: int
+  decay: str = "none"
+  causal: bool = True
+  dtype: str = "float32"
+  chunk_size: int | None = None
+
+
+def pallas_unsupported_reason(call: LinearCall) -> str | None:
+  """Why the Pallas linear kernels cannot serve `call` (None if they can)."""
+  if call.tk != call.t:
+    return f"the kernels take keys of the queries' length (Tk={call.tk} != T={call.t})"
+  if call.dtype not in dispatch.PALLAS_DTYPES:
+    return f"the kernels take q, k, v of one dtype among {dispatch.PALLAS_DTYPES}, got {call.dtype}"
+  if call.decay == "invalid":
+    return "log_decay has no valid shape"
+  c = call.chunk_size
+  if c is not None and (c < 16 or not dispatch.is_power_of_two(c)):
+    return f"the kernels need chunk_size a power of two >= 16, got {c}"
+  return None
+
+
+def choose_implementation(implementation: str | None, call: LinearCall, form: str | None = None,
+                          backend: str | None = None, forms=FORMS) -> tuple[str, FormChoice, str]:
+  """`(implementation, forms, reason)` of a linear-attention call on `backend` (pure).
+
+  "reference": the oracle form (the token scan when causal, the quadratic form otherwise);
+  "xla": the engine's forms (`form`, or `select_form`'s table row when None); "pallas": the Pallas
+  kernel (`form` must be None or "chunked"); None: the table row for `backend` (`FORM_TABLE`; a
+  "pallas" row on a CUDA GPU runs the kernel when it serves the call, else the chunked form).
+  An explicit choice that cannot serve the call raises ValueError saying why.
+  """
+  dispatch.check_implementation(implementation, op="linear attention")
+  if form is not None and form not in forms:
+    raise ValueError(f"form must be None or one of {forms}, got {form!r}")
+  backend = dispatch.resolve_backend(backend)
+  reason = pallas_unsupported_reason(call)
+  if implementation == "reference":
+    oracle = "recurrent" if call.causal else "parallel"
+    if form not in (None, oracle):
+      raise ValueError(f"implementation='reference' runs the {oracle!r} form, got form={form!r}")
+    return "reference", FormChoice(oracle, oracle), "explicit choice"
+  if implementation == "pallas":
+    if reason is not None:
+      raise ValueError(f"implementation='pallas' cannot serve this call: {reason}")
+    if form not in (None, "chunked"):
+      raise ValueError(f"implementation='pallas' is the chunked kernel; got form={form!r}")
+    return "pallas", FormChoice(PALLAS, PALLAS), "explicit choice"
+  if form is not None:
+    return "xla", FormChoice(form, form), "explicit form"
+  choice = select_form(call.t, call.decay if call.decay != "invalid" else "none", backend=backend)
+  if not call.causal and choice.primal != PALLAS:
+    return "xla", FormChoice("chunked", "chunked"), "non-causal: one state per segment"
+  if choice.primal == PALLAS:
+    if implementation is None and reason is None:
+      return "pallas", choice, f"FORM_TABLE[{backend!r}]: the Pallas kernel"
+    why = reason if implementation is None else "implementation='xla'"
+    return "xla", FormChoice("chunked", "chunked", choice.chunk_size), f"chunked form ({why})"
+  return "xla", choice, f"FORM_TABLE[{backend!r}]"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,9 +509,15 @@ def _noncausal(q, k, v, s0, runs, form, chunk_size):
 # Public API.
 
 
+def _noted(impl, choice, reason):
+  forms = "" if impl == "pallas" else f" (forms {choice.primal} / {choice.differentiated})"
+  return impl, reason + forms
+
+
+@dispatch.dispatching_op
 def linear_attention(q, k, v, *, log_decay=None, scale=None, normalize=False, causal=True,
                      initial_state=None, output_final_state=False, segment_ids=None,
-                     form=None, chunk_size=None):
+                     form=None, chunk_size=None, implementation=None):
   """Decayed linear attention `S_t = exp(g_t) (.) S_{t-1} + k_t^T v_t`, `o_t = scale * q_t S_t`.
 
   Shapes: `q, k: [B, T, H, Dk]` (feature maps already applied), `v: [B, T, H, Dv]`; returns
@@ -460,9 +541,15 @@ def linear_attention(q, k, v, *, log_decay=None, scale=None, normalize=False, ca
   `form=None` (default) runs the fastest form measured for this backend, length and decay kind
   (`select_form` says which; on the CPU a token scan when not differentiated and the chunked form
   under autodiff, through a `custom_vjp`, so forward-mode `jax.jvp` needs an explicit `form`).
+  `implementation` (`attnjax.ops.dispatch`): "reference" (the token scan; the quadratic form when
+  non-causal), "xla" (the forms above), "pallas" (`pallas_kernels.linear.chunked_linear_attention`:
+  every decay kind, normalize, segments, states, non-causal; not cross attention; compiled on a
+  GPU, interpret mode elsewhere) or None: `FORM_TABLE`'s row for the backend, the kernel on a CUDA
+  GPU (`choose_implementation` says which and why).
   """
   if form is not None and form not in FORMS:
     raise ValueError(f"form must be None or one of {FORMS}, got {form!r}")
+  dispatch.check_implementation(implementation, op="linear_attention")
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"q, k, v must be [B, T, H, D]; got {q.shape}, {k.shape}, {v.shape}")
   b, t, h, dk = q.shape
@@ -486,6 +573,23 @@ def linear_attention(q, k, v, *, log_decay=None, scale=None, normalize=False, ca
   scale = dk ** -0.5 if scale is None else scale
   s0, z0 = _check_state(initial_state, b, h, dk, dv, normalize)
   out_dtype = q.dtype
+  kind = decay_kind(log_decay)
+  if log_decay is not None:
+    _canonical_decay(log_decay, b, t, h, dk)  # shape and range checks, whichever path runs
+  same = jnp.result_type(q) == jnp.result_type(k) == jnp.result_type(v)
+  call = LinearCall(t=t, tk=tk, decay=kind, causal=bool(causal), chunk_size=chunk_size,
+                    dtype=str(jnp.result_type(q)) if same else "mixed q/k/v dtypes")
+  dispatch.note("linear_attention",
+                lambda be: _noted(*choose_implementation(implementation, call, form, be)))
+  impl, choice, _ = choose_implementation(implementation, call, form)
+  if impl == "pallas":
+    from pallas_kernels.linear.api import chunked_linear_attention  # heavy; lazily
+    kw = {} if chunk_size is None and choice.chunk_size is None else dict(
+        chunk_size=chunk_size or choice.chunk_size)
+    return chunked_linear_attention(
+        q, k, v, log_decay=log_decay, scale=scale, normalize=normalize, causal=causal,
+        initial_state=initial_state, output_final_state=output_final_state,
+        segment_ids=segment_ids, **kw)
 
   qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))    # [B, T, H, D]
   if normalize:
@@ -500,11 +604,11 @@ def linear_attention(q, k, v, *, log_decay=None, scale=None, normalize=False, ca
     o = jnp.einsum("bthd,bhde->bthe", qf, s)
   elif causal:
     g, vector = _canonical_decay(log_decay, b, t, h, dk)
-    choice = (select_form(t, decay_kind(log_decay)) if form is None else FormChoice(form, form))
     chunk_size = chunk_size or choice.chunk_size or 64
     o, s = _causal(qf, kf, vf, g, vector, s0, runs, choice, chunk_size, output_final_state)
   else:
-    o, s = _noncausal(qf, kf, vf, s0, runs, form, chunk_size or 64)
+    o, s = _noncausal(qf, kf, vf, s0, runs, choice.primal if impl == "reference" else form,
+                      chunk_size or 64)
 
   o = o * scale
   if normalize:

@@ -13,6 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from attnjax.ops import dispatch
 from attnjax.ops import softmax as softmax_lib
 from attnjax.ops.operators import _common
 
@@ -45,8 +46,49 @@ def sigmoid_attention_weights(q, k, *, bias=None, mask=None, causal=False, windo
   return jnp.where(valid, jax.nn.sigmoid(s + b), 0.0)
 
 
+SIGMOID_IMPLEMENTATIONS = ("reference", "pallas")
+
+
+def sigmoid_pallas_unsupported_reason(q, k, v, *, bias=None, mask=None) -> str | None:
+  """Why the flash kernel's sigmoid score mode cannot serve a `sigmoid_attention` call (or None)."""
+  same = jnp.result_type(q) == jnp.result_type(k) == jnp.result_type(v)
+  if not same or str(jnp.result_type(q)) not in dispatch.PALLAS_DTYPES:
+    return f"the flash kernel takes q, k, v of one dtype among {dispatch.PALLAS_DTYPES}"
+  if max(q.shape[-1], v.shape[-1]) > softmax_lib.PALLAS_MAX_HEAD_DIM:
+    return f"the flash kernel needs D, Dv <= {softmax_lib.PALLAS_MAX_HEAD_DIM}"
+  if mask is not None:
+    return "the flash kernel takes no dense mask (causal / window / segment ids only)"
+  if isinstance(bias, str):
+    return "the flash kernel takes one constant bias, not the per-row bias='visible'"
+  if bias is not None and not isinstance(bias, (int, float)):
+    return "the flash kernel takes one constant (python number) bias, not a per-head array"
+  return None
+
+
+def choose_sigmoid_implementation(implementation, q, k, v, *, bias=None, mask=None,
+                                  backend: str | None = None) -> tuple[str, str]:
+  """`(implementation, reason)` of `sigmoid_attention` on `backend` (pure): None picks the flash
+  kernel's sigmoid score mode on a CUDA GPU when it serves the call, else the reference; there is
+  no separate tiled XLA path, so "xla" raises. Explicit "pallas" that cannot serve raises."""
+  dispatch.check_implementation(implementation, SIGMOID_IMPLEMENTATIONS, op="sigmoid_attention")
+  reason = sigmoid_pallas_unsupported_reason(q, k, v, bias=bias, mask=mask)
+  if implementation == "pallas":
+    if reason is not None:
+      raise ValueError(f"sigmoid_attention: implementation='pallas' cannot serve this call: "
+                       f"{reason}")
+    return "pallas", "explicit choice"
+  if implementation == "reference":
+    return "reference", "explicit choice"
+  backend = dispatch.resolve_backend(backend)
+  if backend == "gpu" and reason is None:
+    return "pallas", "flash kernel, sigmoid score mode"
+  why = reason if backend == "gpu" else f"no GPU kernel on {backend!r}"
+  return "reference", f"materialised weights ({why})"
+
+
+@dispatch.dispatching_op
 def sigmoid_attention(q, k, v, *, bias=None, mask=None, causal=False, window=None,
-                      q_segment_ids=None, kv_segment_ids=None, scale=None):
+                      q_segment_ids=None, kv_segment_ids=None, scale=None, implementation=None):
   """Sigmoid self/cross attention (Ramapuram et al. [50]): `o_i = sum_j sigmoid(q_i.k_j/sqrt(D) + b) v_j`.
 
   Shapes `q [B, Tq, H, D]`, `k [B, Tk, Hk, D]`, `v [B, Tk, Hk, Dv]` -> `[B, Tq, H, Dv]`. Rows are not
@@ -57,7 +99,28 @@ def sigmoid_attention(q, k, v, *, bias=None, mask=None, causal=False, window=Non
   behaviour, or `bias="visible"` for `b_i = -log(n_i)` per query row (`n_i` = its visible keys; equals
   `-log Tk` without masks, and is invariant to cache padding and sequence packing). Catalog [50] is
   "from memory"; the formula matches the authors' FlashSigmoid README (`sigmoid(q k^T/sqrt(d) + b)`).
+  `implementation`: "reference" (materialised weights), "pallas" (the flash kernel's sigmoid score
+  mode: a constant bias, no dense mask; interpret mode without a GPU) or None (the kernel on a CUDA
+  GPU when it serves the call; `choose_sigmoid_implementation`).
   """
+  dispatch.note("sigmoid_attention", lambda be: choose_sigmoid_implementation(
+      implementation, q, k, v, bias=bias, mask=mask, backend=be))
+  impl, _ = choose_sigmoid_implementation(implementation, q, k, v, bias=bias, mask=mask)
+  if impl == "pallas":
+    _common.check_qkv("sigmoid_attention", q, k, v)
+    from pallas_kernels.flash.api import flash_attention  # heavy; lazily
+    d, dv = q.shape[-1], v.shape[-1]
+    scale = d ** -0.5 if scale is None else float(scale)
+    b = -math.log(k.shape[1]) if bias is None else float(bias)
+    if d != dv:
+      width = max(d, dv)
+      pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, width - x.shape[-1])])
+      q, k, v = pad(q), pad(k), pad(v)
+    window = None if window is None else tuple(window)
+    o = flash_attention(q, k, v, causal=bool(causal), window=window, q_segment_ids=q_segment_ids,
+                        kv_segment_ids=kv_segment_ids, score_mode="sigmoid", sigmoid_bias=b,
+                        scale=scale)
+    return o[..., :dv]
   w = sigmoid_attention_weights(q, k, bias=bias, mask=mask, causal=causal, window=window,
                                 q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                                 scale=scale)

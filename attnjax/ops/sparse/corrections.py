@@ -14,6 +14,7 @@ Re-ttention [38] and the top-k primitives live in `dynamic.py`.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Callable
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax.ops import block_sparse
+from attnjax.ops import dispatch
 from attnjax.ops import layout as L
 from attnjax.ops.softmax import dot_product_attention
 from attnjax.ops.sparse import dynamic
@@ -63,7 +65,7 @@ def pooled_block_selection(q, k, *, block: int, top_k: int):
 
 
 def rectified_spaattn(q, k, v, *, block: int, top_k: int, scale=None, ipar: bool = True,
-                      gapr: bool = True, implementation: str = "block_sparse",
+                      gapr: bool = True, implementation: str | None = None,
                       return_row_mass: bool = False):
   """Rectified SpaAttn [21] on `[B, T, H, D]` (non-causal, video DiT attention).
 
@@ -86,16 +88,15 @@ def rectified_spaattn(q, k, v, *, block: int, top_k: int, scale=None, ipar: bool
   Oracles: every block critical gives exact attention; with block-constant keys and values the
   pooled estimates are exact and the output is exact attention for any selection; the row mass
   `exp(lse_s)/Z + sum_added m/Z` is <= 1 and is 1 when every non-critical block is added.
-  `implementation="reference"` computes the sparse pass with the dense mask. Returns `o`, or
+  `implementation` goes to the sparse pass's `block_sparse_attention` ("reference": dense mask).
+  Returns `o`, or
   `(o, row_mass [B, H, Tq])` with `return_row_mass`.
   """
   _check_bthd(q, k, v)
   if block < 1 or top_k < 1:
     raise ValueError(f"block and top_k must be >= 1, got {block}, {top_k}")
-  fn = {"block_sparse": block_sparse.block_sparse_attention,
-        "reference": block_sparse.reference_attention}.get(implementation)
-  if fn is None:
-    raise ValueError(f"implementation must be 'block_sparse' or 'reference', got {implementation!r}")
+  dispatch.check_implementation(implementation, op="rectified_spaattn")
+  fn = functools.partial(block_sparse.block_sparse_attention, implementation=implementation)
   b, tq, h, d = q.shape
   tk, hk = k.shape[1], k.shape[2]
   scale = d ** -0.5 if scale is None else float(scale)

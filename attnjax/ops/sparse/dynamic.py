@@ -17,6 +17,7 @@ import numpy as np
 
 from attnjax.cab import PatternUndefinedError
 from attnjax.ops import block_sparse
+from attnjax.ops import dispatch
 from attnjax.ops import layout as L
 from attnjax.ops.softmax import dot_product_attention
 
@@ -271,15 +272,32 @@ def dma_mask(bias, tq: int, *, keep_window: int, causal: bool = True):
   return sel
 
 
+def _dma_choice(implementation, causal):
+  if causal and implementation in ("xla", "pallas"):
+    raise ValueError(f"dma_attention: implementation={implementation!r} cannot serve causal=True: "
+                     "the causal selection is per query prefix, which only the dense "
+                     "implementation='reference' (or None) computes")
+  if implementation == "pallas":
+    raise ValueError("dma_attention: implementation='pallas' cannot serve this call: the flash "
+                     "kernel takes no per-key bias (bias_k)")
+  if implementation is not None:
+    return implementation, "explicit choice"
+  if causal:
+    return "reference", "causal selection is per query prefix: dense mask"
+  return "xla", "gather over the selected key blocks (the flash kernel takes no per-key bias)"
+
+
+@dispatch.dispatching_op
 def dma_attention(q, k, v, bias, *, keep_window: int, causal: bool = True, scale=None,
-                  block: int = 64, implementation: str = "block_sparse"):
+                  block: int = 64, implementation: str | None = None):
   """DMA [110] on `[B, T, H, D]`: `softmax_j(scale q_i.k_j + b_{h,j})` over the top-`keep_window`
   keys by `b` (`bias [B, H, Tk]`, `dma_key_bias`) among the visible ones. Paper: keep_window 2048.
 
   Non-causal the selection is query-agnostic, so the block-sparse path lists only key blocks holding
   a selected key (`max_kv <= keep_window`) and hides the rest of their keys through the additive
-  per-key bias. Causal selection depends on the query's prefix; that case (and
-  `implementation="reference"`) uses the dense mask (O(T^2) memory: the exact per-query prefix top-w).
+  per-key bias ("xla"; the flash kernel takes no per-key bias, so "pallas" raises). Causal selection
+  depends on the query's prefix; that case (and `implementation="reference"`) uses the dense mask
+  (O(T^2) memory: the exact per-query prefix top-w), so explicit "xla" / "pallas" raise there.
   With `keep_window >= Tk` every visible key is kept: dense attention with a per-key bias (oracle).
   """
   _check_bthd(q, k, v)
@@ -289,8 +307,9 @@ def dma_attention(q, k, v, bias, *, keep_window: int, causal: bool = True, scale
     raise ValueError(f"bias must be [B, H, Tk] = [{b}, {h}, {tk}], got {bias.shape}")
   if keep_window < 1:
     raise ValueError(f"keep_window must be >= 1, got {keep_window}")
-  if implementation not in ("block_sparse", "reference"):
-    raise ValueError(f"implementation must be 'block_sparse' or 'reference', got {implementation!r}")
+  dispatch.check_implementation(implementation, op="dma_attention")
+  dispatch.note("dma_attention", lambda be: _dma_choice(implementation, causal))
+  _dma_choice(implementation, causal)  # raises for a choice that cannot serve the call
   if causal or implementation == "reference":
     mask = dma_mask(bias, tq, keep_window=keep_window, causal=causal)
     return dot_product_attention(q, k, v, mask=mask, bias=bias[:, :, None, :], scale=scale,
@@ -305,7 +324,8 @@ def dma_attention(q, k, v, bias, *, keep_window: int, causal: bool = True, scale
   lay = L.from_block_mask(blocks, None, block_q=block, block_k=block, tq=tq, tk=tk,
                           max_kv=min(nk, kk), max_q=nq)
   bias_k = jnp.where(sel, bias, -jnp.inf)
-  return block_sparse.block_sparse_attention(q, k, v, lay, scale=scale, bias_k=bias_k)
+  return block_sparse.block_sparse_attention(q, k, v, lay, scale=scale, bias_k=bias_k,
+                                             implementation=implementation)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ Each has a dense reference (`*_reference`) that states the definition as a dense
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -25,6 +26,7 @@ import numpy as np
 
 from attnjax.cab import PatternUndefinedError
 from attnjax.ops import block_sparse
+from attnjax.ops import dispatch
 from attnjax.ops import layout as L
 from attnjax.ops.operators._common import PatternUndefinedError
 from attnjax.ops.softmax import dot_product_attention
@@ -325,7 +327,7 @@ def sea_selection(est, *, chunk_size: int, top_k: int, tk: int, causal: bool = F
 
 
 def sea_attention(q, k, v, proj, *, chunk_size: int, top_k: int, causal: bool = False, scale=None,
-                  implementation: str = "block_sparse", return_lse: bool = False):
+                  implementation: str | None = None, return_lse: bool = False):
   """SEA [67] on `[B, T, H, D]`: softmax attention over each query's `top_k` key chunks of
   `chunk_size` tokens, chosen by the kernel estimate `sea_estimate` (Performer features `proj
   [D, r]`). `top_k >= nC` is exact attention. The selection is detached, so gradients flow through
@@ -336,7 +338,8 @@ def sea_attention(q, k, v, proj, *, chunk_size: int, top_k: int, causal: bool = 
   estimate, and its FlatCSR kernel, are not reproduced): the compressed matrix has one column per
   contiguous key chunk, the grouped top-k is taken per query row over those columns, and
   interpolating back to tokens gives every key of a selected chunk, so a row has exactly `top_k`
-  chunks. `implementation="reference"` applies the same selection as a dense mask (the oracle).
+  chunks. `implementation` goes to `block_sparse_attention` ("reference": the same selection as a
+  dense mask, the oracle).
   """
   _check_bthd(q, k, v)
   if chunk_size < 1 or top_k < 1:
@@ -347,10 +350,8 @@ def sea_attention(q, k, v, proj, *, chunk_size: int, top_k: int, causal: bool = 
   est = sea_estimate(q, k, proj, chunk_size=chunk_size)
   sel = sea_selection(est, chunk_size=chunk_size, top_k=top_k, tk=tk, causal=causal)
   lay = chunk_selection_layout(sel, tq, tk, chunk_size=chunk_size, top_k=top_k, causal=causal)
-  fn = {"block_sparse": block_sparse.block_sparse_attention,
-        "reference": block_sparse.reference_attention}.get(implementation)
-  if fn is None:
-    raise ValueError(f"implementation must be 'block_sparse' or 'reference', got {implementation!r}")
+  dispatch.check_implementation(implementation, op="sea_attention")
+  fn = functools.partial(block_sparse.block_sparse_attention, implementation=implementation)
   return fn(q, k, v, lay, scale=scale, return_lse=return_lse)
 
 

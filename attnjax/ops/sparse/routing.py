@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax.ops import block_sparse
+from attnjax.ops import dispatch
 from attnjax.ops import layout as L
 
 
@@ -153,22 +154,22 @@ def chunk_selection_layout(sel, tq: int, tk: int, *, chunk_size: int, top_k: int
 
 def moba_attention(q, k, v, *, chunk_size: int, top_k: int, causal: bool = True, scale=None,
                    q_segment_ids=None, kv_segment_ids=None, block_q: int = 1, return_lse=False,
-                   implementation: str = "block_sparse", threshold: float | None = None):
+                   implementation: str | None = None, threshold: float | None = None):
   """MoBA [107] on `[B, T, H, D]`: softmax over the union of each query's top-k chunks of
   `chunk_size` keys (causal inside the current chunk). Paper: chunk 512, k 3 (8K context).
-  `implementation="reference"` applies the same selection as a dense mask (the oracle)."""
+  `implementation` goes to `block_sparse_attention` (None, "xla", "pallas" or "reference": the same
+  selection as a dense mask, the oracle); "pallas" needs `block_q > 1` (a selection shared by the
+  queries of a block) and power-of-two blocks."""
   lay = moba_layout(q, k, chunk_size=chunk_size, top_k=top_k, causal=causal, block_q=block_q,
                     threshold=threshold)
-  fn = {"block_sparse": block_sparse.block_sparse_attention,
-        "reference": block_sparse.reference_attention}.get(implementation)
-  if fn is None:
-    raise ValueError(f"implementation must be 'block_sparse' or 'reference', got {implementation!r}")
+  dispatch.check_implementation(implementation, op="moba_attention")
+  fn = functools.partial(block_sparse.block_sparse_attention, implementation=implementation)
   return fn(q, k, v, lay, scale=scale, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
             return_lse=return_lse)
 
 
 def vmoba_attention(q, k, v, block_shape, *, top_k: int, threshold: float | None = None,
-                    scale=None, implementation: str = "block_sparse"):
+                    scale=None, implementation: str | None = None):
   """VMoBA [107] on video-like `[B, *spatial, H, D]` (1 to 3 spatial dims, e.g. `(F, X, Y)`).
 
   Keys are partitioned into `block_shape` blocks (a 1D temporal, 2D spatial or 3D partition: VMoBA
@@ -231,12 +232,13 @@ def bra_routing(q, k, *, regions: int, top_k: int):
 
 
 def bra_attention(q, k, v, *, regions: int = 7, top_k: int = 4, scale=None,
-                  implementation: str = "block_sparse"):
+                  implementation: str | None = None):
   """BiFormer BRA [112] on `[B, X, Y, H, D]` (X, Y divisible by `regions`): the S x S region grid,
   top-k routed regions per query region (shared by heads), softmax over their tokens. The local
   context enhancement (depth-wise conv on V) belongs to the layer. Paper: S=7, k=(1, 4, 16, S^2/4)
   per stage ("from memory" in the catalog). Tokens are permuted region-major so that every region is
-  one block and every routed block is full; `implementation="reference"` uses the dense mask."""
+  one block and every routed block is full; `implementation` goes to `block_sparse_attention`
+  ("reference" uses the dense mask)."""
   if q.ndim != 5:
     raise ValueError(f"q must be [B, X, Y, H, D], got {q.shape}")
   b, x, y, h, d = q.shape
@@ -254,10 +256,7 @@ def bra_attention(q, k, v, *, regions: int = 7, top_k: int = 4, scale=None,
   inv = jnp.argsort(perm)
   flat = lambda a: a.reshape(b, x * y, a.shape[3], a.shape[4])
   qp, kp, vp = (jnp.take(flat(a), perm, axis=1) for a in (q, k, v))
-  if implementation == "block_sparse":
-    o = block_sparse.block_sparse_attention(qp, kp, vp, lay, scale=scale)
-  elif implementation == "reference":
-    o = block_sparse.reference_attention(qp, kp, vp, lay, scale=scale)
-  else:
-    raise ValueError(f"implementation must be 'block_sparse' or 'reference', got {implementation!r}")
+  dispatch.check_implementation(implementation, op="bra_attention")
+  o = block_sparse.block_sparse_attention(qp, kp, vp, lay, scale=scale,
+                                          implementation=implementation)
   return jnp.take(o, inv, axis=1).reshape(q.shape[:-1] + (v.shape[-1],))
