@@ -160,6 +160,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.attn_res_block_size": _int_at_least(1),
     "model.patch_size": _int_at_least(1),
     "model.pool": _one_of("cls", "mean", "ep", "lama"),
+    "model.backbone": _one_of("vit", "patnet"),
+    "model.backbone_options": (_mapping, "must be a mapping of keyword arguments for the backbone"),
     "optim.lr": _num(lambda v: v > 0, "> 0"),
     "optim.warmup_steps": _int_at_least(0),
     "optim.weight_decay": _num(lambda v: v >= 0, ">= 0"),
@@ -187,7 +189,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "checkpoint.resume": _BOOL,
     "checkpoint.save_on_sigterm": _BOOL,
 }
-_OPAQUE = ("model.mixer_options", "sharding_rules")  # values checked whole, not walked into
+_OPAQUE = ("model.mixer_options", "model.backbone_options", "sharding_rules")  # values checked whole, not walked into
 _GROUPS = {f.split(".")[0] for f in RULES if "." in f}
 
 

@@ -14,13 +14,19 @@ import sys
 
 import pytest
 
-from configs import lm_tiny, mqar, mqar_sharded, vit_digits
+from configs import (activator_digits, deconstructed_lm, lm_tiny, mqar, mqar_sharded,
+                     ninformer_digits, patnet_digits, vit_digits)
 from experiments import guards, trainer
 
 _SHIPPED = {"mqar": mqar.get_config(), "mqar:tiny": mqar.get_config("tiny"),
             "lm_tiny": lm_tiny.get_config(), "lm_tiny:tiny": lm_tiny.get_config("tiny"),
             "mqar_sharded": mqar_sharded.get_config(), "mqar_sharded:tiny": mqar_sharded.get_config("tiny"),
-            "vit_digits": vit_digits.get_config(), "vit_digits:tiny": vit_digits.get_config("tiny")}
+            "vit_digits": vit_digits.get_config(), "vit_digits:tiny": vit_digits.get_config("tiny"),
+            "ninformer_digits": ninformer_digits.get_config(),
+            "activator_digits": activator_digits.get_config(),
+            "patnet_digits": patnet_digits.get_config(), "patnet_digits:tiny": patnet_digits.get_config("tiny"),
+            "deconstructed_lm:static": deconstructed_lm.get_config("static"),
+            "deconstructed_lm:random_hybrid": deconstructed_lm.get_config("random_hybrid")}
 _BASE = {"mqar": lambda: mqar.get_config("tiny").to_dict(),
          "lm": lambda: lm_tiny.get_config("tiny").to_dict(),
          "sharded": lambda: mqar_sharded.get_config("tiny").to_dict(),
@@ -43,7 +49,8 @@ _FIELD_CASES = [
     ("mqar", "model.short_conv", -1, ">= 0"), ("mqar", "model.pos_emb", "rope", "one of"),
     ("mqar", "model.attn_res", "half", "one of"), ("mqar", "model.attn_res_block_size", 0, ">= 1"),
     ("digits", "data.image_size", 12, "multiple of 8"), ("digits", "model.patch_size", 0, ">= 1"),
-    ("digits", "model.pool", "max", "one of"),
+    ("digits", "model.pool", "max", "one of"), ("digits", "model.backbone", "cnn", "one of"),
+    ("digits", "model.backbone_options", 3, "mapping"),
     ("mqar", "optim.lr", -1e-3, "> 0"), ("mqar", "optim.warmup_steps", -1, ">= 0"),
     ("mqar", "optim.weight_decay", -0.1, ">= 0"), ("mqar", "optim.clip_norm", 0.0, "> 0"),
     ("mqar", "optim.b1", 1.0, "[0, 1)"), ("mqar", "optim.b2", -0.1, "[0, 1)"),
