@@ -18,7 +18,6 @@ import ml_collections
 from configs import vit_digits
 
 
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = vit_digits.get_config(arg)
   c.model.mixer = "ninformer"
