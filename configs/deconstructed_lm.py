@@ -11,8 +11,14 @@ Presets: softmax (the control), static (StaticEmbQK: Q, K from the layer-0 embed
 with or without `_hybrid`. Any other interleaving: `--config.model.layer_mixers=...`.
 
 Setting: `configs/lm_tiny.py` (256-byte vocabulary, seq 128, batch 16, d_model 128, 4 heads,
-SwiGLU ratio 4, 300 steps of AdamW lr 2e-3) with 2 layers; FixedSeqQK keeps its default
-512 learned positions (>= seq 128). Measured: see MEASURED below.
+SwiGLU ratio 4, 300 steps of AdamW lr 2e-3) with 2 layers; FixedSeqQK keeps its default 512
+learned positions (>= seq 128).
+
+Measured (2026-12-03, a shared 2-core CPU at load ~15-30, so wall times are not speed
+measurements), held-out next-byte accuracy / loss after 100, 200, 300 steps: softmax 0.478, 0.582,
+0.609 / 1.504 (557,696 parameters, 1,007 s wall); static (StaticEmbQK in both layers) 0.462,
+0.564, 0.594 / 1.548 (557,952 parameters, 1,332 s wall). The random, fixed and hybrid presets were
+not run (CPU time).
 """
 
 import ml_collections
@@ -21,7 +27,6 @@ from configs import lm_tiny
 
 VARIANTS = {"softmax": "softmax", "static": "static_emb_qk", "random": "rnd_emb_qk",
             "fixed": "fixed_seq_qk"}
-MEASURED = "not yet measured"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
