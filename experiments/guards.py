@@ -189,7 +189,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "checkpoint.resume": _BOOL,
     "checkpoint.save_on_sigterm": _BOOL,
 }
-_OPAQUE = ("model.mixer_options", "model.backbone_options", "sharding_rules")  # values checked whole, not walked into
+# Values checked whole, not walked into.
+_OPAQUE = ("model.mixer_options", "model.backbone_options", "sharding_rules")
 _GROUPS = {f.split(".")[0] for f in RULES if "." in f}
 
 
