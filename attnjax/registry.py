@@ -150,6 +150,14 @@ _DECLARED_PATTERNS: dict[str, tuple[tuple[str, ...], str]] = {
     "titans_mag": (("causal_self",), _CAUSAL_REC),
     "titans_mal": (("causal_self",), _CAUSAL_REC),
     "titans_mac": (("causal_self",), _CAUSAL_REC),
+    # deconstructed.py (controlled variants of the attention weights' source)
+    "static_emb_qk": (SELF, "queries and keys come from the sequence's own token embeddings"),
+    "rnd_emb_qk": (SELF, "queries and keys come from the sequence's own token embeddings"),
+    "fixed_seq_qk": (SELF, "queries and keys are learned positions of one sequence"),
+    # gated_mixers.py (vision token mixers without attention)
+    "ninformer": (("self",), "a token-mixing MLP over a fixed number of positions (no causal order, "
+                             "no context)"),
+    "activator": (("self",), "a per-token GLU unit standing in for ViT attention (no context)"),
 }
 
 # Modules that register mixers when imported. Listed here so that `build_mixer` sees every
@@ -162,6 +170,8 @@ _FAMILY_MODULES = (
     "attnjax.nn.local",       # catalog N, neighborhood / local
     "attnjax.nn.sparse",      # catalog S, sparse / routed
     "attnjax.nn.titans",      # Titans memory, MAC / MAG / MAL, Miras variants
+    "attnjax.nn.deconstructed",  # StaticEmbQK, RndEmbQK, FixedSeqQK
+    "attnjax.nn.gated_mixers",  # NiNformer, Activator (gating units instead of attention)
 )
 _loaded = False
 

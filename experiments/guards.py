@@ -185,6 +185,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.shared_kv": _BOOL,
     "model.aux_weight": _num(lambda v: v >= 0, ">= 0"),
     "model.upcycle_noise": _num(lambda v: v >= 0, ">= 0"),
+    "model.backbone": _one_of("vit", "patnet"),
+    "model.backbone_options": (_mapping, "must be a mapping of keyword arguments for the backbone"),
     "optim.lr": _num(lambda v: v > 0, "> 0"),
     "optim.warmup_steps": _int_at_least(0),
     "optim.weight_decay": _num(lambda v: v >= 0, ">= 0"),
@@ -228,7 +230,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "probe.num_examples": _int_at_least(1),
     "probe.figures": _BOOL,
 }
-_OPAQUE = ("model.mixer_options", "sharding_rules")  # values checked whole, not walked into
+# Values checked whole, not walked into.
+_OPAQUE = ("model.mixer_options", "model.backbone_options", "sharding_rules")
 _GROUPS = {f.split(".")[0] for f in RULES if "." in f}
 
 

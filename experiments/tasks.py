@@ -22,6 +22,7 @@ from attnjax.data import images, mqar, selective_copy, synthetic, text
 from attnjax.models import DecoderLM, ViT, bam, llamafusion, mot
 from attnjax.models.image_text import ImageTextLM
 from attnjax.models.seq2seq import EncoderDecoder
+from attnjax.models.patnet import PATNet
 
 
 @dataclasses.dataclass
@@ -156,6 +157,15 @@ def build_vit(config, rngs: nnx.Rngs) -> ViT:
              pool=m.get("pool", "cls"), rngs=rngs)
 
 
+def build_image_model(config, rngs: nnx.Rngs) -> nnx.Module:
+  """`model.backbone`: "vit" (default; any registered mixer) or "patnet" (`attnjax.models.patnet`,
+  its keyword arguments from `model.backbone_options`)."""
+  if config.model.get("backbone", "vit") == "patnet":
+    opts = dict(config.model.get("backbone_options", None) or {})
+    return PATNet(image_size=config.data.image_size, in_channels=1, num_classes=10, rngs=rngs, **opts)
+  return build_vit(config, rngs)
+
+
 def classification_loss(model: nnx.Module, batch):
   """Cross-entropy and accuracy of `model(x) -> logits [B, classes]` on `batch = (x, labels [B])`."""
   x, y = batch
@@ -172,7 +182,7 @@ def make_digits(config) -> Task:
   bs = config.train.batch_size
   loader = images.ArrayLoader(x_train, y_train, bs, seed=config.seed)
   evals = [jax.tree.map(jnp.asarray, b) for b in images.eval_batches(x_test, y_test, bs)]
-  return Task("digits", loader, evals, classification_loss, build_vit)
+  return Task("digits", loader, evals, classification_loss, build_image_model)
 
 
 # Image + text: an 8x8 digit as patch tokens (image modality), then text (modality 0) naming it.

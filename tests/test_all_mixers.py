@@ -25,6 +25,8 @@ from attnjax.cab import PATTERNS, pattern_name
 
 D_MODEL, HEADS, T = 32, 2, 12
 ALL = sorted(list_mixers())
+# Options a mixer cannot be built without (a token MLP over a fixed number of positions).
+OPTIONS = {"ninformer": {"seq_len": T}}
 @nnx.jit
 def _FWD(m, x, seg=None):
   """The forward's output; state a training forward changes (k-means centroids, running
@@ -39,10 +41,26 @@ _FWD_SEG = _FWD
 _STEP = nnx.jit(lambda m, x: m(x, decode=True))
 
 
+class _QKFromX(nnx.Module):
+  """For mixers whose queries/keys read the backbone's token embeddings (`qk_input=`, e.g.
+  StaticEmbQK): the contract runs them with `qk_input = x`, a per-token input like the real one."""
+
+  def __init__(self, m):
+    self.m = m
+
+  def init_cache(self, *args, **kwargs):
+    return self.m.init_cache(*args, **kwargs)
+
+  def __call__(self, x, *, segment_ids=None, decode=False):
+    return self.m(x, qk_input=x, segment_ids=segment_ids, decode=decode)
+
+
 def _build(name, causal):
   if pattern_name(causal=causal, cross=False) not in mixer_patterns(name):
     return None                # undeclared: test_undefined_patterns_raise checks that it raises
-  return build_mixer(name, d_model=D_MODEL, num_heads=HEADS, causal=causal, rngs=nnx.Rngs(0))
+  m = build_mixer(name, d_model=D_MODEL, num_heads=HEADS, causal=causal, rngs=nnx.Rngs(0),
+                  **OPTIONS.get(name, {}))
+  return _QKFromX(m) if getattr(m, "needs_qk_input", False) else m
 
 
 def _check_grads_finite(name, m, x, causal):
@@ -144,7 +162,7 @@ def test_undefined_patterns_raise(name):
     with pytest.raises(Exception) as err:
       # Abstract parameters: the refusal must come before any arithmetic (and builds cost ~0).
       m = nnx.eval_shape(lambda: build_mixer(name, d_model=D_MODEL, num_heads=HEADS, causal=causal,
-                                             rngs=nnx.Rngs(0)))
+                                             rngs=nnx.Rngs(0), **OPTIONS.get(name, {})))
       m(x, context=ctx) if cross else m(x)
     assert type(err.value) is PatternUndefinedError, (name, pattern, err.value)
     msg = str(err.value)
@@ -158,7 +176,8 @@ def test_cross_pattern(name, pattern):
   ks = jax.random.split(jax.random.key(1), 3)
   x = jax.random.normal(ks[0], (2, T, D_MODEL))
   ctx = jax.random.normal(ks[1], (2, s, D_MODEL))
-  m = build_mixer(name, d_model=D_MODEL, num_heads=HEADS, causal=causal, rngs=nnx.Rngs(0))
+  m = build_mixer(name, d_model=D_MODEL, num_heads=HEADS, causal=causal, rngs=nnx.Rngs(0),
+                  **OPTIONS.get(name, {}))
   # One call (one compile) on four stacked batches: as given; context token J moved; query token P
   # moved; a different context altogether.
   xs = jnp.concatenate([x, x, x.at[:, P].add(3.0), x])

@@ -14,8 +14,9 @@ import sys
 
 import pytest
 
-from configs import (bam_lm, digit_arith, llamafusion_digits, lm_tiny, mot_digits, mqar, mqar_sharded, probe,
-                     reverse, selective_copy, vit_digits)
+from configs import (activator_digits, bam_lm, deconstructed_lm, digit_arith, llamafusion_digits, lm_tiny,
+                     mot_digits, mqar, mqar_sharded, ninformer_digits, patnet_digits, probe, reverse,
+                     selective_copy, vit_digits)
 from experiments import guards, trainer
 
 _SHIPPED = {"mqar": mqar.get_config(), "mqar:tiny": mqar.get_config("tiny"),
@@ -31,7 +32,12 @@ _SHIPPED = {"mqar": mqar.get_config(), "mqar:tiny": mqar.get_config("tiny"),
             "mot_digits": mot_digits.get_config(), "mot_digits:tiny": mot_digits.get_config("tiny"),
             "bam_lm:dense": bam_lm.get_config("dense"), "bam_lm:dense_tiny": bam_lm.get_config("dense_tiny"),
             "llamafusion_digits:base": llamafusion_digits.get_config("base"),
-            "llamafusion_digits:base_tiny": llamafusion_digits.get_config("base_tiny")}
+            "llamafusion_digits:base_tiny": llamafusion_digits.get_config("base_tiny"),
+            "ninformer_digits": ninformer_digits.get_config(),
+            "activator_digits": activator_digits.get_config(),
+            "patnet_digits": patnet_digits.get_config(), "patnet_digits:tiny": patnet_digits.get_config("tiny"),
+            "deconstructed_lm:static": deconstructed_lm.get_config("static"),
+            "deconstructed_lm:random_hybrid": deconstructed_lm.get_config("random_hybrid")}
 # Configs that start from a trained run: shipped with model.base_workdir unset (checked below).
 _FROM_BASE = {"bam_lm": lambda: bam_lm.get_config(), "bam_lm:tiny": lambda: bam_lm.get_config("tiny"),
               "llamafusion_digits": lambda: llamafusion_digits.get_config(),
@@ -75,6 +81,8 @@ _FIELD_CASES = [
     ("probe", "probe.vhr_top_k", -1, ">= 0"), ("probe", "probe.vhr_alpha", -1.0, ">= 0"),
     ("probe", "probe.sgl_keep_ratio", 2.0, "[0, 1]"), ("probe", "probe.num_examples", 0, ">= 1"),
     ("probe", "probe.figures", "yes", "True or False"),
+    ("digits", "model.pool", "max", "one of"), ("digits", "model.backbone", "cnn", "one of"),
+    ("digits", "model.backbone_options", 3, "mapping"),
     ("mqar", "optim.lr", -1e-3, "> 0"), ("mqar", "optim.warmup_steps", -1, ">= 0"),
     ("mqar", "optim.weight_decay", -0.1, ">= 0"), ("mqar", "optim.clip_norm", 0.0, "> 0"),
     ("mqar", "optim.b1", 1.0, "[0, 1)"), ("mqar", "optim.b2", -0.1, "[0, 1)"),

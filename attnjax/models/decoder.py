@@ -15,6 +15,11 @@ from attnjax.registry import build_mixer
 ATTN_RES_MODES = (None, "full", "block", "delta")
 
 
+class FixedEmbedding(nnx.Variable):
+  """A token-embedding table that is model state but not a parameter (the optimizer never sees
+  it): RndEmbQK's fixed random query/key embeddings."""
+
+
 def _per_layer(value, num_layers: int, name: str) -> list:
   """Broadcasts a single value to every layer, or checks a per-layer list's length."""
   if isinstance(value, (list, tuple)):
@@ -52,11 +57,17 @@ class DecoderBlock(nnx.Module):
     mlp_cls = SwiGLU if mlp == "swiglu" else GeluMLP
     self.mlp = mlp_cls(d_model, hidden, rngs=rngs) if hidden else None
 
-  def mix(self, x, *, segment_ids=None, decode=False):
-    """The token-mixing sublayer without its residual add: `mixer(conv(norm1(x)))`."""
+  def mix(self, x, *, segment_ids=None, decode=False, qk_inputs=None):
+    """The token-mixing sublayer without its residual add: `mixer(conv(norm1(x)))`.
+
+    `qk_inputs`: `{"static": layer-0 embeddings, "random": fixed random embeddings}` `[B, T, d]`,
+    handed (as `qk_input=`) only to mixers that say `needs_qk_input` (StaticEmbQK, RndEmbQK)."""
     h = self.norm1(x)
     if self.conv is not None:
       h = self.conv(h, segment_ids=segment_ids, decode=decode)
+    if getattr(self.mixer, "needs_qk_input", False):
+      qk = (qk_inputs or {}).get(self.mixer.qk_source)
+      return self.mixer(h, qk_input=qk, segment_ids=segment_ids, decode=decode)
     return self.mixer(h, segment_ids=segment_ids, decode=decode)
 
   def ffn(self, x):
@@ -67,15 +78,15 @@ class DecoderBlock(nnx.Module):
   def num_sublayers(self) -> int:
     return 1 if self.mlp is None else 2
 
-  def sublayers(self, *, segment_ids=None, decode=False):
+  def sublayers(self, *, segment_ids=None, decode=False, qk_inputs=None):
     """The block's sublayers as functions `x -> f(x)` (no residual), in order; for AttnRes."""
-    fns = [lambda x: self.mix(x, segment_ids=segment_ids, decode=decode)]
+    fns = [lambda x: self.mix(x, segment_ids=segment_ids, decode=decode, qk_inputs=qk_inputs)]
     if self.mlp is not None:
       fns.append(self.ffn)
     return fns
 
-  def __call__(self, x, *, segment_ids=None, decode=False):
-    x = x + self.mix(x, segment_ids=segment_ids, decode=decode)
+  def __call__(self, x, *, segment_ids=None, decode=False, qk_inputs=None):
+    x = x + self.mix(x, segment_ids=segment_ids, decode=decode, qk_inputs=qk_inputs)
     if self.mlp is not None:
       x = x + self.ffn(x)
     return x
@@ -103,19 +114,21 @@ def build_depth_attention(attn_res, block_size: int, d_model: int, blocks) -> De
                         delta=attn_res == "delta")
 
 
-def run_blocks(blocks, depth: DepthAttention | None, x, *, segment_ids=None, decode=False):
+def run_blocks(blocks, depth: DepthAttention | None, x, *, segment_ids=None, decode=False,
+               qk_inputs=None):
   """Runs the blocks with the standard residual stream, or with AttnRes when `depth` is given.
 
   AttnRes: sublayer l's input is `depth(sources, l)` and the stream's output is
   `depth.readout(sources)`; sources are the embedding and each sublayer output (`full`/`block`) or the
   cumulative residual states (`delta`, see `attnjax.nn.depth`). Weights are per token, so decoding
-  needs no extra cache.
+  needs no extra cache. `qk_inputs`: see `DecoderBlock.mix`.
   """
   if depth is None:
     for blk in blocks:
-      x = blk(x, segment_ids=segment_ids, decode=decode)
+      x = blk(x, segment_ids=segment_ids, decode=decode, qk_inputs=qk_inputs)
     return x
-  fns = [f for blk in blocks for f in blk.sublayers(segment_ids=segment_ids, decode=decode)]
+  fns = [f for blk in blocks
+         for f in blk.sublayers(segment_ids=segment_ids, decode=decode, qk_inputs=qk_inputs)]
   sources = [x]
   for layer, f in enumerate(fns):
     out = f(depth(sources, layer))
@@ -169,6 +182,14 @@ class DecoderLM(nnx.Module):
     self.final_norm = make_norm(norm, d_model, eps=norm_eps)
     self.head = None if tie_embeddings else dense(d_model, vocab_size, axes=("embed", "vocab"), rngs=rngs)
     self.decode_index = nnx.data(None)
+    # Queries/keys from token embeddings instead of the residual stream (Deconstructing
+    # Attention's StaticEmbQK / RndEmbQK): which sources some layer reads, and, for "random", a
+    # fixed (never trained) random embedding table.
+    self.qk_sources = tuple(sorted({b.mixer.qk_source for b in self.blocks
+                                    if getattr(b.mixer, "needs_qk_input", False)}))
+    self.random_qk_embed = (FixedEmbedding(jax.random.normal(rngs.params(), (vocab_size, d_model)),
+                                           logical_axes=("vocab", "embed"))
+                            if "random" in self.qk_sources else None)
 
   def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> None:
     """Prepares every layer for `decode=True` calls (prefill, then one token at a time)."""
@@ -183,13 +204,19 @@ class DecoderLM(nnx.Module):
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
     x = self.embed(tokens)
+    qk_inputs = None
+    if self.qk_sources:
+      qk_inputs = {"static": x}
+      if self.random_qk_embed is not None:
+        qk_inputs["random"] = jnp.take(self.random_qk_embed[...], tokens, axis=0)
     if self.pos is not None:
       t = tokens.shape[1]
       start = self.decode_index[...] if decode else 0
       x = x + jax.lax.dynamic_slice_in_dim(self.pos[...], start, t, axis=0)[None]
     if decode:
       self.decode_index[...] = self.decode_index[...] + tokens.shape[1]
-    x = run_blocks(self.blocks, self.depth, x, segment_ids=segment_ids, decode=decode)
+    x = run_blocks(self.blocks, self.depth, x, segment_ids=segment_ids, decode=decode,
+                   qk_inputs=qk_inputs)
     return self.final_norm(x)
 
   def logits(self, h: jax.Array) -> jax.Array:
