@@ -14,17 +14,21 @@ import sys
 
 import pytest
 
-from configs import lm_tiny, mqar, mqar_sharded, vit_digits
+from configs import graph_sbm, lm_tiny, mlm_mosaic_bert, mqar, mqar_sharded, vit_digits
 from experiments import guards, trainer
 
 _SHIPPED = {"mqar": mqar.get_config(), "mqar:tiny": mqar.get_config("tiny"),
             "lm_tiny": lm_tiny.get_config(), "lm_tiny:tiny": lm_tiny.get_config("tiny"),
             "mqar_sharded": mqar_sharded.get_config(), "mqar_sharded:tiny": mqar_sharded.get_config("tiny"),
-            "vit_digits": vit_digits.get_config(), "vit_digits:tiny": vit_digits.get_config("tiny")}
+            "vit_digits": vit_digits.get_config(), "vit_digits:tiny": vit_digits.get_config("tiny"),
+            "mlm_mosaic_bert": mlm_mosaic_bert.get_config(), "mlm_mosaic_bert:tiny": mlm_mosaic_bert.get_config("tiny"),
+            "graph_sbm": graph_sbm.get_config(), "graph_sbm:tiny": graph_sbm.get_config("tiny")}
 _BASE = {"mqar": lambda: mqar.get_config("tiny").to_dict(),
          "lm": lambda: lm_tiny.get_config("tiny").to_dict(),
          "sharded": lambda: mqar_sharded.get_config("tiny").to_dict(),
-         "digits": lambda: vit_digits.get_config("tiny").to_dict()}
+         "digits": lambda: vit_digits.get_config("tiny").to_dict(),
+         "mlm": lambda: mlm_mosaic_bert.get_config("tiny").to_dict(),
+         "graph": lambda: graph_sbm.get_config("tiny").to_dict()}
 
 # (base, field, bad value, words the rule must say). One row per rule in guards.RULES ...
 _FIELD_CASES = [
@@ -44,6 +48,15 @@ _FIELD_CASES = [
     ("mqar", "model.attn_res", "half", "one of"), ("mqar", "model.attn_res_block_size", 0, ">= 1"),
     ("digits", "data.image_size", 12, "multiple of 8"), ("digits", "model.patch_size", 0, ">= 1"),
     ("digits", "model.pool", "max", "one of"),
+    ("mlm", "data.min_len", 0, ">= 1"), ("mlm", "data.packed_tokens", 0, ">= 1"),
+    ("mlm", "data.mask_prob", 1.0, "(0, 1)"), ("mlm", "data.eval_mask_prob", 0.0, "(0, 1)"),
+    ("mlm", "model.encoder", "bert", "one of"), ("mlm", "model.alibi", "yes", "one of"),
+    ("mlm", "model.ln_dtype", "fp8", "one of"), ("mlm", "model.unpad", 1, "True or False"),
+    ("graph", "data.min_nodes", 1, ">= 2"), ("graph", "data.max_nodes", 1, ">= 2"),
+    ("graph", "data.num_classes", 1, ">= 2"), ("graph", "data.p_in", 1.5, "[0, 1]"),
+    ("graph", "data.p_out", -0.1, "[0, 1]"), ("graph", "data.pe_dim", -1, ">= 0"),
+    ("graph", "model.norm", "group", "one of"), ("graph", "model.edge_features", "no", "True or False"),
+    ("graph", "model.score_clamp", 0.0, "> 0"),
     ("mqar", "optim.lr", -1e-3, "> 0"), ("mqar", "optim.warmup_steps", -1, ">= 0"),
     ("mqar", "optim.weight_decay", -0.1, ">= 0"), ("mqar", "optim.clip_norm", 0.0, "> 0"),
     ("mqar", "optim.b1", 1.0, "[0, 1)"), ("mqar", "optim.b2", -0.1, "[0, 1)"),
@@ -73,6 +86,14 @@ _CROSS_CASES = [
     ("lm", {"data.max_bytes": 300}, "data.max_bytes", "held-out 5%"),
     ("sharded", {"mesh.data": -1}, "mesh", "at most one axis as -1"),
     ("digits", {"model.patch_size": 3}, "model.patch_size", "must divide data.image_size=8"),
+    ("mlm", {"data.min_len": 25}, "data.min_len", "<= data.seq_len=24"),
+    ("mlm", {"data.packed_tokens": 63}, "data.packed_tokens", ">= train.batch_size * data.min_len = 64"),
+    ("mlm", {"model.mixer": "linear", "model.alibi": True}, "model.alibi", "needs model.mixer='softmax'"),
+    ("mlm", {"data.max_bytes": 300}, "data.max_bytes", "held-out 5%"),
+    ("graph", {"model.mixer": "linear"}, "model.mixer", "must be 'softmax' for the graph task"),
+    ("graph", {"data.min_nodes": 12}, "data.min_nodes", "must lie in [data.num_classes=4"),
+    ("graph", {"train.batch_size": 65}, "train.batch_size", "<= data.num_train=64"),
+    ("graph", {"model.d_model": 18, "model.num_heads": 2}, "model.d_model", "multiple of 4"),
 ]
 
 
@@ -134,7 +155,7 @@ def test_unknown_fields_and_presets_name_the_closest_known_one():
   assert guards._override_problem(["--config=configs/mqar.py:tiny", "--config.model.d_modle=3"]) == (
       "unknown config field 'model.d_modle'; did you mean 'model.d_model'?")
   assert guards._override_problem(["--config=configs/mqar.py", "--config.model.d_model=3"]) is None
-  for module in (mqar, lm_tiny, mqar_sharded, vit_digits):
+  for module in (mqar, lm_tiny, mqar_sharded, vit_digits, mlm_mosaic_bert, graph_sbm):
     with pytest.raises(ValueError, match="unknown preset 'tinyy'"):
       module.get_config("tinyy")
 
