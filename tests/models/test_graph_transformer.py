@@ -77,15 +77,20 @@ def test_attention_matches_the_authors_message_passing(edges):
     np.testing.assert_allclose(np.asarray(w[0]).reshape(N, N, H, -1)[dst, src], e_out, atol=1e-5, rtol=1e-5)
 
 
-def test_complete_graph_equals_standard_multi_head_attention():
+def test_complete_graph_equals_standard_multi_head_attention_and_sparse_graphs_the_paper_softmax():
   layer = GraphAttention(D, H, rngs=nnx.Rngs(3))
   h = jax.random.normal(jax.random.key(4), (2, N, D))
-  out, _ = jax.jit(lambda h: layer(h, jnp.ones((2, N, N), bool)))(h)
-  q, k, v = (np.asarray(p(h)).reshape(2, N, H, -1) for p in (layer.q, layer.k, layer.v))
-  s = np.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(D // H)
+  adj = np.stack([np.ones((N, N), bool), _adj(2, isolated=(1,))])
+  out, _ = jax.jit(lambda h, a: layer(h, a))(h, jnp.asarray(adj))
+  q, k, v = (np.asarray(p(h), np.float64).reshape(2, N, H, -1) for p in (layer.q, layer.k, layer.v))
+  s = np.einsum("bihd,bjhd->bhij", q[:1], k[:1]) / math.sqrt(D // H)
   a = np.exp(s - s.max(-1, keepdims=True))
-  want = np.einsum("bhij,bjhd->bihd", a / a.sum(-1, keepdims=True), v).reshape(2, N, D)
-  np.testing.assert_allclose(np.asarray(out), want, atol=1e-5, rtol=1e-5)
+  want = np.einsum("bhij,bjhd->bihd", a / a.sum(-1, keepdims=True), v[:1]).reshape(1, N, D)
+  np.testing.assert_allclose(np.asarray(out[:1]), want, atol=1e-5, rtol=1e-5)
+  # A sparse graph: the paper's softmax over neighbours = the authors' message passing unclamped.
+  sparse, _ = _authors_attention(q[1], k[1], v[1], adj[1], clamp=np.inf)
+  np.testing.assert_allclose(np.asarray(out[1]).reshape(N, H, -1), sparse, atol=1e-5, rtol=1e-5)
+  assert not np.asarray(out[1, 1]).any()
 
 
 def _model(edges=True, norm="batch", pe_dim=3, seed=0):
