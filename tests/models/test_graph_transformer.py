@@ -199,3 +199,15 @@ def test_laplacian_pe_is_eigenvectors_and_training_batches_flip_signs():
   ev = graphs.eval_batches(data, 5)
   np.testing.assert_array_equal(ev[0]["lap_pe"], data["lap_pe"][:5])
   assert not ev[0]["train"].any() and b["train"].all()
+
+
+def test_graph_task_runs_through_the_trainer_and_updates_running_statistics(tmp_path):
+  from configs import graph_sbm
+  from experiments import trainer
+  cfg = graph_sbm.get_config("tiny")
+  with cfg.unlocked():
+    cfg.model.edge_features = True
+  s = trainer.train_and_evaluate(cfg, str(tmp_path))
+  assert 0.0 <= s["final_eval"]["accuracy"] <= 1.0 and math.isfinite(s["final_eval"]["loss"])
+  bn = s["model"].layers[0].norm1_e.bn
+  assert np.abs(np.asarray(bn.mean[...])).max() > 0 and np.all(np.asarray(bn.var[...]) != 1.0)

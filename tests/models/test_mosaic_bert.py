@@ -185,3 +185,16 @@ def test_mlm_masking_is_30_percent_with_80_10_10_and_pads_untouched():
   # Batch i depends only on (seed, i): a restored loader repeats it.
   again = mlm.MLMLoader(corpus, batch_size=64, seq_len=32, min_len=8, mask_prob=0.3, seed=0)
   np.testing.assert_array_equal(next(again)["inputs"], b["inputs"])
+
+
+def test_mlm_task_trains_an_encoder_with_another_mixer_through_the_trainer(tmp_path):
+  """The generic "mlm" task: a non-softmax mixer (no ALiBi), unpadded, through the trainer."""
+  from configs import mlm_mosaic_bert
+  from experiments import trainer
+  cfg = mlm_mosaic_bert.get_config("tiny")
+  with cfg.unlocked():
+    cfg.model.mixer = "linear"
+  s = trainer.train_and_evaluate(cfg, str(tmp_path))
+  model = s["model"]
+  assert isinstance(model, MosaicBERT) and not model.alibi and model.packed_len == cfg.data.packed_tokens
+  assert s["history"][-1]["loss"] < math.log(mlm.VOCAB_SIZE) - 0.1   # below uniform over the vocabulary
