@@ -8,7 +8,9 @@ Edge-feature variant: `--config.model.edge_features=True`; the authors' clamped 
 Setting: graphs of 20..40 nodes in 4 communities (p_in 0.5, p_out 0.1; one labelled seed node per
 community, as in SBM CLUSTER), Laplacian PE of 8 columns with random sign flips per training batch,
 4 layers, d_model 64, 4 heads, BatchNorm over real nodes, 2,000 training / 256 test graphs, batch
-32, AdamW (lr 1e-3). Reports held-out node accuracy (chance 0.25). Measured: see RESULT.
+32, 300 steps of AdamW (lr 1e-3). Reports held-out node accuracy (chance 0.25). Measured (2-core CPU
+shared with other jobs, 2026-12-03, node stream only): eval_accuracy 0.751 / 0.775 / 0.779 at steps
+100 / 200 / 300 (eval_loss 0.601), 136,692 parameters, 5 min 9 s wall including compilation.
 """
 
 import ml_collections
@@ -40,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 30
   c.optim.weight_decay = 0.0
-  c.train.steps = 400
+  c.train.steps = 300
   c.train.batch_size = 32
   c.train.eval_every = 100
   if arg == "tiny":  # for tests: a few seconds
