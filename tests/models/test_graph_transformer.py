@@ -69,7 +69,7 @@ def test_attention_matches_the_authors_message_passing(edges):
   q, k, v = (_heads(p(h)[0]) for p in (layer.q, layer.k, layer.v))
   pe = _heads(layer.e(e)[0]) if edges else None
   want, (dst, src, e_out) = _authors_attention(q, k, v, adj, pe)
-  s = (k[src] * q[dst]).sum(-1) / np.sqrt(D // H) * (1 if not edges else 1)
+  s = (k[src] * q[dst]).sum(-1) / np.sqrt(D // H)
   assert edges or np.abs(s).max() > 5
   np.testing.assert_allclose(np.asarray(out[0]).reshape(N, H, -1), want, atol=1e-5, rtol=1e-5)
   assert not np.asarray(out[0, 3]).any()             # the isolated node: zeros
