@@ -135,7 +135,7 @@ def _rules_ok(v) -> bool:
 
 _MESH_SIZE = ((lambda v: _is_int(v) and (v >= 1 or v == -1)), "must be an integer >= 1, or -1 (the rest)")
 EVAL_METRICS = ("eval_accuracy", "eval_aux_loss", "eval_loss")
-TASKS = ("digit_arith", "digits", "digits_text", "lm", "mqar", "reverse", "selective_copy")
+TASKS = ("digit_arith", "digits", "digits_text", "graph", "lm", "mlm", "mqar", "reverse", "selective_copy")
 # model.arch per task (the first is the default when the field is absent).
 ARCHS = {"lm": ("decoder", "parallel", "bam"), "digits_text": ("mot", "llamafusion")}
 
@@ -163,6 +163,23 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
                  "must be None or a byte id in [0, 256) put at position 0 of every window"),
     "data.image_size": (lambda v: _is_int(v) and v >= 8 and v % 8 == 0, "must be a multiple of 8"),
     "data.prompts_per_image": _int_at_least(1),
+    "data.min_len": _int_at_least(1),
+    "data.packed_tokens": _optional(_int_at_least(1)),
+    "data.mask_prob": _num(lambda v: 0 < v < 1, "in (0, 1)"),
+    "data.eval_mask_prob": _num(lambda v: 0 < v < 1, "in (0, 1)"),
+    "data.min_nodes": _int_at_least(2),
+    "data.max_nodes": _int_at_least(2),
+    "data.num_classes": _int_at_least(2),
+    "data.p_in": _num(lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "data.p_out": _num(lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "data.pe_dim": _int_at_least(0),
+    "model.encoder": _one_of("mosaic_bert"),
+    "model.alibi": _one_of(None, True, False),
+    "model.ln_dtype": _one_of("float32", "bfloat16"),
+    "model.unpad": _BOOL,
+    "model.norm": _one_of("batch", "layer"),
+    "model.edge_features": _BOOL,
+    "model.score_clamp": _optional(_num(lambda v: v > 0, "> 0")),
     "model.mixer": (_known_mixer, "must be a registered mixer (attnjax.registry.list_mixers())"),
     "model.mixer_options": (_mapping, "must be a mapping of keyword arguments for the mixer"),
     "model.layer_mixers": (_layer_mixers_ok, "must be None or a comma-separated list of registered mixers"),
@@ -311,6 +328,27 @@ def _cross_checks(f: dict[str, Any]) -> None:
     mb = f.get("data.max_bytes")
     if mb is not None and mb - int(mb * 0.95) < seq + 1:
       fail("data.max_bytes", f"must leave a held-out 5% of at least data.seq_len + 1 = {seq + 1} bytes")
+  elif f["task"] == "mlm":
+    if f["data.min_len"] > seq:
+      fail("data.min_len", f"must be <= data.seq_len={seq}")
+    pt = f.get("data.packed_tokens")
+    if pt is not None and pt < bs * f["data.min_len"]:
+      fail("data.packed_tokens", f"must be >= train.batch_size * data.min_len = {bs * f['data.min_len']}")
+    if f.get("model.alibi") and f["model.mixer"] != "softmax":
+      fail("model.alibi", f"True needs model.mixer='softmax' (ALiBi biases softmax scores), got {f['model.mixer']!r}")
+    mb = f.get("data.max_bytes")
+    if mb is not None and mb - int(mb * 0.95) < seq + 1:
+      fail("data.max_bytes", f"must leave a held-out 5% of at least data.seq_len + 1 = {seq + 1} bytes")
+  elif f["task"] == "graph":
+    if f["model.mixer"] != "softmax":
+      fail("model.mixer", "must be 'softmax' for the graph task (the Graph Transformer's neighbour softmax)")
+    if not f["data.num_classes"] <= f["data.min_nodes"] <= f["data.max_nodes"]:
+      fail("data.min_nodes", f"must lie in [data.num_classes={f['data.num_classes']}, "
+                             f"data.max_nodes={f['data.max_nodes']}]")
+    if bs > f["data.num_train"]:
+      fail("train.batch_size", f"must be <= data.num_train={f['data.num_train']}")
+    if f["model.d_model"] % 4:
+      fail("model.d_model", "must be a multiple of 4 for the graph task (the readout halves it twice)")
   mesh = {k.split(".", 1)[1]: v for k, v in f.items() if k.startswith("mesh.")}
   if sum(v == -1 for v in mesh.values()) > 1:
     raise ConfigError("mesh", mesh, "may leave at most one axis as -1")
@@ -346,7 +384,12 @@ def validate(config) -> None:
                  "digit_arith": ("data.image_size", "data.prompts_per_image", "model.patch_size"),
                  "reverse": ("data.vocab_size", "data.seq_len", "data.num_train", "data.num_test"),
                  "digits_text": ("data.image_size", "data.vocab_size", "model.patch_size",
-                                 "model.arch")}[fields["task"]]
+                                 "model.arch"),
+                 "mlm": ("data.seq_len", "data.min_len", "data.mask_prob", "data.eval_mask_prob",
+                         "data.num_eval_batches"),
+                 "graph": ("data.num_train", "data.num_test", "data.min_nodes", "data.max_nodes",
+                           "data.num_classes", "data.p_in", "data.p_out", "data.pe_dim", "model.norm",
+                           "model.edge_features")}[fields["task"]]
   for required in task_fields:
     if required not in fields:
       raise ConfigError(required, None, f"is required for task {fields['task']!r}")

@@ -18,11 +18,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from attnjax.data import images, mqar, selective_copy, synthetic, text
-from attnjax.models import DecoderLM, ViT, bam, llamafusion, mot
+from attnjax.data import graphs, images, mlm, mqar, selective_copy, synthetic, text
+from attnjax.models import DecoderLM, GraphTransformer, MosaicBERT, ViT, bam, llamafusion, mot
 from attnjax.models.image_text import ImageTextLM
-from attnjax.models.seq2seq import EncoderDecoder
 from attnjax.models.patnet import PATNet
+from attnjax.models.seq2seq import EncoderDecoder
 
 
 @dataclasses.dataclass
@@ -185,6 +185,84 @@ def make_digits(config) -> Task:
   return Task("digits", loader, evals, classification_loss, build_image_model)
 
 
+def build_mosaic_bert(config, rngs: nnx.Rngs) -> MosaicBERT:
+  m, d = config.model, config.data
+  return MosaicBERT(vocab_size=mlm.VOCAB_SIZE, d_model=m.d_model, num_layers=m.num_layers,
+                    num_heads=m.num_heads, mixer=m.mixer, mixer_options=m.mixer_options.to_dict(),
+                    mlp_ratio=m.mlp_ratio, alibi=m.get("alibi"), ln_dtype=m.get("ln_dtype", "float32"),
+                    packed_len=d.get("packed_tokens") if m.get("unpad", True) else None, rngs=rngs)
+
+
+# Encoders the "mlm" task can build (`model.encoder`): each takes the model config's mixer (any
+# registered mixer with a non-causal pattern) and is called as `model(inputs, attention_mask)`.
+ENCODERS = {"mosaic_bert": build_mosaic_bert}
+
+
+def build_encoder(config, rngs: nnx.Rngs) -> nnx.Module:
+  return ENCODERS[config.model.get("encoder", "mosaic_bert")](config, rngs)
+
+
+def mlm_loss(model: nnx.Module, batch: dict):
+  """Cross-entropy and accuracy at the chosen (masked) positions of an MLM batch
+  (`attnjax.data.mlm`): `model(inputs [B, T], attention_mask [B, T]) -> logits [B, T, vocab]`."""
+  logits = model(batch["inputs"], batch["attention_mask"]).astype(jnp.float32)
+  w = batch["weights"]
+  n = jnp.maximum(jnp.sum(w), 1.0)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  loss = jnp.sum(ce * w) / n
+  acc = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * w) / n
+  return loss, {"loss": loss, "accuracy": acc}
+
+
+def make_mlm(config) -> Task:
+  """Byte-level masked LM on the packaged text (or `data.path`): rows of random length in
+  `[data.min_len, data.seq_len]`, `data.mask_prob` masking for training and `data.eval_mask_prob`
+  for the held-out last 5% (MosaicBERT: 0.3 and 0.15), at most `data.packed_tokens` real tokens a
+  batch (the unpadded encoder's packed row)."""
+  d = config.data
+  corpus = text.load_corpus(d.get("path"), d.get("max_bytes"))
+  split = int(len(corpus) * 0.95)
+  common = dict(batch_size=config.train.batch_size, seq_len=d.seq_len, min_len=d.min_len,
+                packed_tokens=d.get("packed_tokens"))
+  loader = mlm.MLMLoader(corpus[:split], mask_prob=d.mask_prob, seed=config.seed, **common)
+  eval_loader = mlm.MLMLoader(corpus[split:], mask_prob=d.eval_mask_prob, seed=config.seed + 1, **common)
+  eval_batches = [jax.tree.map(jnp.asarray, next(eval_loader)) for _ in range(d.num_eval_batches)]
+  return Task("mlm", loader, eval_batches, mlm_loss, build_encoder)
+
+
+def build_graph_transformer(config, rngs: nnx.Rngs) -> GraphTransformer:
+  m, d = config.model, config.data
+  return GraphTransformer(num_node_types=d.num_classes + 1, num_classes=d.num_classes, d_model=m.d_model,
+                          num_layers=m.num_layers, num_heads=m.num_heads, pe_dim=d.pe_dim, norm=m.norm,
+                          edge_features=m.edge_features, score_clamp=m.get("score_clamp"), rngs=rngs)
+
+
+def graph_loss(model: GraphTransformer, batch: dict):
+  """Node-classification cross-entropy and accuracy over the real nodes of a padded graph batch;
+  `batch["train"]` picks BatchNorm's batch (training) or running (eval) statistics."""
+  logits = model(batch["node_types"], batch["adj"], batch["node_mask"], lap_pe=batch["lap_pe"],
+                 training=batch["train"][0]).astype(jnp.float32)
+  w = batch["node_mask"].astype(jnp.float32)
+  n = jnp.maximum(jnp.sum(w), 1.0)
+  loss = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]) * w) / n
+  acc = jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * w) / n
+  return loss, {"loss": loss, "accuracy": acc}
+
+
+def make_graph(config) -> Task:
+  """Node classification on generated stochastic-block-model graphs (`attnjax.data.graphs`)."""
+  d = config.data
+  common = dict(min_nodes=d.min_nodes, max_nodes=d.max_nodes, num_classes=d.num_classes, p_in=d.p_in,
+                p_out=d.p_out, pe_dim=d.pe_dim)
+  train = graphs.sbm_graphs(d.num_train, seed=config.seed, **common)
+  test = graphs.sbm_graphs(d.num_test, seed=config.seed + 1_000_003, **common)
+  loader = graphs.GraphLoader(train, config.train.batch_size, seed=config.seed)
+  evals = [jax.tree.map(jnp.asarray, b) for b in graphs.eval_batches(test, config.train.batch_size)]
+  return Task("graph", loader, evals, graph_loss, build_graph_transformer)
+
+
+
+
 # Image + text: an 8x8 digit as patch tokens (image modality), then text (modality 0) naming it.
 DIGITS_PROMPT = b" digit="
 
@@ -325,7 +403,7 @@ def make_selective_copy(config) -> Task:
 
 _TASKS = {"mqar": make_mqar, "lm": make_lm, "digits": make_digits, "selective_copy": make_selective_copy,
           "digit_arith": make_digit_arith, "reverse": make_reverse,
-          "digits_text": make_digits_text}
+          "digits_text": make_digits_text, "mlm": make_mlm, "graph": make_graph}
 
 
 def registered_tasks() -> tuple[str, ...]:

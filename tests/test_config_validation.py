@@ -14,9 +14,9 @@ import sys
 
 import pytest
 
-from configs import (activator_digits, bam_lm, deconstructed_lm, digit_arith, llamafusion_digits, lm_tiny,
-                     mot_digits, mqar, mqar_sharded, ninformer_digits, patnet_digits, probe, reverse,
-                     selective_copy, vit_digits)
+from configs import (activator_digits, bam_lm, deconstructed_lm, digit_arith, graph_sbm, llamafusion_digits,
+                     lm_tiny, mlm_mosaic_bert, mot_digits, mqar, mqar_sharded, ninformer_digits, patnet_digits,
+                     probe, reverse, selective_copy, vit_digits)
 from experiments import guards, trainer
 
 _SHIPPED = {"mqar": mqar.get_config(), "mqar:tiny": mqar.get_config("tiny"),
@@ -37,7 +37,9 @@ _SHIPPED = {"mqar": mqar.get_config(), "mqar:tiny": mqar.get_config("tiny"),
             "activator_digits": activator_digits.get_config(),
             "patnet_digits": patnet_digits.get_config(), "patnet_digits:tiny": patnet_digits.get_config("tiny"),
             "deconstructed_lm:static": deconstructed_lm.get_config("static"),
-            "deconstructed_lm:random_hybrid": deconstructed_lm.get_config("random_hybrid")}
+            "deconstructed_lm:random_hybrid": deconstructed_lm.get_config("random_hybrid"),
+            "mlm_mosaic_bert": mlm_mosaic_bert.get_config(), "mlm_mosaic_bert:tiny": mlm_mosaic_bert.get_config("tiny"),
+            "graph_sbm": graph_sbm.get_config(), "graph_sbm:tiny": graph_sbm.get_config("tiny")}
 # Configs that start from a trained run: shipped with model.base_workdir unset (checked below).
 _FROM_BASE = {"bam_lm": lambda: bam_lm.get_config(), "bam_lm:tiny": lambda: bam_lm.get_config("tiny"),
               "llamafusion_digits": lambda: llamafusion_digits.get_config(),
@@ -52,7 +54,9 @@ _BASE = {"mqar": lambda: mqar.get_config("tiny").to_dict(),
          "copy": lambda: selective_copy.get_config("tiny").to_dict(),
          "mot": lambda: mot_digits.get_config("tiny").to_dict(),
          "lf": lambda: llamafusion_digits.get_config("tiny").to_dict(),
-         "bam": lambda: bam_lm.get_config("tiny").to_dict()}
+         "bam": lambda: bam_lm.get_config("tiny").to_dict(),
+         "mlm": lambda: mlm_mosaic_bert.get_config("tiny").to_dict(),
+         "graph": lambda: graph_sbm.get_config("tiny").to_dict()}
 
 # (base, field, bad value, words the rule must say). One row per rule in guards.RULES ...
 _FIELD_CASES = [
@@ -81,8 +85,17 @@ _FIELD_CASES = [
     ("probe", "probe.vhr_top_k", -1, ">= 0"), ("probe", "probe.vhr_alpha", -1.0, ">= 0"),
     ("probe", "probe.sgl_keep_ratio", 2.0, "[0, 1]"), ("probe", "probe.num_examples", 0, ">= 1"),
     ("probe", "probe.figures", "yes", "True or False"),
-    ("digits", "model.pool", "max", "one of"), ("digits", "model.backbone", "cnn", "one of"),
+    ("digits", "model.backbone", "cnn", "one of"),
     ("digits", "model.backbone_options", 3, "mapping"),
+    ("mlm", "data.min_len", 0, ">= 1"), ("mlm", "data.packed_tokens", 0, ">= 1"),
+    ("mlm", "data.mask_prob", 1.0, "(0, 1)"), ("mlm", "data.eval_mask_prob", 0.0, "(0, 1)"),
+    ("mlm", "model.encoder", "bert", "one of"), ("mlm", "model.alibi", "yes", "one of"),
+    ("mlm", "model.ln_dtype", "fp8", "one of"), ("mlm", "model.unpad", 1, "True or False"),
+    ("graph", "data.min_nodes", 1, ">= 2"), ("graph", "data.max_nodes", 1, ">= 2"),
+    ("graph", "data.num_classes", 1, ">= 2"), ("graph", "data.p_in", 1.5, "[0, 1]"),
+    ("graph", "data.p_out", -0.1, "[0, 1]"), ("graph", "data.pe_dim", -1, ">= 0"),
+    ("graph", "model.norm", "group", "one of"), ("graph", "model.edge_features", "no", "True or False"),
+    ("graph", "model.score_clamp", 0.0, "> 0"),
     ("mqar", "optim.lr", -1e-3, "> 0"), ("mqar", "optim.warmup_steps", -1, ">= 0"),
     ("mqar", "optim.weight_decay", -0.1, ">= 0"), ("mqar", "optim.clip_norm", 0.0, "> 0"),
     ("mqar", "optim.b1", 1.0, "[0, 1)"), ("mqar", "optim.b2", -0.1, "[0, 1)"),
@@ -126,6 +139,14 @@ _CROSS_CASES = [
     ("lf", {}, "model.base_workdir", "is required for model.arch='llamafusion'"),
     ("bam", {"model.top_k": 5}, "model.top_k", "must be <= model.num_experts=2"),
     ("mot", {"data.vocab_size": 100}, "data.vocab_size", ">= 256 for digits_text"),
+    ("mlm", {"data.min_len": 25}, "data.min_len", "<= data.seq_len=24"),
+    ("mlm", {"data.packed_tokens": 63}, "data.packed_tokens", ">= train.batch_size * data.min_len = 64"),
+    ("mlm", {"model.mixer": "linear", "model.alibi": True}, "model.alibi", "needs model.mixer='softmax'"),
+    ("mlm", {"data.max_bytes": 300}, "data.max_bytes", "held-out 5%"),
+    ("graph", {"model.mixer": "linear"}, "model.mixer", "must be 'softmax' for the graph task"),
+    ("graph", {"data.min_nodes": 12}, "data.min_nodes", "must lie in [data.num_classes=4"),
+    ("graph", {"train.batch_size": 65}, "train.batch_size", "<= data.num_train=64"),
+    ("graph", {"model.d_model": 18, "model.num_heads": 2}, "model.d_model", "multiple of 4"),
 ]
 
 
@@ -198,7 +219,7 @@ def test_unknown_fields_and_presets_name_the_closest_known_one():
       "unknown config field 'model.d_modle'; did you mean 'model.d_model'?")
   assert guards._override_problem(["--config=configs/mqar.py", "--config.model.d_model=3"]) is None
   for module in (mqar, lm_tiny, mqar_sharded, vit_digits, digit_arith, reverse, selective_copy, mot_digits,
-                 bam_lm, llamafusion_digits):
+                 bam_lm, llamafusion_digits, mlm_mosaic_bert, graph_sbm):
     with pytest.raises(ValueError, match="unknown preset 'tinyy'"):
       module.get_config("tinyy")
 
