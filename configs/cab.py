@@ -13,7 +13,7 @@ efficiency = one mixer layer, B=1, d_model 128, 2 heads, float32, T = 1K ... 32K
 median of 3 calls, cells skipped above 8 GiB compiled peak or a predicted 20 s per call (and
 the Ts after a compile over 60 s);
 quality = the entries of `quality.tasks` (each: a registered task, its config file[:preset], the
-mixers, overrides); an entry whose task is not registered (`mlm` until it lands) is skipped with a
+mixers, overrides); an entry whose task is not registered is skipped with a
 message.
 
 Measured (2-core CPU shared by eight people, load average 12-35, 2026-12-03, jax 0.11.2):
@@ -57,8 +57,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.mqar_d128 = _entry("mqar", "configs/mqar.py", CAUSAL, model={"d_model": 128})
   t.selective_copy = _entry("selective_copy", "configs/selective_copy.py", CAUSAL)
   t.digits = _entry("digits", "configs/vit_digits.py", NON_CAUSAL)
-  # Masked-language modelling on the text task, for encoders: runs once a task "mlm" is registered.
-  t.mlm = _entry("mlm", "configs/mlm.py", NON_CAUSAL)
+  # Masked-language modelling on the packaged text, for encoders (MosaicBERT with the mixer swapped in).
+  t.mlm = _entry("mlm", "configs/mlm_mosaic_bert.py", NON_CAUSAL)
   if arg == "full":
     for name in ("mqar_d64", "mqar_d128", "selective_copy"):
       t[name].mixers = CAUSAL_FULL
@@ -69,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.quality.tasks = ml_collections.ConfigDict()
     c.quality.tasks.selective_copy = _entry("selective_copy", "configs/selective_copy.py:tiny", "softmax")
     c.quality.tasks.digits = _entry("digits", "configs/vit_digits.py:tiny", "gla")  # gla: no 'self'
-    c.quality.tasks.mlm = _entry("mlm", "configs/mlm.py", "softmax")
+    c.quality.tasks.mlm = _entry("mlm", "configs/mlm_mosaic_bert.py:tiny", "softmax")
   elif arg:
     raise ValueError(f"unknown preset {arg!r} for configs/cab.py; known: 'tiny', 'full'")
   return c

@@ -23,7 +23,9 @@ def _finite_json(path):
 @pytest.mark.slow
 def test_tiny_preset_end_to_end(tmp_path):
   bench = tmp_path / "bench"
-  out = cab.run_suite(cab_config.get_config("tiny"), str(tmp_path / "w"), record=True, bench_dir=str(bench))
+  cfg = cab_config.get_config("tiny")
+  cfg.quality.tasks.unknown = cab_config._entry("no_such_task", "configs/mqar.py:tiny", "softmax")
+  out = cab.run_suite(cfg, str(tmp_path / "w"), record=True, bench_dir=str(bench))
   for d, suffix in ((tmp_path / "w", ""), (bench, "_cpu")):
     for part in ("efficiency", "quality"):
       for ext in (".md", ".json", ".png"):
@@ -45,7 +47,8 @@ def test_tiny_preset_end_to_end(tmp_path):
   # Quality: the registered task trained; the unregistered one and the pattern-less mixer are skipped.
   q = {(r["entry"], r["mixer"]): r for r in out["quality"]}
   assert q["selective_copy", "softmax"]["status"] == "ok" and 0 <= q["selective_copy", "softmax"]["accuracy"] <= 1
-  assert q["mlm", "softmax"]["status"] == "skipped" and "not registered" in q["mlm", "softmax"]["note"]
+  assert q["mlm", "softmax"]["status"] == "ok" and 0 <= q["mlm", "softmax"]["accuracy"] <= 1
+  assert q["unknown", "softmax"]["status"] == "skipped" and "not registered" in q["unknown", "softmax"]["note"]
   assert q["digits", "gla"]["status"] == "skipped" and "'self'" in q["digits", "gla"]["note"]
 
 
