@@ -1,4 +1,4 @@
-"""LoLCATs [4]: linearise a trained softmax `DecoderLM` in two cheap stages.
+"""LoLCATs (Zhang et al. 2024, arXiv:2410.10254): linearise a trained softmax `DecoderLM` in two cheap stages.
 
 1. **Attention transfer.** Each softmax layer becomes a `LinearizedAttention` that keeps the
    layer's q/k/v/o projections (copied, frozen; RoPE, QK-norm and GQA as in the teacher) and adds

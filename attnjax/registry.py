@@ -76,7 +76,7 @@ _DECLARED_PATTERNS: dict[str, tuple[tuple[str, ...], str]] = {
     # attention.py
     "softmax": (ALL, ""),
     "sliding_window": (ALL, ""),
-    # operators.py (catalog A)
+    # operators.py
     "moda": (SELF, "modality ids live on one prompt"),
     "sigmoid": (ALL, ""),
     "lssa": (ALL, ""),
@@ -96,7 +96,7 @@ _DECLARED_PATTERNS: dict[str, tuple[tuple[str, ...], str]] = {
     "rcmha": (ALL, ""),
     "hierarchical": (("self",), "block scores average over whole groups of one token tree"),
     "gaam": (SELF, "no queries or keys (a Gaussian over the tokens it reads)"),
-    # linear.py (catalog L)
+    # linear.py
     "linear": (SELF, _NO_CONTEXT),
     "based": (SELF, _NO_CONTEXT),
     "hedgehog": (SELF, _NO_CONTEXT),
@@ -120,7 +120,7 @@ _DECLARED_PATTERNS: dict[str, tuple[tuple[str, ...], str]] = {
     "rala": (("self",), _BIDIR),
     "lina": (("self",), _BIDIR),
     "skip": (SELF, "no attention at all (zeros); no context= path"),
-    # local.py (catalog N)
+    # local.py
     "na1d": (SELF, "neighbourhoods are windows of one sequence"),
     "neighborhood": (SELF, "neighbourhoods are windows of one sequence"),
     "swin": (("self", "cross"), _GRID),
@@ -129,7 +129,7 @@ _DECLARED_PATTERNS: dict[str, tuple[tuple[str, ...], str]] = {
     "na2d": (("self", "cross"), _GRID),
     "freeswim": (("self", "cross"), _GRID),
     "swin_rmt": (("self", "cross"), _GRID),
-    # sparse.py (catalog S)
+    # sparse.py
     "sliding_window_sparse": (SELF, "a static block layout of one sequence"),
     "moba": (ALL, ""),
     "vmoba": (ALL, ""),
@@ -165,10 +165,10 @@ _DECLARED_PATTERNS: dict[str, tuple[tuple[str, ...], str]] = {
 # an error inside an existing module is raised.
 _FAMILY_MODULES = (
     "attnjax.nn.attention",   # softmax, sliding_window (issue: foundation)
-    "attnjax.nn.operators",   # catalog A operators
-    "attnjax.nn.linear",      # catalog L, linear / recurrent family
-    "attnjax.nn.local",       # catalog N, neighborhood / local
-    "attnjax.nn.sparse",      # catalog S, sparse / routed
+    "attnjax.nn.operators",   # attention operators
+    "attnjax.nn.linear",      # linear / recurrent family
+    "attnjax.nn.local",       # neighborhood / local
+    "attnjax.nn.sparse",      # sparse / routed
     "attnjax.nn.titans",      # Titans memory, MAC / MAG / MAL, Miras variants
     "attnjax.nn.deconstructed",  # StaticEmbQK, RndEmbQK, FixedSeqQK
     "attnjax.nn.gated_mixers",  # NiNformer, Activator (gating units instead of attention)

@@ -111,7 +111,7 @@ def test_decoder_lm_trains():
 
 @pytest.mark.parametrize("pool", ["cls", "mean", "ep", "lama"])
 def test_vit_shapes_and_training(pool):
-  """`ep` / `lama`: the EP attentive probe [85] and LAMA pooling [60] as the ViT's pooling."""
+  """`ep` / `lama`: the EP attentive probe (Psomas et al. 2025, arXiv:2506.10178) and LAMA pooling (Mehta et al. 2019, arXiv:1912.00835) as the ViT's pooling."""
   vit = ViT(image_size=8, patch_size=4, num_classes=3, d_model=16, num_layers=1, num_heads=2,
             pool=pool, rngs=nnx.Rngs(0),
             pool_options={"ep": {"num_queries": 2}, "lama": {"rank": 4}}.get(pool))

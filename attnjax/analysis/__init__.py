@@ -1,4 +1,4 @@
-"""Analysis probes over attention weights and activations (catalog category P, issue 16).
+"""Analysis probes over attention weights and activations.
 
 Pure functions on arrays (`sinks`, `heads`, `saliency`, `multimodal`, `quantization`) and the
 capture helpers that get those arrays out of a model (`capture`).

@@ -1,11 +1,11 @@
 """Per-head probes: entropy, spectral reparametrisation, importance, distance, retrieval, influence.
 
-* [34] Entropy-Guided Attention for Private LLMs: `head_entropy`, `entropy_regularizer`.
-* [39] sigmaReparam (Zhai et al.): `spectral_norm`, `sigma_reparam`.
-* [7] How Does Attention Work in Vision Transformers?: `head_importance`,
+* (Jha & Reagen 2025, arXiv:2501.03489) Entropy-Guided Attention for Private LLMs: `head_entropy`, `entropy_regularizer`.
+* (Zhai et al. 2023, arXiv:2303.06296) sigmaReparam (Zhai et al.): `spectral_norm`, `sigma_reparam`.
+* (Li et al. 2023, arXiv:2303.13731) How Does Attention Work in Vision Transformers?: `head_importance`,
   `mean_attention_distance`, `attention_by_offset`.
-* [98] Retrieval heads (Wu et al.): `retrieval_scores`, `retrieval_heads`.
-* [63] AttentionInfluence: `attention_influence`.
+* (Wu et al. 2024, arXiv:2404.15574) Retrieval heads (Wu et al.): `retrieval_scores`, `retrieval_heads`.
+* (Hua et al. 2025, arXiv:2505.07293) AttentionInfluence: `attention_influence`.
 
 Head-masking probes take a function `loss_fn(head_scale [L, H]) -> loss` that runs the model with
 per-head output multipliers (`attnjax.analysis.capture.with_head_scale` builds one from a model).
@@ -22,7 +22,7 @@ import numpy as np
 from attnjax.analysis._checks import check_attention, check_ndim, xlogx
 
 
-# --- [34] entropy ---------------------------------------------------------------------------
+# --- (Jha & Reagen 2025, arXiv:2501.03489) entropy ---------------------------------------------------------------------------
 
 
 def head_entropy(attn, *, query_mask=None):
@@ -48,7 +48,7 @@ def entropy_regularizer(attn, theta, *, lam: float = 1e-5, gamma: float = 0.2,
   per query row, the deviation `d = H_i - theta^{l,h} H_max` of the row entropy from the head's
   learnable threshold (a fraction of `H_max = log(context_size)`, default `log Tk`) is penalised
   by `d^2` where `|d| > gamma H_max` and 0 inside the band; summed over batch and queries,
-  averaged over heads and layers, times `lam`. (The catalog writes `max(0, |d| - gamma H_max)^2`
+  averaged over heads and layers, times `lam`. (Our transcription writes `max(0, |d| - gamma H_max)^2`
   with a mean over rows; the code squares the whole deviation and sums rows.)
 
   `attn`: `[L, B, H, Tq, Tk]` (or `[B, H, Tq, Tk]` for one layer); `theta`: `[L, H]` or `[H]`
@@ -71,7 +71,7 @@ def entropy_regularizer(attn, theta, *, lam: float = 1e-5, gamma: float = 0.2,
   return lam * jnp.mean(jnp.sum(pen, axis=(1, 3)))
 
 
-# --- [39] sigmaReparam ----------------------------------------------------------------------
+# --- (Zhai et al. 2023, arXiv:2303.06296) sigmaReparam ----------------------------------------------------------------------
 
 
 def spectral_norm(w, u, *, num_iters: int = 1):
@@ -104,7 +104,7 @@ def sigma_reparam(w, gamma, u, *, num_iters: int = 1):
   return (gamma / sigma) * jnp.asarray(w, jnp.float32), u
 
 
-# --- [7] head importance, attention distance --------------------------------------------------
+# --- (Li et al. 2023, arXiv:2303.13731) head importance, attention distance --------------------------------------------------
 
 
 def head_importance(loss_fn: Callable[[jax.Array], jax.Array], num_layers: int, num_heads: int):
@@ -162,7 +162,7 @@ def attention_by_offset(attn, height: int, width: int):
   return (sums / counts).reshape(a.shape[1], 2 * height - 1, 2 * width - 1)
 
 
-# --- [98] retrieval heads -----------------------------------------------------------------
+# --- (Wu et al. 2024, arXiv:2404.15574) retrieval heads -----------------------------------------------------------------
 
 
 def retrieval_scores(step_attn, generated, context_tokens, needle_span: tuple[int, int], *,
@@ -198,7 +198,7 @@ def retrieval_heads(scores, *, threshold: float = 0.1):
   return jnp.asarray(scores) > threshold
 
 
-# --- [63] AttentionInfluence -----------------------------------------------------------------
+# --- (Hua et al. 2025, arXiv:2505.07293) AttentionInfluence -----------------------------------------------------------------
 
 
 def attention_influence(loss_fn: Callable[[jax.Array], jax.Array], heads):

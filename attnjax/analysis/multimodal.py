@@ -1,11 +1,11 @@
 """Multimodal probes and interventions (image tokens + text tokens in one sequence).
 
-* [11] See What You Are Told (VAR): `massive_activation_sinks`, `image_centric_heads`,
+* (Kang et al. 2025, arXiv:2503.03321) See What You Are Told (VAR): `massive_activation_sinks`, `image_centric_heads`,
   `var_redistribute` (intervention).
-* [18] When Language Overrules (text dominance): `modality_aei`, `modality_dominance`.
-* [77] CARVE (contrastive attention): `contrastive_attention`, `attention_map_entropy`.
-* [89] Vision-aware Head Divergence: `vhd`, `vhr_head_scale` (intervention, through head scales).
-* [103] SGL (small-VLM guidance): `visual_token_importance`, `sgl_keep_indices`,
+* (Wu et al. 2025, arXiv:2508.10552) When Language Overrules (text dominance): `modality_aei`, `modality_dominance`.
+* (Ge et al. 2025, arXiv:2509.06461) CARVE (contrastive attention): `contrastive_attention`, `attention_map_entropy`.
+* (He et al. 2024, arXiv:2412.13949) Vision-aware Head Divergence: `vhd`, `vhr_head_scale` (intervention, through head scales).
+* (Zhao et al. 2024, arXiv:2412.03324) SGL (small-VLM guidance): `visual_token_importance`, `sgl_keep_indices`,
   `sgl_prune` (intervention on the large model's input).
 
 Modality membership is a `[T]` (or `[B, T]`) bool mask over key positions.
@@ -28,7 +28,7 @@ def _key_mask(mask, a, name):
   return m[:, None, None, :]                                   # [B|1, 1, 1, Tk]
 
 
-# --- [11] VAR -------------------------------------------------------------------------------
+# --- (Kang et al. 2025, arXiv:2503.03321) VAR -------------------------------------------------------------------------------
 
 
 def massive_activation_sinks(hidden, sink_dims, *, tau: float = 20.0):
@@ -88,7 +88,7 @@ def var_redistribute(attn, sink_mask, image_mask, selected, *, p: float = 0.6):
   return jnp.where(ok, out, a)
 
 
-# --- [18] modality dominance ----------------------------------------------------------------
+# --- (Wu et al. 2025, arXiv:2508.10552) modality dominance ----------------------------------------------------------------
 
 
 def modality_aei(attn, modality_mask, *, query_mask=None, causal: bool = True):
@@ -131,7 +131,7 @@ def modality_dominance(attn, text_mask, *, query_mask=None, causal: bool = True)
   return _aei(a, tm, query_mask, causal=causal) / _aei(a, ~tm, query_mask, causal=causal)
 
 
-# --- [77] CARVE -----------------------------------------------------------------------------
+# --- (Ge et al. 2025, arXiv:2509.06461) CARVE -----------------------------------------------------------------------------
 
 
 def contrastive_attention(task_attn, generic_attn, *, mode: str = "ratio", eps: float = 1e-8):
@@ -163,7 +163,7 @@ def attention_map_entropy(attn_map):
   return -jnp.sum(xlogx(m), -1)
 
 
-# --- [89] VHD / VHR -----------------------------------------------------------------------
+# --- (He et al. 2024, arXiv:2412.13949) VHD / VHR -----------------------------------------------------------------------
 
 
 def vhd(head_out_with_image, head_out_without_image):
@@ -195,7 +195,7 @@ def vhr_head_scale(vhd_scores, *, top_k: int, alpha: float):
   return jnp.where(top, alpha, 1.0).reshape(s.shape).astype(jnp.float32)
 
 
-# --- [103] SGL --------------------------------------------------------------------------------
+# --- (Zhao et al. 2024, arXiv:2412.03324) SGL --------------------------------------------------------------------------------
 
 
 def visual_token_importance(attn, visual_mask, query_mask):

@@ -1,11 +1,11 @@
 """Saliency, explanation and rhythm probes over attention maps.
 
-* [76] Hallucination Begins Where Saliency Drops: `attention_saliency`, `token_saliency`,
+* (Zhang et al. 2026, arXiv:2601.20279) Hallucination Begins Where Saliency Drops: `attention_saliency`, `token_saliency`,
   `sgrs_accept`, `locore` (intervention).
-* [10] Cross-Attention is Half Explanation (S2T): `aggregate_cross_attention`, `pearson`,
+* (Papi et al. 2025, arXiv:2509.18010) Cross-Attention is Half Explanation (S2T): `aggregate_cross_attention`, `pearson`,
   `spearman`, `explained_fraction`.
-* [155] Attention Illuminates LLM Reasoning: `waad`, `fai`.
-* [0] ATTN-FIQA: `fiqa_score`, `fiqa_patch_map`.
+* (Li et al. 2025, arXiv:2510.13554) Attention Illuminates LLM Reasoning: `waad`, `fai`.
+* (Ozgur et al. 2026, arXiv:2604.22841) ATTN-FIQA: `fiqa_score`, `fiqa_patch_map`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from attnjax.analysis._checks import check_attention, check_ndim, check_range
 
 
-# --- [76] saliency ------------------------------------------------------------------------
+# --- (Zhang et al. 2026, arXiv:2601.20279) saliency ------------------------------------------------------------------------
 
 
 def attention_saliency(loss_fn: Callable[[jax.Array], jax.Array], attn):
@@ -75,7 +75,7 @@ def locore(attn, *, window: int, gamma: float):
   return jnp.where(s1 > 0, b * s0 / jnp.where(s1 > 0, s1, 1.0), a)
 
 
-# --- [10] cross-attention explanation -----------------------------------------------------------
+# --- (Papi et al. 2025, arXiv:2509.18010) cross-attention explanation -----------------------------------------------------------
 
 
 def aggregate_cross_attention(attn):
@@ -116,7 +116,7 @@ def explained_fraction(attn_map, saliency_map, *, axis=-1):
   return pearson(attn_map, saliency_map, axis=axis) ** 2
 
 
-# --- [155] WAAD / FAI ----------------------------------------------------------------------
+# --- (Li et al. 2025, arXiv:2510.13554) WAAD / FAI ----------------------------------------------------------------------
 
 
 def waad(attn, *, window: int):
@@ -142,7 +142,7 @@ def fai(attn):
   return jnp.sum(jnp.where(later, a, 0.0), -2) / jnp.maximum(count, 1)
 
 
-# --- [0] ATTN-FIQA --------------------------------------------------------------------------
+# --- (Ozgur et al. 2026, arXiv:2604.22841) ATTN-FIQA --------------------------------------------------------------------------
 
 
 def fiqa_score(scores, *, drop_cls: bool = False):

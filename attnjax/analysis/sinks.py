@@ -1,11 +1,11 @@
 """Attention-sink probes and the ACT calibration intervention.
 
-* [32] Gu et al., "When Attention Sink Emerges in Language Models": `sink_rate`.
-* [24] "On the Existence and Behaviour of Secondary Attention Sinks": `sink_scores`,
+* (Gu et al. 2024, arXiv:2410.10781) Gu et al., "When Attention Sink Emerges in Language Models": `sink_rate`.
+* (Wong et al. 2025, arXiv:2512.22213) "On the Existence and Behaviour of Secondary Attention Sinks": `sink_scores`,
   `secondary_sinks`, `bos_alignment`, `sinks_by_bos_alignment` (the authors' detector).
-* [99] Guo et al., "Active-Dormant Attention Heads": `sink_mass`, `value_drain`,
+* (Guo et al. 2024, arXiv:2410.13835) Guo et al., "Active-Dormant Attention Heads": `sink_mass`, `value_drain`,
   `residual_peak`, `dormant_heads`.
-* [15] Yu et al., "Unveiling and Harnessing Hidden Attention Sinks" (ACT): `act_sink_mask`,
+* (Yu et al. 2024, arXiv:2406.15765) Yu et al., "Unveiling and Harnessing Hidden Attention Sinks" (ACT): `act_sink_mask`,
   `act_calibrate`, `act_search_heads`.
 
 Attention weights are `[..., H, Tq, Tk]` arrays whose rows sum to 1 (masked entries 0);
@@ -23,7 +23,7 @@ import numpy as np
 from attnjax.analysis._checks import check_attention, check_ndim, check_range
 
 
-# --- [32] sink rate ------------------------------------------------------------------------
+# --- (Gu et al. 2024, arXiv:2410.10781) sink rate ------------------------------------------------------------------------
 
 
 def sink_rate(attn, *, eps: float = 0.3, k: int = 0):
@@ -50,7 +50,7 @@ def sink_rate(attn, *, eps: float = 0.3, k: int = 0):
   return jnp.mean((importance > eps).astype(jnp.float32))
 
 
-# --- [24] secondary sinks -------------------------------------------------------------------
+# --- (Wong et al. 2025, arXiv:2512.22213) secondary sinks -------------------------------------------------------------------
 
 
 def sink_scores(attn, *, query_start: int | None = None):
@@ -103,7 +103,7 @@ def sinks_by_bos_alignment(hidden, *, bos: int = 0, threshold: float = 0.9):
   return (jnp.abs(cos) > threshold) & (jnp.arange(cos.shape[1]) > bos)[None]
 
 
-# --- [99] active-dormant heads --------------------------------------------------------------
+# --- (Guo et al. 2024, arXiv:2410.13835) active-dormant heads --------------------------------------------------------------
 
 
 def sink_mass(attn, *, sink: int = 0):
@@ -140,7 +140,7 @@ def dormant_heads(attn, *, threshold: float = 0.95, sink: int = 0):
   return sink_mass(attn, sink=sink) > threshold
 
 
-# --- [15] ACT: attention calibration ---------------------------------------------------------
+# --- (Yu et al. 2024, arXiv:2406.15765) ACT: attention calibration ---------------------------------------------------------
 
 
 def act_sink_mask(attn, *, threshold: float = 0.1, causal: bool = True):

@@ -3,7 +3,7 @@
 Mesh axes are `("data", "fsdp", "tensor", "sequence")`. Layers name the dimensions of their
 parameters with *logical* names (variable metadata `logical_axes`, see `attnjax.nn.layers`); a
 rules table maps each logical name to a mesh axis. The default table is Megatron-LM tensor
-parallelism [40] plus FSDP: "heads"/"kv_heads"/"mlp"/"vocab" -> "tensor" (so QKV and the MLP's
+parallelism (Shoeybi et al. 2019, arXiv:1909.08053) plus FSDP: "heads"/"kv_heads"/"mlp"/"vocab" -> "tensor" (so QKV and the MLP's
 first matmul are column-parallel and the output/down projections, whose *input* dim carries the
 name, are row-parallel: GSPMD inserts the one all-reduce each), "embed" -> "fsdp" (parameters and,
 through `opt_state_shardings`, optimizer moments are sharded over `fsdp`). A dimension is

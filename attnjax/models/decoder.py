@@ -144,9 +144,9 @@ class DecoderLM(nnx.Module):
   `num_layers` if its builder takes them (Lightning's decay, DIFF's lambda_init). `short_conv > 0` puts a causal depth-wise
   convolution of that width before each mixer (Zoology's MQAR setup). Positions come from the
   mixers (RoPE in softmax attention); `pos_emb="learned"` adds learned absolute embeddings.
-  `attn_res` replaces the residual sum by Attention Residuals [2] over the sublayer outputs
+  `attn_res` replaces the residual sum by Attention Residuals (Kimi Team 2026, arXiv:2603.15031) over the sublayer outputs
   (`"full"`), Block AttnRes with `attn_res_block_size` sublayers per block (`"block"`; size 1
-  equals `"full"`) or Delta AttnRes [78] (`"delta"`); `None` (default) is the standard residual.
+  equals `"full"`) or Delta AttnRes (Luo et al. 2026, arXiv:2605.18855) (`"delta"`); `None` (default) is the standard residual.
   `norm` / `norm_eps` / `mlp` / `mlp_hidden` choose every block's norms and MLP as in
   `DecoderBlock` (the final norm too); the defaults are RMSNorm(eps 1e-6) and SwiGLU.
 

@@ -27,12 +27,12 @@ class ViT(nnx.Module):
 
   `__call__(images [B, H, W, C]) -> logits [B, num_classes]`. `pool="cls"` prepends a class token
   and classifies from it; `pool="mean"` averages the patch tokens; `pool="ep"` (EP attentive
-  probe [85]: learned queries, `pool_options` `num_queries` (default 4) and `d_out` (1)) and
-  `pool="lama"` (LAMA low-rank attention pooling [60]: `rank`, `num_heads`) pool the patch tokens
+  probe (Psomas et al. 2025, arXiv:2506.10178): learned queries, `pool_options` `num_queries` (default 4) and `d_out` (1)) and
+  `pool="lama"` (LAMA low-rank attention pooling (Mehta et al. 2019, arXiv:1912.00835): `rank`, `num_heads`) pool the patch tokens
   with attention, and the classifier reads their output. Mixers are built with
   `causal=False`; `mixer` / `mixer_options` may be per layer, as in `DecoderLM` (and block i's mixer gets
   `layer_index=i`, `num_layers` the same way). `attn_res` /
-  `attn_res_block_size`: Attention Residuals [2, 78] instead of the residual sum, as in `DecoderLM`.
+  `attn_res_block_size`: Attention Residuals (Kimi Team 2026, arXiv:2603.15031; Luo et al. 2026, arXiv:2605.18855) instead of the residual sum, as in `DecoderLM`.
   `norm` / `norm_eps` / `mlp` / `mlp_hidden`: the blocks' (and final) norms and MLP, as in
   `DecoderLM` (defaults RMSNorm and SwiGLU). `distill_token=True` (with `pool="cls"`) adds DeiT's
   distillation token (Touvron et al., 2021, arXiv:2012.12877) after the class token, with its own

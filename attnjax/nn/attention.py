@@ -50,7 +50,7 @@ class MultiHeadAttention(nnx.Module):
   * `window`: causal sliding window of `window` keys before the query (plus the query itself).
   * `output_gate`: `None`, `"headwise"` (one sigmoid gate per head and token) or `"elementwise"`
     (one per output channel), applied to the attention output before the output projection
-    (gated attention, Qiu et al. [121]); gates are computed from `x`.
+    (gated attention, Qiu et al. (Qiu et al. 2025, arXiv:2505.06708)); gates are computed from `x`.
   * Decoding: `init_cache(batch, max_len)`, then calls with `decode=True` append the new tokens'
     keys/values to the cache and attend to every cached position <= their own. A prefill of T
     tokens followed by one-token steps equals the full causal forward.

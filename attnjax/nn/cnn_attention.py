@@ -1,4 +1,4 @@
-"""CNN attention modules on `[B, H, W, C]` feature maps: ELA [36] and ULSAM [106]."""
+"""CNN attention modules on `[B, H, W, C]` feature maps: ELA (Xu & Wan 2024, arXiv:2403.01123) and ULSAM (Saini et al. 2020, arXiv:2006.15102)."""
 
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ def _group_norm_1d(x, num_groups, scale, bias, eps=1e-5):
 
 
 class ELA(nnx.Module):
-  """Efficient Local Attention (Xu & Wan, ELA [36]) on `x [B, H, W, C]`.
+  """Efficient Local Attention (Xu & Wan, ELA (Xu & Wan 2024, arXiv:2403.01123)) on `x [B, H, W, C]`.
 
   `z_h = mean_W x` `[B, H, C]`, `z_w = mean_H x` `[B, W, C]`; one shared depth-wise Conv1d of width
   `kernel_size` (no channel reduction), GroupNorm with `num_groups`, sigmoid:
   `a_h = sigmoid(GN(conv(z_h)))`, `a_w = sigmoid(GN(conv(z_w)))`, `y = x * a_h * a_w`.
   Variants: ELA-T/B (kernel 5, 16 or 32 groups), ELA-S/L (kernel 7, 16 groups); defaults kernel 7,
-  16 groups (reduced to a divisor of C if needed). Catalog [36] is "from memory".
+  16 groups (reduced to a divisor of C if needed). Our first spec of (Xu & Wan 2024, arXiv:2403.01123) was "from memory".
   """
 
   def __init__(self, channels: int, *, kernel_size: int = 7, num_groups: int = 16,
@@ -82,7 +82,7 @@ class _BatchNorm(nnx.Module):
 
 
 class ULSAM(nnx.Module):
-  """Ultra-lightweight subspace attention (Saini et al., ULSAM [106]) on `x [B, H, W, C]`.
+  """Ultra-lightweight subspace attention (Saini et al., ULSAM (Saini et al. 2020, arXiv:2006.15102)) on `x [B, H, W, C]`.
 
   Channels split into `num_groups` subspaces F_i; per subspace, as the authors' `SubSpace`
   (Nandan91/ULSAM `ulsam.py`): depth-wise 1x1 conv, BatchNorm, ReLU, 3x3 max-pool (stride 1,

@@ -1,4 +1,4 @@
-"""Depth mixing: Attention Residuals [2], Block AttnRes [2] and Delta Attention Residuals [78].
+"""Depth mixing: Attention Residuals (Kimi Team 2026, arXiv:2603.15031), Block AttnRes (Kimi Team 2026, arXiv:2603.15031) and Delta Attention Residuals (Luo et al. 2026, arXiv:2605.18855).
 
 `DepthAttention` replaces the fixed residual sum by a softmax over earlier representations, with
 one zero-initialised pseudo-query per sublayer. It is a piece a backbone calls between sublayers;
@@ -57,11 +57,11 @@ def deltas(states: Sequence[jax.Array]) -> list[jax.Array]:
 class DepthAttention(nnx.Module):
   """Softmax attention over depth with one pseudo-query per sublayer.
 
-  AttnRes [2]: `h_l = sum_i alpha_{i->l} v_i`, `alpha_{.->l} = softmax_i(w_l . RMSNorm(v_i))` over
+  AttnRes (Kimi Team 2026, arXiv:2603.15031): `h_l = sum_i alpha_{i->l} v_i`, `alpha_{.->l} = softmax_i(w_l . RMSNorm(v_i))` over
   `v_0` = embedding and `v_i` = output of sublayer i-1; `num_layers` sublayers get `w_0 .. w_{L-1}`
   and the readout before the final norm gets `w_L`. Block AttnRes: `block_size > 1` sums each run of
   `block_size` outputs (`group_sources`); `block_size = 1` is full AttnRes.
-  Delta AttnRes [78] (`delta=True`): the caller passes cumulative states `h_0 .. h_l` of the
+  Delta AttnRes (Luo et al. 2026, arXiv:2605.18855) (`delta=True`): the caller passes cumulative states `h_0 .. h_l` of the
   ordinary residual stream; sources are the deltas `v_0 = h_0`, `v_i = h_i - h_{i-1}` (grouped by
   `block_size` too) and the input of sublayer l is `h_l + sum_i alpha_{i->l} v_i` (sublayer 0,
   with no increment yet, gets `h_0`); the readout is `h_L`, so `w_L` is not created.
@@ -69,7 +69,7 @@ class DepthAttention(nnx.Module):
   needs no cache. Pseudo-queries `[L + 1, d_model]` (`[L, d_model]` for delta) are zero-init, so a
   fresh model averages its sources. Keys are RMSNorm of the sources without a learned scale, so
   alpha is invariant to `v_i -> c v_i` (c > 0).
-  Readings: [2] is "from memory + official blog pseudocode" in the catalog. For [78] the catalog's
+  Readings: [2] was read from memory and the official blog pseudocode. For (Luo et al. 2026, arXiv:2605.18855) the spec's
   reading ("from abstract": a replacement `h_l = sum alpha v` over deltas, whose all-ones limit
   telescopes to the residual) differs from the authors' code, which adds the selection to the
   residual stream; we follow the code (its default "bias" gate, no null source).

@@ -12,7 +12,7 @@ Both are the mixer sublayer of a pre-norm block (`x + mixer(norm(x))`, then the 
 * `ActivatorMixer` (Abdullah & Aydin 2024, arXiv 2405.15953; authors' code Abdullah-88/Activator
   `activator.py`, `ActivatorGatingUnit`): `y = W_3 (LN(gelu(x W_1 + b_1)) * LN(x W_2 + b_2)) + b_3`,
   one LayerNorm (over the hidden width) shared by both branches, applied per token: the authors'
-  Activator mixes no tokens at all (the catalog's question "which axis": the channel axis), so a
+  Activator mixes no tokens at all (the open question "which axis": the channel axis), so a
   classifier must pool over tokens (`pool="mean"`, the authors' global average pooling). Their
   "Activator only GEGLU" model drops the block's second MLP: `mlp_ratio=0`.
 

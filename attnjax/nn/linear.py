@@ -1,4 +1,4 @@
-"""NNX layers of the linear / recurrent family (catalog L) and their registry entries.
+"""NNX layers of the linear / recurrent family and their registry entries.
 
 Every layer maps `x [B, T, d_model] -> [B, T, d_model]`, accepts `segment_ids [B, T]` (packed
 sequences; the recurrent state resets at each segment change) and decodes with a constant-size
@@ -55,7 +55,7 @@ def retnet_log_decay(num_heads: int) -> jax.Array:
 
 
 def lightning_log_decay(num_heads: int, layer_index: int = 0, num_layers: int = 1) -> jax.Array:
-  """TransNormerLLM / Lightning [41] per-head decay as log gates `[H]`: `log lambda_h = -s_h (1 -
+  """TransNormerLLM / Lightning (Qin et al. 2023, arXiv:2307.14995) per-head decay as log gates `[H]`: `log lambda_h = -s_h (1 -
   l / (L - 1) + 1e-5)`, `s_h` the ALiBi slopes, `l = layer_index` (0-based), `L = num_layers`
   (OpenNLPLab/lightning-attention `examples/module/tnl_attn.py`; `lightning_attn/utils` builds the
   slopes exactly as ALiBi's `alibi_slopes`, and the kernel decays by `exp(-s)` per step). The
@@ -246,7 +246,7 @@ class LinearMixer(nnx.Module, _StateCache):
 
 
 class DeltaNetMixer(nnx.Module, _StateCache):
-  """DeltaNet / Gated DeltaNet [97] layer around `delta_rule`.
+  """DeltaNet / Gated DeltaNet (Wang et al. 2025, arXiv:2507.06457) layer around `delta_rule`.
 
   `q, k = l2norm(silu(x W))` per head, `v = silu(x W_v)`, `beta = sigmoid(x W_b)` `[B, T, H]`;
   gated: `log alpha = -exp(A_log) softplus(x W_a + dt_bias)` (Mamba-2 style, as fla's Gated
@@ -317,7 +317,7 @@ class DeltaNetMixer(nnx.Module, _StateCache):
 
 
 class MALAMixer(nnx.Module, _StateCache):
-  """MALA [6] layer: `phi = elu + 1` on `x W_q`, `x W_k`; `mala_attention`; `W_o`.
+  """MALA (Fan et al. 2025, arXiv:2507.00698) layer: `phi = elu + 1` on `x W_q`, `x W_k`; `mala_attention`; `W_o`.
 
   Non-causal (vision) or causal with prefix means (see `mala_attention`). The paper's RoPE on
   phi(q), phi(k), LePE depth-wise conv and output gate are vision-block extras not included.
@@ -468,7 +468,7 @@ register_mixer_class(
 
 
 # ----------------------------------------------------------------------------------------------
-# More mechanisms from catalog L: LightNet, InLine, LinFusion, RALA, SLAB, LINA, Flowformer, and
+# More linear-family mechanisms: LightNet, InLine, LinFusion, RALA, SLAB, LINA, Flowformer, and
 # the intra-/inter-layer hybrids (LoLCATs window, NAtS-L, layer patterns).
 
 
@@ -541,7 +541,7 @@ def _scan_decode(step, inputs, state):
 
 
 class LightNetMixer(_QKVBase):
-  """LightNet [74] layer (fla's `LightNetAttention`): `q = silu(x W_q)`, raw keys into
+  """LightNet (Qin et al. 2024, arXiv:2405.21022) layer (fla's `LightNetAttention`): `q = silu(x W_q)`, raw keys into
   `lightnet_attention` (per-dimension softmax over the past), per-head RMSNorm, swish gate from a
   low-rank `x W_g1 W_g2`, `W_o`. Causal only (the additive recurrence scans forward)."""
 
@@ -582,7 +582,7 @@ class _NormalisedNonCausal(_QKVBase):
 
 
 class InLineMixer(_NormalisedNonCausal):
-  """InLine [26] layer (LeapLabTHU/InLine `models/inline_deit.py` `InLineAttention`): `phi` on
+  """InLine (Han et al. 2024, arXiv:2412.06590) layer (LeapLabTHU/InLine `models/inline_deit.py` `InLineAttention`): `phi` on
   `x W_q`, `x W_k` (identity by default, as the authors; elu / relu optional), `inline_attention`
   (injective weights summing to 1, `scale = D^{-1/2}`), plus the local residual: a depth-wise conv
   of V whose kernel is predicted per sample from the pooled input, `kernel = W2 GELU(W1 mean(x) +
@@ -645,7 +645,7 @@ class InLineMixer(_NormalisedNonCausal):
 
 
 class LinFusionMixer(_NormalisedNonCausal):
-  """LinFusion [31] generalised linear attention: `q = W_q(x + MLP_q(x))`, `k = W_k(x + MLP_k(x))`
+  """LinFusion (Liu et al. 2024, arXiv:2409.02097) generalised linear attention: `q = W_q(x + MLP_q(x))`, `k = W_k(x + MLP_k(x))`
   with `MLP = Linear-LayerNorm-LeakyReLU-Linear` (zero-initialised last layer, so it starts as plain
   linear attention), `v = x W_v`, `phi = elu + 1`, `linfusion_attention` (eps 1e-4), `W_o`. Non-causal."""
   name = "linfusion"
@@ -673,7 +673,7 @@ class LinFusionMixer(_NormalisedNonCausal):
 
 
 class RALAMixer(_NormalisedNonCausal):
-  """RALA [95] layer: `phi = elu + 1`, `rala_attention` (query-aware key re-weighting), plus a
+  """RALA (Fan et al. 2024, arXiv:2411.07635) layer: `phi = elu + 1`, `rala_attention` (query-aware key re-weighting), plus a
   centred depth-wise conv of V (LePE's 1-D stand-in, width `local`), `W_o`. Non-causal (the
   re-weighting reads the mean of all queries). RoPE and the output gate of the vision block are
   not included."""
@@ -698,7 +698,7 @@ class RALAMixer(_NormalisedNonCausal):
 
 
 class LINAMixer(_NormalisedNonCausal):
-  """LINA [149] layer: bidirectional normalised linear attention (`phi = elu + 1`) with the KV
+  """LINA (Wang et al. 2026, arXiv:2601.22630) layer: bidirectional normalised linear attention (`phi = elu + 1`) with the KV
   gate: a learned, data-independent weight per position `g_p = exp(a_p) > 0` (p = position within
   the segment, `max_len` positions, a = 0 at init so it starts as plain normalised linear
   attention) scaling key p in numerator and denominator (`lina_attention`); plus a centred
@@ -740,7 +740,7 @@ def _segment_positions(segment_ids, b, t):
 
 
 class SLABMixer(_QKVBase):
-  """SLAB [33] simplified linear attention layer, as the authors' `Attention` in xinghaochen/SLAB
+  """SLAB (Guo et al. 2024, arXiv:2405.11582) simplified linear attention layer, as the authors' `Attention` in xinghaochen/SLAB
   `classification/models/slab_deit.py`: `k = x W_k + P` (a learned positional encoding on the keys,
   zero-initialised, one row per position: `pos_emb=True`, `max_len` rows; packed segments count
   positions from their start), `sla_attention(relu(Q), relu(K), V)` (eps 1e-6), plus a depth-wise
@@ -816,7 +816,7 @@ class SLABMixer(_QKVBase):
 
 
 class FlowformerMixer(_QKVBase):
-  """Flowformer [55] layer: `flow_attention` (sigmoid features, conservation-flow competition and
+  """Flowformer (Wu et al. 2022, arXiv:2202.06258) layer: `flow_attention` (sigmoid features, conservation-flow competition and
   allocation) between the projections. Non-causal, or causal with prefix sums (the paper's
   autoregressive version); causal decoding runs `flow_step` per token."""
 
@@ -837,7 +837,7 @@ class FlowformerMixer(_QKVBase):
 
 
 class PRepBN(nnx.Module):
-  """SLAB's progressive re-parameterised BatchNorm [33] for `x [..., C]` (a LayerNorm replacement).
+  """SLAB's progressive re-parameterised BatchNorm (Guo et al. 2024, arXiv:2405.11582) for `x [..., C]` (a LayerNorm replacement).
 
   Training: `y = gamma LN(x) + (1 - gamma) RepBN(x)` with `RepBN(x) = BN(x) + eta x` (eta a learned
   scalar, 1 at init; BN over every axis but the last, batch statistics, running averages updated
@@ -901,7 +901,7 @@ class PRepBN(nnx.Module):
 
 
 class WindowLinearMixer(_QKVBase):
-  """LoLCATs [4] attention layer: sliding-window softmax (`window` keys) plus Hedgehog linear
+  """LoLCATs (Zhang et al. 2024, arXiv:2410.10254) attention layer: sliding-window softmax (`window` keys) plus Hedgehog linear
   attention for older tokens, one shared normaliser (`window_linear_attention`).
 
   Hedgehog map per head `[softmax(x W), softmax(-x W)]` (`W [H, D, D]`, identity init, no bias, as
@@ -943,7 +943,7 @@ class WindowLinearMixer(_QKVBase):
 
 
 class NAtSMixer(_QKVBase):
-  """NAtS-L [153] layer: one routing decision per chunk between softmax attention and Gated
+  """NAtS-L (Deng et al. 2026, arXiv:2602.03681) layer: one routing decision per chunk between softmax attention and Gated
   DeltaNet (automl/NeuralAttentionSearchLinear `layers/natsl_attn_gdn.py`, our reading).
 
   Shared `W_q, W_k, W_v`; the router scores `Linear(mean-pool of the chunk) in R^2` (chunks of
@@ -1042,7 +1042,7 @@ def _parse_ratio(ratio) -> tuple[int, int]:
 
 def hybrid_layer_pattern(num_layers: int, ratio="3:1", *, linear: str = "gated_deltanet",
                          full: str = "softmax") -> list[str]:
-  """Per-layer mixer names for a layer-level hybrid with `linear:full` = `ratio` ([97]: 3:1 to 6:1
+  """Per-layer mixer names for a layer-level hybrid with `linear:full` = `ratio` ((Wang et al. 2025, arXiv:2507.06457): 3:1 to 6:1
   with Gated DeltaNet; "1:0" all linear, "0:1" all full).
 
   The layers are cut into groups of `L + F`, each group L linear layers then F full ones (so with
@@ -1058,7 +1058,7 @@ def hybrid_layer_pattern(num_layers: int, ratio="3:1", *, linear: str = "gated_d
 
 def layerboost_pattern(sensitivity, *, num_full: int, num_removed: int = 0, full: str = "softmax",
                        linear: str = "lolcats_window", removed: str = "skip") -> list[str]:
-  """LayerBoost [75] policy from per-layer sensitivities `s_l` (loss change when layer l's attention
+  """LayerBoost (Souibgui et al. 2026, arXiv:2604.22050) policy from per-layer sensitivities `s_l` (loss change when layer l's attention
   is replaced): the `num_full` most sensitive layers keep softmax attention, the `num_removed` least
   sensitive lose it (`skip`: the residual passes unchanged), the rest get linear sliding-window
   attention (LoLCATs-style `lolcats_window` by default). Ties keep the earlier layer more sensitive.
@@ -1138,15 +1138,15 @@ def _build_skip(*, d_model, num_heads, causal, rngs, **options):
 
 
 # ----------------------------------------------------------------------------------------------
-# STILL [3] and SeqBoat [140].
+# STILL (Meng et al. 2026, arXiv:2602.02180) and SeqBoat (Ren et al. 2023, arXiv:2306.11197).
 
 
 class StillMixer(WindowLinearMixer):
-  """STILL [3] layer: the LoLCATs window + linear hybrid (`WindowLinearMixer`: learned Hedgehog
+  """STILL (Meng et al. 2026, arXiv:2602.02180) layer: the LoLCATs window + linear hybrid (`WindowLinearMixer`: learned Hedgehog
   maps, here inside the NP-Map below; per-head window factor) whose softmax set also keeps the
   salient older tokens.
 
-  Reading (only the abstract was available; the catalog marks the score "verify"): the
+  Reading (only the abstract was available; the score is unverified): the
   Self-Saliency Score of token j is the log weight it gives itself in its own causal window
   softmax (`still_saliency`: computed in sliding windows, as the abstract says); per head, the
   `top_k` best tokens of each `select_chunk` positions (from the segment start) are salient
@@ -1220,7 +1220,7 @@ class StillMixer(WindowLinearMixer):
 
 
 class SeqBoatMixer(nnx.Module, _StateCache):
-  """SeqBoat [140] layer (the authors' `SeqBoatLayer`, causal, without its norm / residual /
+  """SeqBoat (Ren et al. 2023, arXiv:2306.11197) layer (the authors' `SeqBoatLayer`, causal, without its norm / residual /
   output activation, which the block provides).
 
   Backbone over every token: MEGA's multi-head damped EMA per channel (`ndim` states,

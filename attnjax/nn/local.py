@@ -1,4 +1,4 @@
-"""Neighborhood / local attention layers (catalog N) and their registered sequence mixers.
+"""Neighborhood / local attention layers and their registered sequence mixers.
 
 Registered: `na1d` (alias `neighborhood`): 1D neighborhood attention inside `MultiHeadAttention`;
 `swin`, `halo`, `bra`, `freeswim`, `na2d`, `swin_rmt`: 2D vision patterns over tokens on an image
@@ -319,7 +319,7 @@ def _grid_builder(pattern: str, option_names: tuple[str, ...]):
 
 
 class HaloAttnFn(nnx.Module):
-  """`attn_fn` for `MultiHeadAttention`: HaloNet [20] over the image grid, as timm's `HaloAttn`
+  """`attn_fn` for `MultiHeadAttention`: HaloNet (Vaswani et al. 2021, arXiv:2103.12731) over the image grid, as timm's `HaloAttn`
   (`timm/layers/halo_attn.py`): blocks of `block x block` queries attend their block grown by
   `halo`, border keys zero-padded and unmasked (`pad_mode="zeros"`; `"mask"` hides them), plus
   timm's relative-position logits (`PosEmbedRel`: one height and one width table
@@ -350,7 +350,7 @@ class HaloAttnFn(nnx.Module):
 
 
 class SwinRMTAttnFn(nnx.Module):
-  """`attn_fn` for `MultiHeadAttention`: Gated-SwinRMT-Retention's token mixing [88] over the
+  """`attn_fn` for `MultiHeadAttention`: Gated-SwinRMT-Retention's token mixing (Maity et al. 2026, arXiv:2604.06014) over the
   image grid, before the G1 gate and `W_O` (which the mixer's `MultiHeadAttention` applies:
   `output_gate="elementwise"`, `sigmoid(x W_g)` from the block input).
 
@@ -403,11 +403,11 @@ def _no_causal(pattern, causal):
                                 "pattern; use causal=False (ViT builds its mixers that way)")
 
 
-register_mixer("swin", "Swin W-MSA / SW-MSA [18] window attention on an image grid (window, shift; "
+register_mixer("swin", "Swin W-MSA / SW-MSA (Wu et al. 2025, arXiv:2508.10552) window attention on an image grid (window, shift; "
                "non-causal).")(_grid_builder("swin", ("window", "shift")))
 
 
-@register_mixer("halo", "HaloNet blocked local attention [20] on an image grid, as timm's HaloAttn "
+@register_mixer("halo", "HaloNet blocked local attention (Vaswani et al. 2021, arXiv:2103.12731) on an image grid, as timm's HaloAttn "
                 "(block, halo, pad_mode, rel_pos; non-causal).")
 def _build_halo(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, grid=None,
                 num_prefix: int | None = None, block: int = 8, halo: int = 3,
@@ -419,7 +419,7 @@ def _build_halo(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, g
   return MultiHeadAttention(d_model, num_heads, causal=False, attn_fn=fn, rngs=rngs, **options)
 
 
-@register_mixer("swin_rmt", "Gated-SwinRMT-Retention [88]: width- then height-wise decayed window "
+@register_mixer("swin_rmt", "Gated-SwinRMT-Retention (Maity et al. 2026, arXiv:2604.06014): width- then height-wise decayed window "
                 "retention + LCE, G1 sigmoid gate before W_O (window, shift, initial_value, "
                 "heads_range, lce_kernel; non-causal).")
 def _build_swin_rmt(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, grid=None,
@@ -437,9 +437,9 @@ def _build_swin_rmt(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rng
                             output_gate="elementwise", rngs=rngs, **options)
 
 
-register_mixer("bra", "BiFormer bi-level routing attention [112] on an image grid (regions, top_k; "
+register_mixer("bra", "BiFormer bi-level routing attention (Zhu et al. 2023, arXiv:2303.08810) on an image grid (regions, top_k; "
                "non-causal).")(_grid_builder("bra", ("regions", "top_k")))
 register_mixer("na2d", "2D neighborhood attention (NATTEN semantics; kernel_size, dilation) on an "
                "image grid (non-causal).")(_grid_builder("na2d", ("kernel_size", "dilation")))
-register_mixer("freeswim", "FreeSwim inward sliding window [113] on an image grid (window; "
+register_mixer("freeswim", "FreeSwim inward sliding window (Wu et al. 2025, arXiv:2511.14712) on an image grid (window; "
                "non-causal).")(_grid_builder("freeswim", ("window",)))

@@ -1,4 +1,4 @@
-"""NNX layers and registered mixers for the catalog-A operators (`attnjax.ops.operators`).
+"""NNX layers and registered mixers for the attention operators (`attnjax.ops.operators`).
 
 Mixers that are "MHA with another score function" (sigmoid, LSSA / LSSAR, gated) are
 `MultiHeadAttention` with an `attn_fn` / `output_gate`; the others (affine-scaled, differential,
@@ -33,7 +33,7 @@ def _decode_query_positions(mask, tq: int, tk: int):
 
 
 # --------------------------------------------------------------------------------------------
-# MODA [70]: modality ids from the token layout, learned duplex basis and pair bias.
+# MODA (Zhang et al. 2025, arXiv:2507.04635): modality ids from the token layout, learned duplex basis and pair bias.
 
 
 def modality_of_positions(positions, modality_lengths):
@@ -102,7 +102,7 @@ class ModaAttnFn(nnx.Module):
                               basis=self.basis[...], causal=causal, mask=vis)
 
 
-@register_mixer("moda", "MODA duplex attention [70]: per-modality basis and pair bias over a "
+@register_mixer("moda", "MODA duplex attention (Zhang et al. 2025, arXiv:2507.04635): per-modality basis and pair bias over a "
                 "modality_lengths token layout.")
 def _build_moda(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs,
                 modality_lengths=(), **options: Any):
@@ -169,7 +169,7 @@ def _check_options(who: str, options: dict[str, Any]):
 SIGMOID_DEFAULT_SEQ_LEN = 2048   # `DecoderLM`'s default `max_len`: the context the layer is sized for
 
 
-@register_mixer("sigmoid", "Sigmoid attention [50]: sigmoid(qk/sqrt(d) - log n), QK-norm on by default.")
+@register_mixer("sigmoid", "Sigmoid attention (Ramapuram et al. 2024, arXiv:2409.04431): sigmoid(qk/sqrt(d) - log n), QK-norm on by default.")
 def _build_sigmoid(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs,
                    bias: float | str | None = None, seq_len: int | None = None,
                    qk_norm: bool = True, **options: Any):
@@ -192,7 +192,7 @@ def _build_sigmoid(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs
                             attn_fn=fn, **options)
 
 
-@register_mixer("lssa", "Softplus attention LSSA [62]: softplus(log(n) s) / l1-norm.")
+@register_mixer("lssa", "Softplus attention LSSA (Gao et al. 2025, arXiv:2501.13428): softplus(log(n) s) / l1-norm.")
 def _build_lssa(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs,
                 length_scale_base: float | None = None, reweight_power: float | None = None,
                 reweight_threshold: float = 1.0, **options: Any):
@@ -201,12 +201,12 @@ def _build_lssa(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs,
   return MultiHeadAttention(d_model, num_heads, causal=causal, rngs=rngs, attn_fn=fn, **options)
 
 
-@register_mixer("lssar", "LSSA with power re-weighting (LSSAR [62]), default power 2.")
+@register_mixer("lssar", "LSSA with power re-weighting (LSSAR (Gao et al. 2025, arXiv:2501.13428)), default power 2.")
 def _build_lssar(*, reweight_power: float = 2.0, **kw: Any):
   return _build_lssa(reweight_power=reweight_power, **kw)
 
 
-@register_mixer("gated_attention", "Gated attention [121]: sigmoid(x W) gate after SDPA (G1).")
+@register_mixer("gated_attention", "Gated attention (Qiu et al. 2025, arXiv:2505.06708): sigmoid(x W) gate after SDPA (G1).")
 def _build_gated(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs,
                  gate: str = "elementwise", **options: Any):
   """`gate`: "elementwise" (paper's best, one gate per channel) or "headwise" (one per head)."""
@@ -217,7 +217,7 @@ def _build_gated(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs,
 
 
 # --------------------------------------------------------------------------------------------
-# FlashBias [119].
+# FlashBias (Wu et al. 2025, arXiv:2505.12044).
 
 
 def flashbias_alibi_fn(slopes):
@@ -231,7 +231,7 @@ def flashbias_alibi_fn(slopes):
   return attn
 
 
-@register_mixer("flashbias_alibi", "FlashBias [119]: causal ALiBi folded into extra q/k columns of the plain engine.")
+@register_mixer("flashbias_alibi", "FlashBias (Wu et al. 2025, arXiv:2505.12044): causal ALiBi folded into extra q/k columns of the plain engine.")
 def _build_flashbias_alibi(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs,
                            **options: Any):
   """`MultiHeadAttention` without RoPE whose position signal is ALiBi (Press et al. slopes), run as
@@ -249,7 +249,7 @@ def _build_flashbias_alibi(*, d_model: int, num_heads: int, causal: bool, rngs: 
 
 
 # --------------------------------------------------------------------------------------------
-# Concentric causal attention [83]: the softmax mixer with CCA positions and mask.
+# Concentric causal attention (Xing et al. 2024, arXiv:2410.15926): the softmax mixer with CCA positions and mask.
 
 
 def cca_attn_fn(grid, num_prefix: int = 0):
@@ -289,7 +289,7 @@ def cca_attn_fn(grid, num_prefix: int = 0):
   return attn
 
 
-@register_mixer("cca", "Concentric causal attention [83]: softmax MHA with ring RoPE positions and ring-causal mask on an image grid.")
+@register_mixer("cca", "Concentric causal attention (Xing et al. 2024, arXiv:2410.15926): softmax MHA with ring RoPE positions and ring-causal mask on an image grid.")
 def _build_cca(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, grid=None,
                num_prefix: int = 0, **options: Any):
   """`grid = (h, w)` of the image tokens that follow `num_prefix` prefix tokens (a ViT class token:
@@ -332,17 +332,17 @@ class _QKVO(_CachedMixer):
 
 
 # --------------------------------------------------------------------------------------------
-# Affine-scaled attention [1].
+# Affine-scaled attention (Bae et al. 2026, arXiv:2602.23057).
 
 
 class AffineScaledAttention(_QKVO):
-  """Affine-scaled attention layer [1]: `o_i = alpha_i softmax_i V + beta_i mean_{visible j} v_j`.
+  """Affine-scaled attention layer (Bae et al. 2026, arXiv:2602.23057): `o_i = alpha_i softmax_i V + beta_i mean_{visible j} v_j`.
 
   `alpha = 2 sigmoid(x W_a + b_a)` and `beta = beta_max tanh(x W_b + b_b)` per head and token, from
   the layer input; zero-initialised, so a fresh layer is exactly softmax attention (alpha = 1,
   beta = 0). beta multiplies the mean of the visible values (`normalize_beta=True`), so the row mass
   is `alpha + beta` whatever the context length. RoPE on self-attention; `context=` gives cross
-  attention (causal cross is bottom-right aligned). Reading: the catalog entry is from the abstract;
+  attention (causal cross is bottom-right aligned). Reading: only the abstract was available;
   the sigmoid/tanh ranges are ours.
   """
 
@@ -382,17 +382,17 @@ class AffineScaledAttention(_QKVO):
     return self.o_proj(o.reshape(b, t, -1))
 
 
-@register_mixer("affine_scaled", "Affine-scaled attention [1]: alpha * softmax + beta, input-dependent.")
+@register_mixer("affine_scaled", "Affine-scaled attention (Bae et al. 2026, arXiv:2602.23057): alpha * softmax + beta, input-dependent.")
 def _build_affine(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, **options: Any):
   return AffineScaledAttention(d_model, num_heads, causal=causal, rngs=rngs, **options)
 
 
 # --------------------------------------------------------------------------------------------
-# Differential / grouped differential attention [124].
+# Differential / grouped differential attention (Lim et al. 2025, arXiv:2510.06949).
 
 
 class DifferentialAttention(_CachedMixer):
-  """DIFF / Grouped Differential attention layer [124] on `x [B, T, d_model]`.
+  """DIFF / Grouped Differential attention layer (Lim et al. 2025, arXiv:2510.06949) on `x [B, T, d_model]`.
 
   `Hs = num_heads` signal heads, `Hn = Hs / signal_noise_ratio` noise heads (1 = DIFF Transformer,
   3 or 4 = GDA). Per signal head h: `o_h = (softmax(Q1_h K1_h^T) - lam softmax(Q2_g K2_g^T)) V_h`
@@ -463,14 +463,14 @@ class DifferentialAttention(_CachedMixer):
     return self.o_proj(o.reshape(b, t, -1).astype(x.dtype))
 
 
-@register_mixer("differential", "Differential attention (DIFF Transformer; GDA ratio 1:1 [124]).")
+@register_mixer("differential", "Differential attention (DIFF Transformer; GDA ratio 1:1 (Lim et al. 2025, arXiv:2510.06949)).")
 def _build_diff(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, layer_index: int = 0,
                 **options: Any):
   return DifferentialAttention(d_model, num_heads, causal=causal, rngs=rngs, layer_index=layer_index,
                                **options)
 
 
-@register_mixer("grouped_differential", "Grouped differential attention [124], signal:noise heads 3:1 by default (falls back to the largest ratio <= 3 dividing num_heads).")
+@register_mixer("grouped_differential", "Grouped differential attention (Lim et al. 2025, arXiv:2510.06949), signal:noise heads 3:1 by default (falls back to the largest ratio <= 3 dividing num_heads).")
 def _build_gda(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs,
                signal_noise_ratio: int | None = None, layer_index: int = 0, **options: Any):
   if signal_noise_ratio is None:
@@ -481,11 +481,11 @@ def _build_gda(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs,
 
 
 # --------------------------------------------------------------------------------------------
-# Mixture-of-head attention [9].
+# Mixture-of-head attention (Jin et al. 2024, arXiv:2410.11842).
 
 
 class MixtureOfHeadsAttention(_QKVO):
-  """MoH layer [9]: `num_shared` always-on heads plus top-`top_k` of the routed heads per token.
+  """MoH layer (Jin et al. 2024, arXiv:2410.11842): `num_shared` always-on heads plus top-`top_k` of the routed heads per token.
 
   Output `sum_h g_h o_h W_O^h` with gates from `ops.moh_router` (shared: `a1 Hsh softmax(W_s x)`,
   routed: `a2 k renorm-top-k softmax(W_r x)`, `[a1, a2] = 2 softmax(W_h x)`). The routed heads'
@@ -565,17 +565,17 @@ class MixtureOfHeadsAttention(_QKVO):
     return self.o_proj(o.reshape(b, t, -1))
 
 
-@register_mixer("moh", "Mixture-of-head attention [9]: shared + top-k routed heads, load-balance aux loss.")
+@register_mixer("moh", "Mixture-of-head attention (Jin et al. 2024, arXiv:2410.11842): shared + top-k routed heads, load-balance aux loss.")
 def _build_moh(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, **options: Any):
   return MixtureOfHeadsAttention(d_model, num_heads, causal=causal, rngs=rngs, **options)
 
 
 # --------------------------------------------------------------------------------------------
-# Aaren [57].
+# Aaren (Feng et al. 2024, arXiv:2405.13956).
 
 
 class Aaren(_CachedMixer):
-  """Aaren layer [57]: per head, causal softmax attention of a learned query over k/v of the tokens.
+  """Aaren layer (Feng et al. 2024, arXiv:2405.13956): per head, causal softmax attention of a learned query over k/v of the tokens.
 
   `o_t = sum_{j<=t} softmax_j(w_h . k_j / sqrt(d)) v_j` via the parallel prefix scan; decoding keeps
   only the O(1) state `(m, u, w)` per head (no KV cache). The learned queries start at zero
@@ -623,7 +623,7 @@ class Aaren(_CachedMixer):
     return self.o_proj(o.reshape(b, t, -1))
 
 
-@register_mixer("aaren", "Aaren [57]: attention as an RNN (prefix scan of a learned query; O(1) decode).")
+@register_mixer("aaren", "Aaren (Feng et al. 2024, arXiv:2405.13956): attention as an RNN (prefix scan of a learned query; O(1) decode).")
 def _build_aaren(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, **options: Any):
   return Aaren(d_model, num_heads, causal=causal, rngs=rngs, **options)
 
@@ -637,11 +637,11 @@ def _no_decode(who):
 
 
 # --------------------------------------------------------------------------------------------
-# Reversed attention (DependencyViT [100]).
+# Reversed attention (DependencyViT (Ding et al. 2023, arXiv:2304.03282)).
 
 
 class ReversedAttention(_QKVO):
-  """DependencyViT reversed attention layer [100]: column-softmax attention with a message controller.
+  """DependencyViT reversed attention layer (Ding et al. 2023, arXiv:2304.03282): column-softmax attention with a message controller.
 
   `o_i = sum_j A_ij m_j v_j`, `A` normalised over queries, `m_j = sigmoid(x_j w_h + b_h)` per head
   (bias init 2, so messages start mostly open). Non-causal self and cross attention; the causal
@@ -672,17 +672,17 @@ class ReversedAttention(_QKVO):
     return self.o_proj(o.reshape(*x.shape[:2], -1))
 
 
-@register_mixer("reversed", "Reversed attention (DependencyViT [100]); non-causal only.")
+@register_mixer("reversed", "Reversed attention (DependencyViT (Ding et al. 2023, arXiv:2304.03282)); non-causal only.")
 def _build_reversed(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, **options: Any):
   return ReversedAttention(d_model, num_heads, causal=causal, rngs=rngs, **options)
 
 
 # --------------------------------------------------------------------------------------------
-# ConViT GPSA [148].
+# ConViT GPSA (d'Ascoli et al. 2021, arXiv:2103.10697).
 
 
 class GatedPositionalSelfAttention(_QKVO):
-  """ConViT GPSA layer [148] for tokens on a `grid = (h, w)` (default: square, inferred from T).
+  """ConViT GPSA layer (d'Ascoli et al. 2021, arXiv:2103.10697) for tokens on a `grid = (h, w)` (default: square, inferred from T).
 
   `A_h = (1 - sigmoid(l_h)) softmax(QK^T/sqrt(d)) + sigmoid(l_h) softmax(v_h . r_ij)`, with the local
   init `v_h = -alpha (1, -2 Delta_h)` (`ops.gpsa_local_init`, `locality_strength = alpha`, default
@@ -728,13 +728,13 @@ class GatedPositionalSelfAttention(_QKVO):
     return self.o_proj(o.reshape(*x.shape[:2], -1))
 
 
-@register_mixer("gpsa", "ConViT gated positional self-attention [148] (tokens on a square grid).")
+@register_mixer("gpsa", "ConViT gated positional self-attention (d'Ascoli et al. 2021, arXiv:2103.10697) (tokens on a square grid).")
 def _build_gpsa(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, **options: Any):
   return GatedPositionalSelfAttention(d_model, num_heads, causal=causal, rngs=rngs, **options)
 
 
 # --------------------------------------------------------------------------------------------
-# Decoupled-head attention [127].
+# Decoupled-head attention (Chen et al. 2024, arXiv:2406.06567).
 
 
 def _contiguous(num_heads: int, groups: int):
@@ -742,7 +742,7 @@ def _contiguous(num_heads: int, groups: int):
 
 
 class DecoupledHeadAttention(_QKVO):
-  """DHA layer [127]: `num_k_groups` key heads and `num_v_groups` value heads, grouped independently.
+  """DHA layer (Chen et al. 2024, arXiv:2406.06567): `num_k_groups` key heads and `num_v_groups` value heads, grouped independently.
 
   Query head h uses key group `k_assign[h]` and value group `v_assign[h]` (default contiguous
   groupings; equal groupings are GQA, `groups = H` is MHA). `fuse_from(mha, k_fusion, v_fusion)`
@@ -817,24 +817,24 @@ class DecoupledHeadAttention(_QKVO):
     return self.o_proj(o.reshape(b, t, -1))
 
 
-@register_mixer("dha", "Decoupled-head attention [127]: independent K and V head groupings.")
+@register_mixer("dha", "Decoupled-head attention (Chen et al. 2024, arXiv:2406.06567): independent K and V head groupings.")
 def _build_dha(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, **options: Any):
   return DecoupledHeadAttention(d_model, num_heads, causal=causal, rngs=rngs, **options)
 
 
 # --------------------------------------------------------------------------------------------
-# RCMHA [28].
+# RCMHA (Sugiharto et al. 2023, arXiv:2308.03429).
 
 
 class RelativeConvAttention(_QKVO):
-  """RCMHA layer [28]: depth-wise causal convolutions on Q, K, V, then Transformer-XL relative scores.
+  """RCMHA layer (Sugiharto et al. 2023, arXiv:2308.03429): depth-wise causal convolutions on Q, K, V, then Transformer-XL relative scores.
 
   `Q, K, V = DWConv_k(x W_{q,k,v})` (`ShortConv`, width `conv_width` = 3, current tap near identity),
   scores `((q_i + u) . k_j + (q_i + w) . R_{i-j}) / sqrt(d)`, `R = sinusoid(i - j) W_R`; u, w start
   at zero. The convolutions are causal, so the causal layer never reads later tokens; non-causal
   attention keeps the same (causal) convolutions. Cross attention: the context goes through the
   K/V convolutions. KV-cache decoding (the convolutions keep their own short caches).
-  Catalog [28] is "from abstract + memory": Transformer-XL's relative terms on convolved Q/K/V.
+  Our first spec of (Sugiharto et al. 2023, arXiv:2308.03429) was "from abstract + memory": Transformer-XL's relative terms on convolved Q/K/V.
   """
 
   def __init__(self, d_model: int, num_heads: int, *, conv_width: int = 3, causal: bool = True,
@@ -886,17 +886,17 @@ def sinusoid_embed(positions, dim):
   return ops.sinusoid(positions, dim)
 
 
-@register_mixer("rcmha", "Relative convolutional MHA [28]: DW-conv Q/K/V + Transformer-XL relative scores.")
+@register_mixer("rcmha", "Relative convolutional MHA (Sugiharto et al. 2023, arXiv:2308.03429): DW-conv Q/K/V + Transformer-XL relative scores.")
 def _build_rcmha(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, **options: Any):
   return RelativeConvAttention(d_model, num_heads, causal=causal, rngs=rngs, **options)
 
 
 # --------------------------------------------------------------------------------------------
-# Hierarchical self-attention [115] and GAAM [16].
+# Hierarchical self-attention (Amizadeh et al. 2025, arXiv:2509.15448) and GAAM (Ioannides et al. 2024, arXiv:2401.11143).
 
 
 class HierarchicalAttention(_QKVO):
-  """Two-level hierarchical self-attention layer [115]: consecutive groups of `group_size` tokens.
+  """Two-level hierarchical self-attention layer (Amizadeh et al. 2025, arXiv:2509.15448): consecutive groups of `group_size` tokens.
 
   Inside a group: softmax attention; across groups: block-constant weights from the groups'
   log-sum-exp scores (`ops.hierarchical_attention`). Non-causal self-attention only: causal and
@@ -931,13 +931,13 @@ class HierarchicalAttention(_QKVO):
     return self.o_proj(o.reshape(b, t, -1))
 
 
-@register_mixer("hierarchical", "Hierarchical self-attention [115] (two-level, non-causal).")
+@register_mixer("hierarchical", "Hierarchical self-attention (Amizadeh et al. 2025, arXiv:2509.15448) (two-level, non-causal).")
 def _build_hier(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, **options: Any):
   return HierarchicalAttention(d_model, num_heads, causal=causal, rngs=rngs, **options)
 
 
 class GaussianAdaptiveAttention(nnx.Module):
-  """GAAM mixer [16]: `W_out (u * w)`, `u = W_in x`, w = GAAM weights along the sequence per channel.
+  """GAAM mixer (Ioannides et al. 2024, arXiv:2401.11143): `W_out (u * w)`, `u = W_in x`, w = GAAM weights along the sequence per channel.
 
   Each head's channel chunk has its own `num_gaussians` offsets (init 0) and scales (init 2, one of
   the authors' variants). Causal: prefix statistics and prefix normalisation (`ops.gaam_weights`).
@@ -969,7 +969,7 @@ class GaussianAdaptiveAttention(nnx.Module):
     return self.out_proj(jnp.stack(outs, axis=2).reshape(b, t, d))
 
 
-@register_mixer("gaam", "Gaussian adaptive attention [16] along the sequence (causal via prefix stats).")
+@register_mixer("gaam", "Gaussian adaptive attention (Ioannides et al. 2024, arXiv:2401.11143) along the sequence (causal via prefix stats).")
 def _build_gaam(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, **options: Any):
   return GaussianAdaptiveAttention(d_model, num_heads, causal=causal, rngs=rngs, **options)
 
@@ -979,7 +979,7 @@ def _build_gaam(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, *
 
 
 class EfficientProbe(nnx.Module):
-  """EP attentive probe [85]: `num_queries` learned queries over the frozen tokens, `[B, N, C] -> [B, C / d_out]`.
+  """EP attentive probe (Psomas et al. 2025, arXiv:2506.10178): `num_queries` learned queries over the frozen tokens, `[B, N, C] -> [B, C / d_out]`.
 
   Paper defaults: 32 queries, `d_out = 1`, no qkv bias. Feed a linear classifier on top. A pooler,
   not a registered mixer: it returns one vector per example, not one per token (see
@@ -999,7 +999,7 @@ class EfficientProbe(nnx.Module):
 
 
 class LowRankAttentionPooling(nnx.Module):
-  """LAMA pooling [60]: `num_heads` low-rank bilinear attention heads against the mean context.
+  """LAMA pooling (Mehta et al. 2019, arXiv:1912.00835): `num_heads` low-rank bilinear attention heads against the mean context.
 
   `[B, N, D] -> [B, num_heads * D]` (token states from any encoder; the paper uses a BiGRU). A
   pooler, not a registered mixer (one vector per example; see `attnjax.ops.operators.pooling`).

@@ -1,4 +1,4 @@
-"""Sparse / routed attention layers (catalog S) and their registered sequence mixers.
+"""Sparse / routed attention layers and their registered sequence mixers.
 
 Registered (all inside `MultiHeadAttention`, so RoPE, GQA and QK-norm options apply):
 * `sliding_window_sparse`: causal (or symmetric) sliding window through the block-sparse path.
@@ -216,7 +216,7 @@ def _visibility(q, k, *, causal, mask, q_segment_ids, kv_segment_ids):
 
 
 class RoutingAttnFn(nnx.Module):
-  """Routing Transformer [29] attention function with `num_clusters` centroids per head (a
+  """Routing Transformer (Roy et al. 2020, arXiv:2003.05997) attention function with `num_clusters` centroids per head (a
   non-Param buffer), trained as lucidrains/routing-transformer trains them.
 
   Training (`deterministic=False`, the default; `model.eval()` sets it True, as for BatchNorm):
@@ -294,7 +294,7 @@ def _build_routing(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs
 
 
 class DynamicMaskAttnFn(nnx.Module):
-  """Trainable Dynamic Mask attention [110]: per-key bias `exp(A softplus(V W_dt))` added to the
+  """Trainable Dynamic Mask attention (Shi et al. 2025, arXiv:2508.02124): per-key bias `exp(A softplus(V W_dt))` added to the
   scores, each query keeps its `keep_window` visible keys with the largest bias. Non-causal without
   segments uses the block-sparse path (`dynamic.dma_attention`); otherwise the per-query top-w over
   the visible keys (causal prefix, cache, segment) as a dense mask, which also decodes exactly."""
@@ -336,7 +336,7 @@ def _build_dynamic_mask(*, d_model: int, num_heads: int, causal: bool, rngs: nnx
 
 def landmark_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=None,
                 block: int = 4, top_k: int | None = None, **unused):
-  """Landmark attention [53] as an `attn_fn`: every `(block + 1)`-th position acts as the landmark
+  """Landmark attention (Mohtashami & Jaggi 2023, arXiv:2305.16300) as an `attn_fn`: every `(block + 1)`-th position acts as the landmark
   of the `block` tokens before it (`attnjax.data.landmark.insert_landmarks` places the landmark
   tokens there). Causal only; dense O(T^2) grouped softmax; no packed sequences. Decoding (cache
   `mask` given) retrieves blocks through their landmarks as the full forward does (`top_k` other
@@ -360,7 +360,7 @@ def _build_landmark(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rng
 
 
 class HyperAttnFn(nnx.Module):
-  """HyperAttention [51] attention function: fixed random LSH directions (a buffer) and a fixed
+  """HyperAttention (Han et al. 2023, arXiv:2310.05869) attention function: fixed random LSH directions (a buffer) and a fixed
   sampling seed, so a call is deterministic (the paper redraws samples at every call). Causal
   calls use `query_blocks="bucket"` by default (a query's key block from its own LSH bucket): the
   authors' rank partition lets later tokens change earlier outputs (see `hyper_attention`)."""
@@ -395,7 +395,7 @@ def _build_hyper(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs, 
 
 
 class SEAAttnFn(nnx.Module):
-  """SEA [67] attention function: a Performer random-feature estimator (`proj`, a trained Param)
+  """SEA (Lee et al. 2023, arXiv:2310.01777) attention function: a Performer random-feature estimator (`proj`, a trained Param)
   estimates the chunk-level attention; each query attends its top-k chunks (own chunk forced when
   causal). The selection is detached, so the estimator learns only from SEA's distillation loss:
   in training (`deterministic=False`; `model.eval()` sets it True) every full forward sows
@@ -444,7 +444,7 @@ def _radial_layout(t, frame_tokens, block, decay_factor, model_type):
 def radial_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=None,
               frame_tokens: int = 4, block: int = 4, decay_factor: float = 1.0,
               model_type: str = "hunyuan", **unused):
-  """Radial attention [102] as an `attn_fn` over tokens in frame-major order (`frame_tokens` per
+  """Radial attention (Li et al. 2025, arXiv:2506.19852) as an `attn_fn` over tokens in frame-major order (`frame_tokens` per
   frame, whole frames): the authors' static block mask (`patterns.radial_block_mask`), block-sparse
   path."""
   if mask is not None:
@@ -470,7 +470,7 @@ def _build_radial(*, d_model: int, num_heads: int, causal: bool, rngs: nnx.Rngs,
 
 
 class FluxAttnFn(nnx.Module):
-  """Flux Attention [81] attention function: a linear router on the pooled keys (running mean when
+  """Flux Attention (Qiu et al. 2026, arXiv:2604.07394) attention function: a linear router on the pooled keys (running mean when
   causal) gives the probability of the full branch; the sparse branch is a sliding window of
   `window` keys. `hard=True` (inference) routes with a 0/1 gate (straight-through gradient)."""
 

@@ -1,4 +1,4 @@
-"""Training-stability helpers: sigma-Reparam linear layers [39] and the entropy regulariser [34]."""
+"""Training-stability helpers: sigma-Reparam linear layers (Zhai et al. 2023, arXiv:2303.06296) and the entropy regulariser (Jha & Reagen 2025, arXiv:2501.03489)."""
 
 from __future__ import annotations
 
@@ -21,14 +21,14 @@ def _normalize(x, eps=1e-12):
 
 
 class SigmaReparamLinear(nnx.Module):
-  """sigma-Reparam linear layer (Zhai et al. [39]): `y = x (gamma / sigma(W)) W + b`.
+  """sigma-Reparam linear layer (Zhai et al. (Zhai et al. 2023, arXiv:2303.06296)): `y = x (gamma / sigma(W)) W + b`.
 
   `sigma(W)` is the top singular value estimated by power iteration (one step per training call,
   the vector `u` persists across calls as a `SpectralEstimate`); u and v are constants for the
   gradient, so the gradient flows through `sigma = v^T W u` as in the paper. `gamma` is a learnable
   scalar, init 1, so the spectral norm of the effective weight is `|gamma|`. `update=False` (or
   `deterministic=True` on the module, e.g. via `model.eval()`) uses the stored estimate as is.
-  `kernel [in, out]` carries logical axes `axes`. Catalog [39] is "from memory"; this is the
+  `kernel [in, out]` carries logical axes `axes`. Our first spec of (Zhai et al. 2023, arXiv:2303.06296) was "from memory"; this is the
   paper's Eq. (one step per update, stop-gradient on the singular vectors).
   """
 

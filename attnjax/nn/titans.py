@@ -1,5 +1,5 @@
-"""Titans [58] layers: the neural memory and its three architectures (MAC, MAG, MAL), with the
-Miras [59] memory variants as options. Registered mixers:
+"""Titans (Behrouz et al. 2024, arXiv:2501.00663) layers: the neural memory and its three architectures (MAC, MAG, MAL), with the
+Miras (Behrouz et al. 2025, arXiv:2504.13173) memory variants as options. Registered mixers:
 
 * `titans_memory`: the bare neural-memory layer (`attnjax.ops.linear.titans.neural_memory`);
 * `titans_mag`: memory as a gate, `o = W_o(RMSNorm(SWA(x)) (.) sigmoid(RMSNorm(M(x))))`;

@@ -69,7 +69,7 @@ def _check_halo(q, k, v, block, halo, pad_mode, rel_h, rel_w):
 
 def halo_attention(q, k, v, block: int, halo: int, *, pad_mode: str = "zeros", rel_h=None,
                    rel_w=None, scale=None):
-  """HaloNet blocked local attention [20] on `[B, X, Y, H, D]`, as timm's `HaloAttn`
+  """HaloNet blocked local attention (Vaswani et al. 2021, arXiv:2103.12731) on `[B, X, Y, H, D]`, as timm's `HaloAttn`
   (`timm/layers/halo_attn.py`).
 
   Queries are split into `block x block` blocks; a block attends the `(block + 2 halo)^2` keys of
@@ -293,7 +293,7 @@ def _axis_retention(q, k, v, cells, log_g, scale):
 
 
 def decomposed_window_retention(q, k, v, window, shift=0, *, log_decay, scale=None):
-  """Gated-SwinRMT-Retention's window retention [88] on `[B, X, Y, H, D]` (X = height, Y = width).
+  """Gated-SwinRMT-Retention's window retention (Maity et al. 2026, arXiv:2604.06014) on `[B, X, Y, H, D]` (X = height, Y = width).
 
   Inside each (shifted) Swin window, RMT's decomposed Manhattan self-attention (qhfan/RMT
   `VisionRetentionChunk`): a width-wise pass `V' = softmax_W(Q K^T / sqrt(D) + log D^W) V` along
@@ -331,7 +331,7 @@ def decomposed_window_retention(q, k, v, window, shift=0, *, log_decay, scale=No
 
 def freeswim_attention(q, k, v, window, *, scale=None, implementation=None,
                        return_lse=False):
-  """FreeSwim's inward sliding window [113] on `[B, *spatial, H, D]` (1 to 3 spatial dims).
+  """FreeSwim's inward sliding window (Wu et al. 2025, arXiv:2511.14712) on `[B, *spatial, H, D]` (1 to 3 spatial dims).
 
   Each query attends the `window` (training-resolution receptive field) shifted inward at the
   borders, so every query sees exactly `prod(min(window, size))` keys: NATTEN NA with kernel =

@@ -3,11 +3,11 @@
 `flash_attention(q, k, v, layout=None, *, causal, window, ...)` computes
 `o_i = sum_j w_ij v_j` on `[B, T, H, D]` inputs (keys/values may have fewer heads, GQA), over the key
 blocks the layout lists, with `w = softmax_j(s_ij)` (online, float32, plus `lse [B, H, Tq]` float32) or
-`w = sigmoid(s_ij + b)` without normalisation (FlashSigmoid [50], default `b = -log(Tk)`), where
+`w = sigmoid(s_ij + b)` without normalisation (FlashSigmoid (Ramapuram et al. 2024, arXiv:2409.04431), default `b = -log(Tk)`), where
 `s_ij = cap(q_i . k_j * scale) - m_h |i' - j| + phi_q,i . phi_k,j` for masked-in pairs: `cap` is the
 optional logit soft-cap `c tanh(x / c)`, `m_h` optional ALiBi slopes (bidirectional, the usual causal
 form under a causal mask; `i'` is the bottom-right aligned query position), and `phi` optional low-rank
-bias factors folded into extra q/k columns (FlashBias [119]; their gradients flow through the same
+bias factors folded into extra q/k columns (FlashBias (Wu et al. 2025, arXiv:2505.12044); their gradients flow through the same
 kernel). Learned `sinks [H]` add `exp(sink_h)` to each softmax denominator (the sink carries no value).
 Masking: causal and windows are bottom-right aligned when Tq != Tk, as `attnjax.ops.masks`; an explicit
 `layout` (an `attnjax.ops.layout.BlockLayout`) replaces them; segment ids mask pairs of different

@@ -1,4 +1,4 @@
-"""Capturing attention from MultiHeadAttention, head scaling and weights transforms (issue 16)."""
+"""Capturing attention from MultiHeadAttention, head scaling and weights transforms."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""Oracles for the per-head probes (catalog P [34], [39], [7], [98], [63])."""
+"""Oracles for the per-head probes (Jha & Reagen 2025, arXiv:2501.03489), (Zhai et al. 2023, arXiv:2303.06296), (Li et al. 2023, arXiv:2303.13731), (Wu et al. 2024, arXiv:2404.15574), (Hua et al. 2025, arXiv:2505.07293)."""
 
 import numpy as np
 import pytest
@@ -81,7 +81,7 @@ def test_mean_attention_distance_and_offsets():
 
 
 def test_head_importance_and_influence():
-  """[7], [63]: masking a head whose output is already zero gives I_h = 0; no heads masked
+  """[7], (Hua et al. 2025, arXiv:2505.07293): masking a head whose output is already zero gives I_h = 0; no heads masked
   gives influence 0; masking a used head raises the loss."""
   contrib = np.array([[0.0, 1.0], [2.0, 0.5]])
   loss_fn = lambda s: 10.0 - np.sum(s * contrib)

@@ -1,4 +1,4 @@
-"""Oracles for VAR, text dominance, CARVE, VHD/VHR and SGL (catalog P [11], [18], [77], [89], [103])."""
+"""Oracles for VAR, text dominance, CARVE, VHD/VHR and SGL (Kang et al. 2025, arXiv:2503.03321), (Wu et al. 2025, arXiv:2508.10552), (Ge et al. 2025, arXiv:2509.06461), (He et al. 2024, arXiv:2412.13949), (Zhao et al. 2024, arXiv:2412.03324)."""
 
 import numpy as np
 import pytest

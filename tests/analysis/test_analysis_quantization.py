@@ -1,4 +1,4 @@
-"""Oracles for RSQ token importance, the weighted Hessian and GPTQ (catalog P [65])."""
+"""Oracles for RSQ token importance, the weighted Hessian and GPTQ (Sung et al. 2025, arXiv:2503.01820)."""
 
 import jax
 import numpy as np

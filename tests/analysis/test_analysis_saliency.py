@@ -1,4 +1,4 @@
-"""Oracles for saliency, cross-attention, WAAD/FAI and ATTN-FIQA (catalog P [76], [10], [155], [0])."""
+"""Oracles for saliency, cross-attention, WAAD/FAI and ATTN-FIQA (Zhang et al. 2026, arXiv:2601.20279), (Papi et al. 2025, arXiv:2509.18010), (Li et al. 2025, arXiv:2510.13554), (Ozgur et al. 2026, arXiv:2604.22841)."""
 
 import jax
 import jax.numpy as jnp

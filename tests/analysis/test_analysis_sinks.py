@@ -1,4 +1,4 @@
-"""Oracles for the sink probes and ACT (catalog P [32], [24], [99], [15])."""
+"""Oracles for the sink probes and ACT (Gu et al. 2024, arXiv:2410.10781), (Wong et al. 2025, arXiv:2512.22213), (Guo et al. 2024, arXiv:2410.13835), (Yu et al. 2024, arXiv:2406.15765)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""The flash kernel's dense reference and layouts, against the catalog oracles and `ops.masks`."""
+"""The flash kernel's dense reference and layouts, against their defining properties and `ops.masks`."""
 
 import math
 

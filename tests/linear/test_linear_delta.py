@@ -84,7 +84,7 @@ def test_gradients_chunked_equal_recurrent():
 
 
 def test_exact_recall_with_orthonormal_keys():
-  """Oracle [97]: orthonormal keys and beta = 1 store v exactly; q = k_j reads v_j back."""
+  """Oracle (Wang et al. 2025, arXiv:2507.06457): orthonormal keys and beta = 1 store v exactly; q = k_j reads v_j back."""
   dk = 4
   keys = np.linalg.qr(np.random.default_rng(4).normal(size=(dk, dk)))[0].T.astype(np.float32)
   v = np.random.default_rng(5).normal(size=(1, dk, 1, 3)).astype(np.float32)

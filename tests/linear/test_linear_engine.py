@@ -1,4 +1,4 @@
-"""The linear-attention engine: three forms vs a float64 NumPy loop (the catalog oracle), grads,
+"""The linear-attention engine: three forms vs a float64 NumPy loop (the defining property), grads,
 segments, decode steps, extreme gates and bad input."""
 
 import jax
@@ -107,7 +107,7 @@ def test_chunk_size_invariance_gates_near_zero_and_one():
 
 
 def test_decay_one_is_plain_linear_attention():
-  """Catalog oracle (GLA [154]): alpha = 1 (log gate 0) gives plain causal linear attention."""
+  """Oracle (GLA (Yang et al. 2023, arXiv:2312.06635)): alpha = 1 (log gate 0) gives plain causal linear attention."""
   q, k, v, _, _ = _inputs(4, "none")
   zero = np.zeros((B, T, H, DK), np.float32)
   o, _ = _run(q, k, v, zero, None, form="chunked", chunk_size=8)

@@ -1,4 +1,4 @@
-"""Feature maps and MALA against their catalog oracles."""
+"""Feature maps and MALA against their defining properties."""
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,7 @@ def test_taylor_kernel_is_second_order_exp_expansion():
 
 
 def test_hedgehog_weights_rows_sum_to_one_and_linear_form_equals_weights():
-  """Oracle [64]: Ahat rows >= 0 sum to 1; the O(T) normalised form equals Ahat V."""
+  """Oracle (Zhang et al. 2024, arXiv:2402.04347): Ahat rows >= 0 sum to 1; the O(T) normalised form equals Ahat V."""
   b, t, h, d = 1, 9, 2, 4
   q, k, v = (jnp.asarray(RNG.normal(size=(b, t, h, d)), jnp.float32) for _ in range(3))
   w = jnp.asarray(RNG.normal(size=(h, d, d)), jnp.float32)
@@ -54,7 +54,7 @@ def test_mala_constant_values_and_weights_sum_to_one():
   for causal in (True, False):
     o, _ = mala_attention(pq, pk, const, causal=causal, chunk_size=3)
     np.testing.assert_allclose(o, const, atol=1e-4, rtol=1e-4)
-  # Non-causal vs the explicit formula of the catalog entry.
+  # Non-causal vs the paper's explicit formula.
   v = jnp.asarray(RNG.normal(size=(b, t, h, 3)), jnp.float32)
   o, _ = mala_attention(pq, pk, v, causal=False)
   s = d ** -0.5
@@ -82,7 +82,7 @@ def test_mala_step_equals_causal_forward():
 
 
 def test_transnormer_layer_is_normed_linear_attention_and_ignores_query_scale():
-  """The `transnormer` mixer (relu kernel) against the NormAttention formula [42]
+  """The `transnormer` mixer (relu kernel) against the NormAttention formula (Qin et al. 2022, arXiv:2210.10340)
   (TransNormer, Qin et al. 2022: `O = RMSNorm(phi(Q) (phi(K)^T V))`, causal, no denominator),
   transcribed in numpy with the layer's weights and a random norm scale; then the property that
   makes it a *norm* attention: Q -> 3Q (here: W_q -> 3 W_q) leaves the output unchanged."""

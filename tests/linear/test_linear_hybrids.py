@@ -1,5 +1,5 @@
 """Intra- and inter-layer hybrids: LoLCATs window + linear (shared normaliser), NAtS-L routing,
-layer patterns ([97], LayerBoost) in DecoderLM."""
+layer patterns ((Wang et al. 2025, arXiv:2507.06457), LayerBoost) in DecoderLM."""
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +47,7 @@ def _window_brute(q, k, v, pq, pk, window, wf):
 def test_window_linear_matches_loop_oracle_and_is_softmax_for_a_full_window():
   o = hy.window_linear_attention(Q, K, V, PQ, PK, window=4, window_factor=WF, form="chunked", chunk_size=3)
   np.testing.assert_allclose(o, _window_brute(Q, K, V, PQ, PK, 4, np.asarray(WF)), atol=1e-5, rtol=1e-5)
-  # Catalog oracle: window >= T is exact softmax attention (whatever the factors).
+  # Defining property: window >= T is exact softmax attention (whatever the factors).
   o = hy.window_linear_attention(Q, K, V, PQ, PK, window=T, window_factor=WF, form="chunked", chunk_size=4)
   np.testing.assert_allclose(o, dot_product_attention(Q, K, V, causal=True, implementation="reference"),
                              atol=1e-5, rtol=1e-5)

@@ -1,4 +1,4 @@
-"""LightNet, InLine, LinFusion, RALA, SLAB-SLA, LINA and Flowformer against catalog oracles."""
+"""LightNet, InLine, LinFusion, RALA, SLAB-SLA, LINA and Flowformer against their defining properties."""
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,7 @@ def _arr(*shape, scale=1.0):
 def test_lightnet_equals_per_dim_prefix_softmax_and_chains_state():
   q, k, v = _arr(B, T, H, D), _arr(B, T, H, D, scale=3.0), _arr(B, T, H, 3)
   o, (s, z) = mech.lightnet_attention(q, k, v, output_final_state=True, chunk_size=4)
-  # Oracle [74]: o_t = sum_d q_td sum_{s<=t} softmax_{s<=t}(k_{., d})_s v_s.
+  # Oracle (Qin et al. 2024, arXiv:2405.21022): o_t = sum_d q_td sum_{s<=t} softmax_{s<=t}(k_{., d})_s v_s.
   mask = jnp.tril(jnp.ones((T, T), bool))
   logits = jnp.where(mask[None, :, :, None, None], k[:, None], -jnp.inf)   # [B, t, s, H, D]
   p = jax.nn.softmax(logits, axis=2)

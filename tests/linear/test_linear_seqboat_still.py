@@ -1,4 +1,4 @@
-"""SeqBoat [140] (routed local attention on the compressed sequence + EMA backbone) and STILL [3]
+"""SeqBoat (Ren et al. 2023, arXiv:2306.11197) (routed local attention on the compressed sequence + EMA backbone) and STILL (Meng et al. 2026, arXiv:2602.02180)
 (salient tokens keep softmax in the shared-normaliser window + linear hybrid)."""
 
 import jax

@@ -1,4 +1,4 @@
-"""Titans neural memory and the Miras variants: forms agree, catalog oracles, gate limits, decoding."""
+"""Titans neural memory and the Miras variants: forms agree, defining properties, gate limits, decoding."""
 
 import jax
 import jax.numpy as jnp
@@ -107,7 +107,7 @@ def test_chunk_size_one_is_the_fully_recurrent_rule():
 
 
 def test_linear_memory_without_momentum_and_decay_is_the_delta_rule():
-  """Catalog oracle: eta = 0, alpha = 0, C = 1: W <- W - theta grad = delta rule with beta = 2 theta."""
+  """Defining property: eta = 0, alpha = 0, C = 1: W <- W - theta grad = delta rule with beta = 2 theta."""
   q, k, v, lr, _, _ = _inputs(3)
   o, _ = _nm(q, k, v, lr, chunk_size=1)
   od, _ = delta_rule(q, k, v, 2 * lr, scale=1.0, form="recurrent")

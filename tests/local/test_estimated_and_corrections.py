@@ -1,5 +1,5 @@
 """HyperAttention, SEA, Rectified SpaAttn, Recycled Attention, HyLRA and Flux Attention against
-their dense definitions and catalog oracles (values, and gradients where differentiable).
+their dense definitions and defining properties (values, and gradients where differentiable).
 float32; T = 21 or 23 (not a multiple of any block / chunk size)."""
 
 import functools

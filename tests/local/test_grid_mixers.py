@@ -188,7 +188,7 @@ def _depthwise_same(x, kernel, bias):
 
 
 def test_swin_rmt_mixer_is_gated_retention_with_lce():
-  """Gated-SwinRMT-Retention [88]: `W_O (sigmoid(x W_g) * (DecomposedRetention(Q, K, V) +
+  """Gated-SwinRMT-Retention (Maity et al. 2026, arXiv:2604.06014): `W_O (sigmoid(x W_g) * (DecomposedRetention(Q, K, V) +
   LCE(V)))` with RMT's per-head decay `log(1 - 2^(-2 - 4 h / H))` (qhfan/RMT `RetNetRelPos2d`)."""
   m = build_mixer("swin_rmt", d_model=16, num_heads=2, causal=False, window=4, shift=2,
                   rngs=nnx.Rngs(0))

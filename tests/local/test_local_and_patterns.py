@@ -31,7 +31,7 @@ def test_static_patterns_equal_token_definitions():
                                 (j <= i) & (i - j < 12) & ((i - j) % 3 == 0))
   for lay in (P.causal_layout(t, blk), P.strided_layout(t, 6, 3, blk), P.s2_layout(t, 3, blk)):
     L.check_layout(lay)
-  # Window covering everything = full causal attention (catalog oracle).
+  # Window covering everything = full causal attention (the defining property).
   np.testing.assert_array_equal(_dense(P.sliding_window_layout(t, t, 0, blk))[0, 0], j <= i)
   assert P.sliding_window_layout(t, 5, 0, blk).max_kv == 2
 
@@ -241,7 +241,7 @@ def test_decomposed_window_retention_matches_rmt_passes(window, shift):
 
 
 def _inward_window_attention(q, k, v, window):
-  """Oracle for FreeSwim's inward sliding window [113], from the definition alone: along each
+  """Oracle for FreeSwim's inward sliding window (Wu et al. 2025, arXiv:2511.14712), from the definition alone: along each
   spatial axis a query at i sees the `w` keys `[s, s + w)` with `s = clip(i - w // 2, 0, size - w)`
   (the window centred on the query, shifted inward at the borders; `w` clipped to the size), and
   softmax attention runs over the product of those ranges. numpy, `[B, *spatial, H, D]`."""

@@ -2,7 +2,7 @@
 
 Each fast path equals its dense-masked definition (values; gradients where the path is
 differentiable in q, k, v) on random inputs with T not a multiple of the block / chunk sizes, and
-meets its catalog oracle. float32, atol 2e-5 (values) / 1e-4 (gradients).
+meets its defining property. float32, atol 2e-5 (values) / 1e-4 (gradients).
 """
 
 import jax

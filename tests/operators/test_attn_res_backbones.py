@@ -1,4 +1,4 @@
-"""AttnRes / Block AttnRes / Delta AttnRes [2, 78] wired through `DecoderLM` and `ViT`."""
+"""AttnRes / Block AttnRes / Delta AttnRes (Kimi Team 2026, arXiv:2603.15031; Luo et al. 2026, arXiv:2605.18855) wired through `DecoderLM` and `ViT`."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""Every catalog-A operator function under the four CAB patterns (non-causal / causal x self / cross).
+"""Every attention-operator function under the four CAB patterns (non-causal / causal x self / cross).
 
 For each operator and pattern: either the pattern is defined, and then (a) neutral parameters give
 `dot_product_attention` under the same pattern where the operator has such a point, and (b) at random

@@ -1,4 +1,4 @@
-"""ELA [36] and ULSAM [106] on [B, H, W, C]."""
+"""ELA (Xu & Wan 2024, arXiv:2403.01123) and ULSAM (Saini et al. 2020, arXiv:2006.15102) on [B, H, W, C]."""
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +10,8 @@ from attnjax.nn.cnn_attention import ELA, ULSAM
 
 
 def _ela_oracle(x, kernel, num_groups, scale, bias, eps=1e-5):
-  """ELA [36] in numpy, per the paper's code (Xu & Wan, `EfficientLocalizationAttention.forward`,
-  read "from memory" as the catalog says): `x_h = mean over W`, `x_w = mean over H`; each goes
+  """ELA (Xu & Wan 2024, arXiv:2403.01123) in numpy, per the paper's code (Xu & Wan, `EfficientLocalizationAttention.forward`,
+  read from memory): `x_h = mean over W`, `x_w = mean over H`; each goes
   through one shared depth-wise Conv1d (zero padding k // 2, no bias), GroupNorm(num_groups) and
   a sigmoid; `y = x * x_h * x_w`. `kernel [k, C]`; x `[B, H, W, C]` (channels last)."""
   x = np.asarray(x, np.float64)
@@ -45,7 +45,7 @@ def test_ela_matches_the_formula_and_gates_are_constant_along_w():
   np.testing.assert_allclose(y, want, atol=1e-5, rtol=1e-5)
   assert y.shape == x.shape and np.all(np.abs(y) <= np.abs(x) + 1e-7)
   # Input constant along W: z_w is constant over W, hence a_w too, away from the conv's zero
-  # padding (the catalog oracle ignores the borders; the paper's Conv1d pads with zeros).
+  # padding (the oracle ignores the borders; the paper's Conv1d pads with zeros).
   xc = jnp.broadcast_to(x[:, :, :1], (2, 5, 9, 12))
   _, a_w = nnx.jit(lambda m, x: m.gates(x))(ela, xc)
   inner = np.asarray(a_w[:, :, 2:7])

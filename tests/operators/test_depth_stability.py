@@ -1,4 +1,4 @@
-"""AttnRes / Block AttnRes / Delta AttnRes [2, 78], sigma-Reparam [39], entropy regulariser [34]."""
+"""AttnRes / Block AttnRes / Delta AttnRes (Kimi Team 2026, arXiv:2603.15031; Luo et al. 2026, arXiv:2605.18855), sigma-Reparam (Zhai et al. 2023, arXiv:2303.06296), entropy regulariser (Jha & Reagen 2025, arXiv:2501.03489)."""
 
 import math
 

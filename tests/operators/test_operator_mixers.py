@@ -1,4 +1,4 @@
-"""The catalog-A mixers as registered layers: shapes, causality, decode == forward, segments, cross."""
+"""The attention-operator mixers as registered layers: shapes, causality, decode == forward, segments, cross."""
 
 import jax
 import jax.numpy as jnp

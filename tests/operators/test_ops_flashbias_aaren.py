@@ -1,4 +1,4 @@
-"""FlashBias [119], Aaren [57] and the attention-entropy helpers [34]."""
+"""FlashBias (Wu et al. 2025, arXiv:2505.12044), Aaren (Feng et al. 2024, arXiv:2405.13956) and the attention-entropy helpers (Jha & Reagen 2025, arXiv:2501.03489)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Differential / grouped differential [124] and MoH [9] head mixers: oracles, grads, errors."""
+"""Differential / grouped differential (Lim et al. 2025, arXiv:2510.06949) and MoH (Jin et al. 2024, arXiv:2410.11842) head mixers: oracles, grads, errors."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Sigmoid [50], LSSA/LSSAR [62], affine-scaled [1] and gated [121] attention: oracles, grads, errors."""
+"""Sigmoid (Ramapuram et al. 2024, arXiv:2409.04431), LSSA/LSSAR (Gao et al. 2025, arXiv:2501.13428), affine-scaled (Bae et al. 2026, arXiv:2602.23057) and gated (Qiu et al. 2025, arXiv:2505.06708) attention: oracles, grads, errors."""
 
 import math
 

@@ -1,5 +1,5 @@
-"""Reversed [100], GPSA [148], DHA [127], relative [28], hierarchical [115], MODA [70], EP [85],
-LAMA [60], CCA [83], GAAM [16]: catalog oracles, gradients, errors."""
+"""Reversed (Ding et al. 2023, arXiv:2304.03282), GPSA (d'Ascoli et al. 2021, arXiv:2103.10697), DHA (Chen et al. 2024, arXiv:2406.06567), relative (Sugiharto et al. 2023, arXiv:2308.03429), hierarchical (Amizadeh et al. 2025, arXiv:2509.15448), MODA (Zhang et al. 2025, arXiv:2507.04635), EP (Psomas et al. 2025, arXiv:2506.10178),
+LAMA (Mehta et al. 2019, arXiv:1912.00835), CCA (Xing et al. 2024, arXiv:2410.15926), GAAM (Ioannides et al. 2024, arXiv:2401.11143): oracles, gradients, errors."""
 
 import math
 

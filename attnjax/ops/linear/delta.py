@@ -148,7 +148,7 @@ def delta_rule(q, k, v, beta, *, log_decay=None, scale=None, initial_state=None,
   """Gated delta rule on `[B, T, H, D]`; returns `(o [B, T, H, Dv], final_state | None)`.
 
   `S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t^T v_t`, `o_t = scale q_t S_t`
-  (DeltaNet when `log_decay` is None; Gated DeltaNet [97] with `log_decay [B, T, H]` or `[H]`, log
+  (DeltaNet when `log_decay` is None; Gated DeltaNet (Wang et al. 2025, arXiv:2507.06457) with `log_decay [B, T, H]` or `[H]`, log
   space <= 0). `beta [B, T, H]` in [0, 2] (usually a sigmoid). Keys are used as given: the layers
   L2-normalise them, which the delta rule needs for stability (||k|| = 1, beta <= 1 keeps
   `I - beta k k^T` a contraction). `scale` defaults to `Dk**-0.5`. State: float32

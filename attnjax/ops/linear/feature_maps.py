@@ -74,7 +74,7 @@ def orthogonal_projection(key: jax.Array, num_heads: int, dim: int, num_features
 
 
 def hedgehog(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-  """Hedgehog [64]: `phi(x) = [softmax(x W + b), softmax(-(x W + b))]` per head, F = 2 f.
+  """Hedgehog (Zhang et al. 2024, arXiv:2402.04347): `phi(x) = [softmax(x W + b), softmax(-(x W + b))]` per head, F = 2 f.
 
   `x [..., H, D]`, `weight [H, D, f]` (identity-initialised in the paper), `bias [H, f]`. Two
   separate softmaxes over the feature axis (the paper / LoLCATs "fullspace" map; fla's single
@@ -100,7 +100,7 @@ def linear_attention_weights(phi_q: jax.Array, phi_k: jax.Array, *, causal: bool
 def hedgehog_distillation_loss(q: jax.Array, k: jax.Array, phi_q: jax.Array, phi_k: jax.Array, *,
                                causal: bool = True, scale: float | None = None,
                                segment_ids: jax.Array | None = None) -> jax.Array:
-  """Hedgehog's softmax-mimicry loss [64]: `-mean_i sum_j A_ij log Ahat_ij` (soft cross-entropy).
+  """Hedgehog's softmax-mimicry loss (Zhang et al. 2024, arXiv:2402.04347): `-mean_i sum_j A_ij log Ahat_ij` (soft cross-entropy).
 
   `A = softmax(q k^T * scale)` (teacher, gradient stopped, causal/segment-masked), `Ahat` the
   normalised linear-attention weights of the feature maps. `q, k [B, T, H, D]`,

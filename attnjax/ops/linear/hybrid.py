@@ -1,8 +1,8 @@
 """Intra-layer hybrids of softmax and linear attention.
 
-* `window_linear_attention`: LoLCATs [4] sliding-window softmax + linear attention over the older
-  tokens, one shared normaliser (the STILL [3] formula with the selected set = the window);
-* `nats_attention`: NAtS-L [153] routed hybrid: each chunk of tokens is kept for softmax attention
+* `window_linear_attention`: LoLCATs (Zhang et al. 2024, arXiv:2410.10254) sliding-window softmax + linear attention over the older
+  tokens, one shared normaliser (the STILL (Meng et al. 2026, arXiv:2602.02180) formula with the selected set = the window);
+* `nats_attention`: NAtS-L (Deng et al. 2026, arXiv:2602.03681) routed hybrid: each chunk of tokens is kept for softmax attention
   or written into a Gated-DeltaNet state (one decision per chunk, acting once the chunk is
   complete), and the two read-outs are added.
 
@@ -186,7 +186,7 @@ def window_linear_step(q_t, k_t, v_t, phi_q_t, phi_k_t, cache, *, window_factor=
 def window_linear_attention(q, k, v, phi_q, phi_k, *, window: int, window_factor=1.0,
                             linear_factor=1.0, scale=None, segment_ids=None, form="chunked",
                             chunk_size: int = 64):
-  """LoLCATs [4] hybrid: sliding-window softmax + linear attention, one shared normaliser (causal).
+  """LoLCATs (Zhang et al. 2024, arXiv:2410.10254) hybrid: sliding-window softmax + linear attention, one shared normaliser (causal).
 
   `q, k [B, T, H, D]` (softmax scores `s_ij = scale q_i.k_j`, scale = D^-1/2), `phi_q, phi_k
   [B, T, H, F]` (feature maps already applied, e.g. Hedgehog), `v [B, T, H, Dv]`. With the window
@@ -198,9 +198,9 @@ def window_linear_attention(q, k, v, phi_q, phi_k, *, window: int, window_factor
   as in the authors' code (`linear_window_attention_sw.py`; the `_tk` variant's block-terraced
   window is a kernel convenience not reproduced): the max is subtracted from the softmax terms
   only, `wf = window_factor` (LoLCATs: sigmoid of a learned per-head logit, 0.1 at init) and
-  `lf = linear_factor` (1 in LoLCATs), scalars or `[H]`. STILL [3] uses the same shared-normaliser
+  `lf = linear_factor` (1 in LoLCATs), scalars or `[H]`. STILL (Meng et al. 2026, arXiv:2602.02180) uses the same shared-normaliser
   formula with a different softmax set (top-k salient tokens); that selection is not implemented.
-  `window >= T` is exact softmax attention (the catalog oracle). `segment_ids [B, T]`: packed
+  `window >= T` is exact softmax attention (the defining property). `segment_ids [B, T]`: packed
   sequences, nothing crosses a boundary.
 
   `form`: "parallel" (dense [T, T] masked reference), "chunked" (window softmax in query blocks of
@@ -242,7 +242,7 @@ def window_linear_attention(q, k, v, phi_q, phi_k, *, window: int, window_factor
 
 
 # ----------------------------------------------------------------------------------------------
-# NAtS-L [153].
+# NAtS-L (Deng et al. 2026, arXiv:2602.03681).
 
 
 NATS_FORMS = ("parallel", "chunked")
@@ -282,7 +282,7 @@ def _nats_gdn_scan(q_lin, k_lin, v, beta, log_decay, r_prev, chunk_start, seg_st
 
 def nats_attention(q, k, v, beta, route, *, route_chunk: int, q_lin=None, k_lin=None, log_decay=None,
                    scale=None, segment_ids=None, form="chunked", chunk_size: int = 64):
-  """NAtS-L [153] chunk-routed hybrid of causal softmax attention and Gated DeltaNet.
+  """NAtS-L (Deng et al. 2026, arXiv:2602.03681) chunk-routed hybrid of causal softmax attention and Gated DeltaNet.
 
   Chunks are `route_chunk` positions counted from each segment's start; each chunk gets ONE
   decision, read from `route [B, T]` at the chunk's last token (1 = its tokens go to the softmax
@@ -436,7 +436,7 @@ def nats_decode(q, k, v, beta, route, cache, *, route_chunk: int, q_lin=None, k_
 
 
 # ----------------------------------------------------------------------------------------------
-# STILL [3]: salient tokens keep softmax attention beyond the window.
+# STILL (Meng et al. 2026, arXiv:2602.02180): salient tokens keep softmax attention beyond the window.
 
 
 STILL_FORMS = ("parallel", "chunked")
@@ -525,7 +525,7 @@ def _still_dense(q, k, v, pq, pk, salient, window, wf, lf, scale, qpos, kpos, qs
 def still_attention(q, k, v, phi_q, phi_k, salient, *, window: int, window_factor=1.0,
                     linear_factor=1.0, scale=None, segment_ids=None, form="chunked",
                     chunk_size: int = 64, max_salient: int | None = None):
-  """STILL [3] hybrid: softmax over the sliding window and the salient older keys, linear
+  """STILL (Meng et al. 2026, arXiv:2602.02180) hybrid: softmax over the sliding window and the salient older keys, linear
   attention over the other older keys, one shared normaliser (causal).
 
   With `W_i = {i - window < j <= i}`, `S_i = {j <= i - window : salient_j}`, `L_i` the other
@@ -534,7 +534,7 @@ def still_attention(q, k, v, phi_q, phi_k, salient, *, window: int, window_facto
       o_i = (wf sum_{W_i + S_i} e^{s_ij - m_i} v_j + lf sum_{L_i} phi_q_i.phi_k_j v_j)
             / (wf sum_{W_i + S_i} e^{s_ij - m_i}   + lf sum_{L_i} phi_q_i.phi_k_j)
 
-  the catalog formula (its softmax set = window + salient, the rest linear) with LoLCATs' max
+  the formula as we transcribed it (its softmax set = window + salient, the rest linear) with LoLCATs' max
   subtraction and factors, so no salient key gives exactly `window_linear_attention` and every
   key salient gives causal softmax attention (the oracles). `salient [B, T, H]` bool, per head;
   the STILL layer makes it with `still_saliency` + `still_select` (our reading of the paper's
@@ -641,7 +641,7 @@ def still_decode(q, k, v, phi_q, phi_k, cache, *, window: int, top_k: int, chunk
 
 
 # ----------------------------------------------------------------------------------------------
-# SeqBoat [140]: sparse modular activation of a local attention over the selected tokens.
+# SeqBoat (Ren et al. 2023, arXiv:2306.11197): sparse modular activation of a local attention over the selected tokens.
 
 
 SEQBOAT_FORMS = ("parallel", "chunked")
@@ -660,7 +660,7 @@ def _activate(s, activation):
 
 def seqboat_attention(q, k, v, route, *, window: int, scale=None, activation="softmax",
                       segment_ids=None, form="chunked", chunk_size: int = 64):
-  """SeqBoat [140] sparse modular activation of causal local attention (the attention half of
+  """SeqBoat (Ren et al. 2023, arXiv:2306.11197) sparse modular activation of causal local attention (the attention half of
   the layer; the SSM backbone and the router live in `SeqBoatMixer`).
 
   `route [B, T]` (0/1, hard; no gradient flows through it: SeqBoat trains the router through the
@@ -676,7 +676,7 @@ def seqboat_attention(q, k, v, route, *, window: int, scale=None, activation="so
   authors' compress -> local attention -> scatter: routed tokens gathered to the front by a stable
   sort, blocked local attention of `chunk_size` query blocks on the compressed sequence, the
   outputs gathered back: O(T (chunk + window)) memory). All routed and one segment: causal
-  sliding-window attention; none routed: zeros (the catalog oracles).
+  sliding-window attention; none routed: zeros (the defining properties).
   """
   if form not in SEQBOAT_FORMS:
     raise ValueError(f"form must be one of {SEQBOAT_FORMS}, got {form!r}")

@@ -21,11 +21,11 @@ def mala_combine(num, den, vsum, count, dk):
 
 def mala_attention(phi_q, phi_k, v, *, causal=True, segment_ids=None, initial_state=None,
                    output_final_state=False, form=None, chunk_size=64):
-  """Magnitude-Aware Linear Attention (MALA [6]) on `[B, T, H, D]` features (`phi = elu + 1`).
+  """Magnitude-Aware Linear Attention (MALA (Fan et al. 2025, arXiv:2507.00698)) on `[B, T, H, D]` features (`phi = elu + 1`).
 
   `z_i = s phi(q_i) . mean_j phi(k_j)` with `s = Dk^{-1/2}`,
   `o_i = (1 + 1/z_i) s mean_j[(phi(q_i) . phi(k_j)) v_j] - z_i mean_j v_j`, so the implied
-  weights `(1 + 1/z_i) s phi(q_i).phi(k_j)/N - z_i/N` sum exactly to 1 (the catalog oracle) but
+  weights `(1 + 1/z_i) s phi(q_i).phi(k_j)/N - z_i/N` sum exactly to 1 (the defining property) but
   keep the query magnitude. Means run over the whole segment (`causal=False`, the paper's vision
   setting) or over `j <= i` (`causal=True`, our reading for language models: prefix means with
   the prefix length N_i = i + 1). Computed with two engine passes: `[phi_q S, phi_q z]` and the
@@ -60,7 +60,7 @@ def mala_step(phi_q_t, phi_k_t, v_t, state):
 
 
 # ----------------------------------------------------------------------------------------------
-# LightNet [74].
+# LightNet (Qin et al. 2024, arXiv:2405.21022).
 
 
 def _segment_logcumsumexp(x, runs):
@@ -81,7 +81,7 @@ def _segment_logcumsumexp(x, runs):
 
 def lightnet_attention(q, k, v, *, segment_ids=None, initial_state=None, output_final_state=False,
                        form=None, chunk_size=64):
-  """LightNet's additive recurrence [74] on `[B, T, H, D]` (q already activated, e.g. silu).
+  """LightNet's additive recurrence (Qin et al. 2024, arXiv:2405.21022) on `[B, T, H, D]` (q already activated, e.g. silu).
 
   `z_t = logcumsumexp_{s<=t}(k_s)` per key dimension, `k'_t = exp(k_t - z_t)`, log gate
   `g_t = z_{t-1} - z_t (<= 0)`, then GLA's `S_t = exp(g_t) S_{t-1} + k'_t^T v_t`, `o_t = q_t S_t`
@@ -135,7 +135,7 @@ def _sums(phi_q, phi_k, v, causal, segment_ids, form, chunk_size):
 
 def inline_attention(phi_q, phi_k, v, *, scale=None, causal=False, segment_ids=None, form=None,
                      chunk_size=64):
-  """InLine (injective linear) attention [26] as the authors' code (LeapLabTHU/InLine
+  """InLine (injective linear) attention (Han et al. 2024, arXiv:2412.06590) as the authors' code (LeapLabTHU/InLine
   `models/inline_deit.py`, `InLineAttention.forward`): `o_i = phi_q_i (phi_k^T v) scale / N +
   (1 - scale phi_q_i . kbar) vbar`, `kbar, vbar` the means of `phi_k`, `v`, `scale = D^{-1/2}`
   (default). Implied weights `w_ij = scale (phi_q_i.phi_k_j - phi_q_i.kbar) / N + 1/N` sum to 1
@@ -150,7 +150,7 @@ def inline_attention(phi_q, phi_k, v, *, scale=None, causal=False, segment_ids=N
 
 def linfusion_attention(phi_q, phi_k, v, *, eps=1e-4, causal=False, segment_ids=None,
                         form=None, chunk_size=64):
-  """LinFusion's generalised linear attention [31]: `o = phi_q (phi_k^T v / N) / (phi_q . mean
+  """LinFusion's generalised linear attention (Liu et al. 2024, arXiv:2409.02097): `o = phi_q (phi_k^T v / N) / (phi_q . mean
   phi_k + eps)`, eps = 1e-4 (their code), phi = elu + 1 applied by the caller. `[B, T, H, D]`."""
   num, den, _, count = _sums(phi_q, phi_k, v, causal, segment_ids, form, chunk_size)
   return ((num / count) / (den / count + eps)).astype(phi_q.dtype)
@@ -192,7 +192,7 @@ def _seg_scan(x, runs, combine):
 
 
 def rala_attention(phi_q, phi_k, v, *, scale=None, segment_ids=None):
-  """RALA's rank-augmented linear attention [95], non-causal (vision), `[B, N, H, D]`:
+  """RALA's rank-augmented linear attention (Fan et al. 2024, arXiv:2411.07635), non-causal (vision), `[B, N, H, D]`:
   `eff = softmax_j(s * mean_i(phi_q_i) . phi_k_j)`, `k'_j = phi_k_j * eff_j * N`,
   `o_i = phi_q_i (k'^T v / N) / (phi_q_i . mean_j k'_j)`, s = D^{-1/2}. RoPE, LePE and the gate of
   the vision block are left to the layer. `segment_ids [B, N]`: means, softmax and sums run over
@@ -215,7 +215,7 @@ def rala_attention(phi_q, phi_k, v, *, scale=None, segment_ids=None):
 
 def sla_attention(q, k, v, *, eps=1e-6, causal=False, segment_ids=None, initial_state=None,
                   output_final_state=False, form=None, chunk_size=64):
-  """SLAB's simplified linear attention [33] (without its depth-wise conv on V, which the layer
+  """SLAB's simplified linear attention (Guo et al. 2024, arXiv:2405.11582) (without its depth-wise conv on V, which the layer
   adds): `o = relu(Q)(relu(K)^T V) / (relu(Q) . sum relu(K) + eps)`. All-zero rows give 0.
   Causal (prefix sums, our extension for language models) with `initial_state` /
   `output_final_state`: the state is `S [B, H, Dk, Dv + 1]` float32 (the last column is the key sum)."""
@@ -237,7 +237,7 @@ def sla_step(q_t, k_t, v_t, state, *, eps=1e-6):
 
 
 def lina_attention(phi_q, phi_k, v, kv_gate, *, eps=1e-6, segment_ids=None):
-  """LINA's bidirectional gated linear attention [149] (reading: the data-independent per-token
+  """LINA's bidirectional gated linear attention (Wang et al. 2026, arXiv:2601.22630) (reading: the data-independent per-token
   memory weight `g_j > 0` scales key j in numerator and denominator):
   `o_i = sum_j g_j phi_q_i.phi_k_j v_j / (sum_j g_j phi_q_i.phi_k_j + eps)`; `kv_gate [N]` or
   `[B, N, H]`. g = 1 is plain normalised linear attention; weights sum to 1."""
@@ -249,7 +249,7 @@ def lina_attention(phi_q, phi_k, v, kv_gate, *, eps=1e-6, segment_ids=None):
 
 
 def flow_attention(q, k, v, *, causal=False, eps=1e-6, segment_ids=None):
-  """Flowformer's Flow-Attention [55] with `phi = sigmoid`, `[B, N, H, D]`, as the authors' code
+  """Flowformer's Flow-Attention (Wu et al. 2022, arXiv:2202.06258) with `phi = sigmoid`, `[B, N, H, D]`, as the authors' code
   (thuml/Flowformer `Flow_Attention.py`, classes `Flow_Attention` and `Flow_Attention_Causal`).
 
   Non-causal: incoming `I_i = phi_q_i . sum_j phi_k_j`, outgoing `O_j = phi_k_j . sum_i phi_q_i`;

@@ -1,4 +1,4 @@
-"""Titans neural memory [58] and the Miras memory variants [59]: a memory learned at test time.
+"""Titans neural memory (Behrouz et al. 2024, arXiv:2501.00663) and the Miras memory variants (Behrouz et al. 2025, arXiv:2504.13173): a memory learned at test time.
 
 The memory is a small model `M_W(x)` (a matrix, or a 2-layer MLP) whose weights are updated at
 every token by gradient descent on an associative ("attentional bias") loss `l(M_W(k_t), v_t)`,
@@ -41,7 +41,7 @@ residual that lucidrains' `ResidualNorm` and Miras' `x + LN(...)` use; the Layer
 because its derivative at a zero output is 1/sqrt(eps), which makes the zero-initialised second
 layer's first updates explode).
 
-Miras [59] as options of the same update (what the paper pins down, and what we chose):
+Miras (Behrouz et al. 2025, arXiv:2504.13173) as options of the same update (what the paper pins down, and what we chose):
 
 * attentional bias (`loss`): "l2" `||e||^2` (Titans; e = M(k) - v); "lp" `sum_i |e_i|^p`
   (Moneta, p = 3 in the paper) with the paper's smooth `|x| ~ sqrt(x^2 + eps)`, i.e.

@@ -1,4 +1,4 @@
-"""Catalog-A attention operators as pure functions on `[B, T, H, D]` (see each module's docstrings)."""
+"""Attention operators as pure functions on `[B, T, H, D]` (see each module's docstrings)."""
 
 from attnjax.ops.operators.aaren import AarenState, aaren_attention, aaren_init_state, aaren_step
 from attnjax.ops.operators.entropy import (attention_entropy, entropy_regularizer, head_entropy,

@@ -1,4 +1,4 @@
-"""Shared pieces for the catalog-A operators: input checks, score matrices and visibility masks.
+"""Shared pieces for the attention operators: input checks, score matrices and visibility masks.
 
 Every operator here works on `q: [B, Tq, H, D]`, `k: [B, Tk, Hk, D]`, `v: [B, Tk, Hk, Dv]` (Hk divides
 H, GQA) and builds the same boolean visibility `[B|1, H|1, Tq, Tk]` from `mask`, `causal` (bottom-right

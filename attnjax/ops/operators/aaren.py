@@ -1,4 +1,4 @@
-"""Aaren [57]: attention as an RNN. Softmax attention of a learned query, as a prefix scan and as a step."""
+"""Aaren (Feng et al. 2024, arXiv:2405.13956): attention as an RNN. Softmax attention of a learned query, as a prefix scan and as a step."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def _combine(a, b):
 
 def aaren_attention(query, k, v, *, causal=True, segment_ids=None, scale=None,
                     return_state=False):
-  """Aaren (Feng et al. [57]): `o_t = sum_{j<=t} softmax_j(s_j) v_j`, `s_j = query . k_j * scale`.
+  """Aaren (Feng et al. (Feng et al. 2024, arXiv:2405.13956)): `o_t = sum_{j<=t} softmax_j(s_j) v_j`, `s_j = query . k_j * scale`.
 
   `query [H, D]` (learned, one per head) or `[B, H, D]`; `k [B, T, H, D]`, `v [B, T, H, Dv]` ->
   `[B, T, H, Dv]`. Causal: a parallel prefix scan (`jax.lax.associative_scan`) over

@@ -1,4 +1,4 @@
-"""Concentric causal attention, CCA [83]: ring positions and the ring-causal mask for image tokens.
+"""Concentric causal attention, CCA (Xing et al. 2024, arXiv:2410.15926): ring positions and the ring-causal mask for image tokens.
 
 Token layout `[prefix text (num_prefix), visual (grid_h * grid_w, row-major), text ...]`, as in an
 LVLM prompt. Visual cell (i, j) lies on ring `r = min(i, j, h - 1 - i, w - 1 - j)` (0 = outer ring).

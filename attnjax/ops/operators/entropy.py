@@ -1,4 +1,4 @@
-"""Attention entropy per head, and the entropy regulariser of Entropy-Guided Attention [34].
+"""Attention entropy per head, and the entropy regulariser of Entropy-Guided Attention (Jha & Reagen 2025, arXiv:2501.03489).
 
 Per-head entropy of ANY softmax-family operator: `head_entropy(attn_fn, q, k, **kw)` reads the
 operator's weights with `probe_attention_weights` (values = one-hot key indicators, so the output
@@ -86,12 +86,12 @@ def attention_entropy(weights, *, reduce: bool = True):
 
 def entropy_regularizer(head_entropy, theta, seq_len: int, *, lam: float = 1e-5,
                         gamma: float = 0.2):
-  """Entropy-band regulariser (Jha & Reagen [34]): `lam * mean_{l,h} max(0, |H_lh - theta_lh| - gamma H_max)^2`.
+  """Entropy-band regulariser (Jha & Reagen (Jha & Reagen 2025, arXiv:2501.03489)): `lam * mean_{l,h} max(0, |H_lh - theta_lh| - gamma H_max)^2`.
 
   `head_entropy` and `theta` (learnable per-head targets) have the same shape (`[H]` or `[L, H]`);
   `H_max = log(seq_len)`. Zero while every head's entropy stays within `gamma H_max` of its target.
-  Paper defaults `lam = 1e-5`, `gamma = 0.2`. Reading: catalog [34] "partly from code, formula verify";
-  we follow the catalog's formula.
+  Paper defaults `lam = 1e-5`, `gamma = 0.2`. Reading: our first spec of (Jha & Reagen 2025, arXiv:2501.03489) was "partly from code, formula verify";
+  we follow the formula as we transcribed it.
   """
   head_entropy = jnp.asarray(head_entropy, jnp.float32)
   theta = jnp.asarray(theta, jnp.float32)

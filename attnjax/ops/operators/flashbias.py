@@ -1,4 +1,4 @@
-"""FlashBias [119]: an additive attention bias given as low-rank factors, folded into extra q/k columns."""
+"""FlashBias (Wu et al. 2025, arXiv:2505.12044): an additive attention bias given as low-rank factors, folded into extra q/k columns."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def _batch(phi, b, name, arg, t, h):
 def flashbias_attention(q, k, v, phi_q, phi_k, *, scale=None, **attn_kwargs):
   """Softmax attention with bias `B = phi_q phi_k^T`, computed as plain attention on `[q, phi_q/s] . [k, phi_k]`.
 
-  FlashBias (Wu et al. [119]): `softmax(q.k s + phi_q[i] . phi_k[j]) V` equals the plain engine on
+  FlashBias (Wu et al. (Wu et al. 2025, arXiv:2505.12044)): `softmax(q.k s + phi_q[i] . phi_k[j]) V` equals the plain engine on
   the concatenated features, with the original scale `s = D ** -0.5` passed explicitly (so the extra
   R columns carry the bias with weight exactly 1). `q [B, Tq, H, D]`, `k, v [B, Tk, Hk, .]` (GQA kv is
   repeated, since the bias is per query head), `phi_q [Tq|B,Tq, H, R]`, `phi_k [Tk|B,Tk, H, R]`.

@@ -1,4 +1,4 @@
-"""Gaussian adaptive attention, GAAM [16]."""
+"""Gaussian adaptive attention, GAAM (Ioannides et al. 2024, arXiv:2401.11143)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 def gaam_weights(x, offsets, scales, *, axis: int = 1, eps: float = 1e-8, causal: bool = False,
                  segment_ids=None):
-  """GAAM weights (Ioannides et al. [16], from the authors' code), normalised along `axis`.
+  """GAAM weights (Ioannides et al. (Ioannides et al. 2024, arXiv:2401.11143), from the authors' code), normalised along `axis`.
 
   With `mu = mean(x)`, `sigma^2 = var(x) + eps` along `axis` (the unbiased variance, `/(n - 1)`, as
   the authors' `x.var(dim)` is torch's default; one sample has variance 0 here, where torch gives

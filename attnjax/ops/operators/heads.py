@@ -1,4 +1,4 @@
-"""Head mixers: differential / grouped differential attention [124] and mixture-of-head attention [9]."""
+"""Head mixers: differential / grouped differential attention (Lim et al. 2025, arXiv:2510.06949) and mixture-of-head attention (Jin et al. 2024, arXiv:2410.11842)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def diff_lambda(lambda_q1, lambda_k1, lambda_q2, lambda_k2, lambda_init: float):
 
 
 def differential_attention(q_signal, k_signal, q_noise, k_noise, v, lam, **attn_kwargs):
-  """(Grouped) differential attention (Ye et al.; GDA [124]): `o_h = (softmax(S1_h) - lam softmax(S2_g(h))) V_h`.
+  """(Grouped) differential attention (Ye et al.; GDA (Lim et al. 2025, arXiv:2510.06949)): `o_h = (softmax(S1_h) - lam softmax(S2_g(h))) V_h`.
 
   `q_signal [B, Tq, Hs, D]`, `k_signal [B, Tk, Hs, D]` (or fewer kv heads, GQA), `q_noise [B, Tq, Hn, D]`,
   `k_noise [B, Tk, Hn, D]`, `v [B, Tk, Hs, Dv]` -> `[B, Tq, Hs, Dv]`. Signal head h uses the noise map
@@ -36,7 +36,7 @@ def differential_attention(q_signal, k_signal, q_noise, k_noise, v, lam, **attn_
   `(1 - lambda_init)` factor belong to the layer. Each map runs on `dot_product_attention`
   (`attn_kwargs`: masks, causal, segments, window, implementation); the noise map is applied to the
   group's values at once by folding the group's heads into the value dimension, so it costs Hn, not
-  Hs, attention maps. Catalog [124] is "from abstract + DIFF definition": the grouping follows the
+  Hs, attention maps. Our first spec of (Lim et al. 2025, arXiv:2510.06949) was "from abstract + DIFF definition": the grouping follows the
   abstract (noise heads shared GQA-style by their signal heads).
   """
   name = "differential_attention"
@@ -65,7 +65,7 @@ def differential_attention(q_signal, k_signal, q_noise, k_noise, v, lam, **attn_
 
 
 def moh_router(shared_logits, routed_logits, branch_logits, top_k: int):
-  """MoH gates from router logits (Jin et al. [9]); returns `(gates [.., Hsh + Hr], topk_idx, aux_loss)`.
+  """MoH gates from router logits (Jin et al. (Jin et al. 2024, arXiv:2410.11842)); returns `(gates [.., Hsh + Hr], topk_idx, aux_loss)`.
 
   `shared_logits [..., Hsh]` (`W_s x`), `routed_logits [..., Hr]` (`W_r x`), `branch_logits [..., 2]`
   (`W_h x`). `[a1, a2] = 2 softmax(W_h x)`; shared gates `a1 * Hsh * softmax(W_s x)`; routed gates
@@ -73,7 +73,7 @@ def moh_router(shared_logits, routed_logits, branch_logits, top_k: int):
   zero elsewhere). The `2`, `Hsh` and `k` factors make every gate 1 on average at init, so all heads
   on with uniform routers is standard MHA. Load balance (switch style) over routed heads:
   `Hr * sum_i f_i P_i`, `f_i` = fraction of tokens picking head i, `P_i` = mean routed probability.
-  Reading: catalog [9] is "from memory"; checked against the authors' code (SkyworkAI/MoH,
+  Reading: Our first spec of (Jin et al. 2024, arXiv:2410.11842) was "from memory"; checked against the authors' code (SkyworkAI/MoH,
   `MoH-DiT/models.py`, `MoHAttention`): the gates (`2 softmax` branch weights, `Hsh softmax` shared,
   top-k of the routed softmax renormalised times k) are theirs. Their loss is
   `Hr^2 mean_i(P_i c_i)` with `c_i` the fraction of tokens picking head i, which is `top_k` times

@@ -1,4 +1,4 @@
-"""Attention pooling: efficient attentive probing, EP [85], and low-rank factorised MHSA, LAMA [60].
+"""Attention pooling: efficient attentive probing, EP (Psomas et al. 2025, arXiv:2506.10178), and low-rank factorised MHSA, LAMA (Mehta et al. 2019, arXiv:1912.00835).
 
 Both are poolers, not sequence mixers: they map a set of tokens `[B, N, C]` to ONE vector per
 example (`[B, C']`), with queries that are learned constants (EP) or the sequence's global context
@@ -25,7 +25,7 @@ def _token_valid(mask, b, n):
 
 
 def efficient_probe(x, queries, w_v, *, mask=None):
-  """Efficient probing (Psomas et al., EP [85]): M learnable queries over raw tokens, one value chunk each.
+  """Efficient probing (Psomas et al., EP (Psomas et al. 2025, arXiv:2506.10178)): M learnable queries over raw tokens, one value chunk each.
 
   `x [B, N, C]` tokens (keys are the tokens themselves, no K projection), `queries [M, C]`,
   `w_v [C, C']` (C' = C / d_out, divisible by M). `A = softmax_N(Q x^T / sqrt(C))` `[B, M, N]`,
@@ -51,16 +51,16 @@ def efficient_probe(x, queries, w_v, *, mask=None):
 
 
 def lama_pool(h, u, v, p, *, mask=None):
-  """LAMA (Mehta et al. [60]) pooling: K heads of low-rank bilinear attention against the global context.
+  """LAMA (Mehta et al. (Mehta et al. 2019, arXiv:1912.00835)) pooling: K heads of low-rank bilinear attention against the global context.
 
   `h [B, N, D]` (token states; the paper's BiGRU outputs, computed by the caller), `u, v [D, r]`
   shared by the heads, `p [K, r]` per-head vectors. `c = mean_i h_i` (over unmasked tokens),
   `s_ki = p_k . (U^T h_i * V^T c)`, `a_k = softmax_i(s_k)`, `m_k = sum_i a_ki h_i`; returns
   `(concat_k m_k [B, K * D], a [B, K, N])`. Each `a_k` sums to 1 and the output is invariant to
-  permuting tokens; `mask [B, N]` hides padding (from the context mean and the softmax). Catalog [60]
-  is "from abstract + memory": the abstract confirms the two ingredients (a low-rank factorised
+  permuting tokens; `mask [B, N]` hides padding (from the context mean and the softmax). Our first spec of (Mehta et al. 2019, arXiv:1912.00835)
+  was "from abstract + memory": the abstract confirms the two ingredients (a low-rank factorised
   affinity giving all heads' distributions from shared U, V, and scores that query a global
-  context vector instead of every word); the exact bilinear form is the catalog's.
+  context vector instead of every word); the exact bilinear form is our reading.
   """
   if h.ndim != 3:
     raise ValueError(f"lama_pool: h must be [B, N, D], got {h.shape}")

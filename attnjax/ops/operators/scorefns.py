@@ -1,4 +1,4 @@
-"""Attention with a different score normaliser: sigmoid [50], softplus LSSA / LSSAR [62], affine-scaled [1].
+"""Attention with a different score normaliser: sigmoid (Ramapuram et al. 2024, arXiv:2409.04431), softplus LSSA / LSSAR (Gao et al. 2025, arXiv:2501.13428), affine-scaled (Bae et al. 2026, arXiv:2602.23057).
 
 All three take `q [B, Tq, H, D]`, `k [B, Tk, Hk, D]`, `v [B, Tk, Hk, Dv]` and the shared masking keywords
 (`mask`, `causal` bottom-right aligned, `window=(left, right)`, `q_segment_ids`, `kv_segment_ids`), so
@@ -89,7 +89,7 @@ def choose_sigmoid_implementation(implementation, q, k, v, *, bias=None, mask=No
 @dispatch.dispatching_op
 def sigmoid_attention(q, k, v, *, bias=None, mask=None, causal=False, window=None,
                       q_segment_ids=None, kv_segment_ids=None, scale=None, implementation=None):
-  """Sigmoid self/cross attention (Ramapuram et al. [50]): `o_i = sum_j sigmoid(q_i.k_j/sqrt(D) + b) v_j`.
+  """Sigmoid self/cross attention (Ramapuram et al. (Ramapuram et al. 2024, arXiv:2409.04431)): `o_i = sum_j sigmoid(q_i.k_j/sqrt(D) + b) v_j`.
 
   Shapes `q [B, Tq, H, D]`, `k [B, Tk, Hk, D]`, `v [B, Tk, Hk, Dv]` -> `[B, Tq, H, Dv]`. Rows are not
   normalised: each row's mass is `sum_j sigmoid(.)`, so `b = -log n` (default, `n = Tk`) keeps the
@@ -97,7 +97,7 @@ def sigmoid_attention(q, k, v, *, bias=None, mask=None, causal=False, window=Non
   `sigmoid` mixer, which turns it on by default). Reading: `n` is the key length of the call; under
   KV-cache decoding that is the cache length, so pass `bias` explicitly for length-independent
   behaviour, or `bias="visible"` for `b_i = -log(n_i)` per query row (`n_i` = its visible keys; equals
-  `-log Tk` without masks, and is invariant to cache padding and sequence packing). Catalog [50] is
+  `-log Tk` without masks, and is invariant to cache padding and sequence packing). Our first spec of (Ramapuram et al. 2024, arXiv:2409.04431) was
   "from memory"; the formula matches the authors' FlashSigmoid README (`sigmoid(q k^T/sqrt(d) + b)`).
   `implementation`: "reference" (materialised weights), "pallas" (the flash kernel's sigmoid score
   mode: a constant bias, no dense mask; interpret mode without a GPU) or None (the kernel on a CUDA
@@ -159,7 +159,7 @@ def lssa_weights(q, k, *, reweight_power=None, reweight_threshold=1.0, length_sc
 def lssa_attention(q, k, v, *, reweight_power=None, reweight_threshold=1.0,
                    length_scale_base=None, mask=None, causal=False, window=None,
                    q_segment_ids=None, kv_segment_ids=None, scale=None):
-  """Softplus attention LSSA / LSSAR (Gao et al. [62]) on `[B, T, H, D]`.
+  """Softplus attention LSSA / LSSAR (Gao et al. (Gao et al. 2025, arXiv:2501.13428)) on `[B, T, H, D]`.
 
   LSSA: `A_ij = softplus(lam_i S_ij) / sum_j softplus(lam_i S_ij)` with `S = q.k / sqrt(D)` and the
   length-dependent scale `lam_i = log(n_i)` (`n_i` = keys visible to query i; divided by
@@ -167,7 +167,7 @@ def lssa_attention(q, k, v, *, reweight_power=None, reweight_threshold=1.0,
   re-weights: `A'_ij ∝ relu(A_ij - tau / n_i) ** p`, renormalised (`tau = reweight_threshold`,
   default 1 = the row average; `p = reweight_power`), which amplifies above-average weights and
   zeroes weak ones; `p = 1, tau = 0` gives LSSA back. `o = A V` -> `[B, Tq, H, Dv]`. Reading (the
-  catalog entry is "from abstract"): the abstract fixes softplus + l1 norm + an entropy-invariant
+  only the abstract was available): the abstract fixes softplus + l1 norm + an entropy-invariant
   `log n` scale + a power re-weighting; the exact constants are our choice and are parameters here.
   """
   w = lssa_weights(q, k, reweight_power=reweight_power, reweight_threshold=reweight_threshold,
@@ -179,14 +179,14 @@ def lssa_attention(q, k, v, *, reweight_power=None, reweight_threshold=1.0,
 def affine_scaled_attention(q, k, v, alpha, beta, *, normalize_beta=False, mask=None,
                             causal=False, window=None, q_segment_ids=None, kv_segment_ids=None,
                             scale=None, implementation=None):
-  """Affine-scaled attention (Bae et al. [1]): `o_i = sum_j (alpha_i P_ij + beta_i) v_j`, `P = softmax`.
+  """Affine-scaled attention (Bae et al. (Bae et al. 2026, arXiv:2602.23057)): `o_i = sum_j (alpha_i P_ij + beta_i) v_j`, `P = softmax`.
 
   `alpha, beta: [B, Tq, H]` (input-dependent, per head and query). The sum over j runs over the keys
   visible to query i (`n_i` of them), so the row mass is `alpha_i + n_i beta_i`; with
   `normalize_beta=True` beta is divided by `n_i` (bias term = beta * mean of visible values, mass
   `alpha + beta`), which keeps the bias bounded for long contexts. `alpha = 1, beta = 0` is exactly
   softmax attention. The softmax part runs on `dot_product_attention` (any implementation); the
-  bias part is a masked sum of values. Catalog [1] is "from abstract": the affine form on the
+  bias part is a masked sum of values. Our first spec of (Bae et al. 2026, arXiv:2602.23057) was "from abstract": the affine form on the
   softmax weights is the abstract's; the alpha/beta parametrisation lives in the layer.
   """
   _common.check_qkv("affine_scaled_attention", q, k, v)
@@ -210,7 +210,7 @@ def affine_scaled_attention(q, k, v, alpha, beta, *, normalize_beta=False, mask=
 
 
 def gated_attention(q, k, v, gate_logits, **attn_kwargs):
-  """Gated attention, G1 position (Qiu et al. [121]): `Y' = SDPA(q, k, v) * sigmoid(gate_logits)`.
+  """Gated attention, G1 position (Qiu et al. (Qiu et al. 2025, arXiv:2505.06708)): `Y' = SDPA(q, k, v) * sigmoid(gate_logits)`.
 
   `gate_logits` is `[B, Tq, H]` (head-wise: one gate per head and token) or `[B, Tq, H, Dv]`
   (element-wise, the paper's best variant), computed by the layer from the same pre-norm input `x`

@@ -1,5 +1,5 @@
-"""Reversed attention [100], GPSA [148], decoupled-head attention [127], relative-conv scores [28],
-hierarchical [115] and modality-duplex [70] attention, on `[B, T, H, D]`."""
+"""Reversed attention (Ding et al. 2023, arXiv:2304.03282), GPSA (d'Ascoli et al. 2021, arXiv:2103.10697), decoupled-head attention (Chen et al. 2024, arXiv:2406.06567), relative-conv scores (Sugiharto et al. 2023, arXiv:2308.03429),
+hierarchical (Amizadeh et al. 2025, arXiv:2509.15448) and modality-duplex (Zhang et al. 2025, arXiv:2507.04635) attention, on `[B, T, H, D]`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from attnjax.ops.operators import _common
 
 
 # ---------------------------------------------------------------------------------------------
-# Reversed attention (DependencyViT [100]).
+# Reversed attention (DependencyViT (Ding et al. 2023, arXiv:2304.03282)).
 
 
 def reversed_attention_weights(q, k, *, mask=None, q_segment_ids=None, kv_segment_ids=None,
@@ -31,14 +31,14 @@ def reversed_attention_weights(q, k, *, mask=None, q_segment_ids=None, kv_segmen
 
 def reversed_attention(q, k, v, *, message=None, mask=None, q_segment_ids=None,
                        kv_segment_ids=None, scale=None, causal=False):
-  """Reversed attention (Ding et al., DependencyViT [100]): `o_i = sum_j A_ij m_j v_j`.
+  """Reversed attention (Ding et al., DependencyViT (Ding et al. 2023, arXiv:2304.03282)): `o_i = sum_j A_ij m_j v_j`.
 
   `A` is softmax over queries (each child token j distributes itself over parents i; columns sum
   to 1) and `message [B, Tk, H]` in [0, 1] (the message controller `sigmoid(w . x_j)`; default 1)
   scales what token j sends. `q [B, Tq, H, D]`, `k [B, Tk, Hk, D]`, `v [B, Tk, Hk, Dv]` ->
   `[B, Tq, H, Dv]`. With `m = 1` and no mask, `sum_i o_i = sum_j v_j`. Non-causal self and cross
   are defined; causal raises (normalising over queries would read future queries). A fully hidden
-  key column sends nothing. Catalog [100] is "from memory": column softmax + message gate.
+  key column sends nothing. Our first spec of (Ding et al. 2023, arXiv:2304.03282) was "from memory": column softmax + message gate.
   """
   w = reversed_attention_weights(q, k, mask=mask, q_segment_ids=q_segment_ids,
                                  kv_segment_ids=kv_segment_ids, scale=scale, causal=causal)
@@ -51,7 +51,7 @@ def reversed_attention(q, k, v, *, message=None, mask=None, q_segment_ids=None,
 
 
 # ---------------------------------------------------------------------------------------------
-# ConViT gated positional self-attention [148].
+# ConViT gated positional self-attention (d'Ascoli et al. 2021, arXiv:2103.10697).
 
 
 def grid_offsets(grid_h: int, grid_w: int):
@@ -82,7 +82,7 @@ def gpsa_local_init(num_heads: int, locality_strength: float = 1.0):
 
 
 def gpsa_attention(q, k, v, pos_weights, gate_logits, *, grid, mask=None, causal=False, scale=None):
-  """Gated positional self-attention (d'Ascoli et al., ConViT [148]).
+  """Gated positional self-attention (d'Ascoli et al., ConViT (d'Ascoli et al. 2021, arXiv:2103.10697)).
 
   `A_h = (1 - sigmoid(l_h)) softmax(Q_h K_h^T / sqrt(D)) + sigmoid(l_h) softmax_j(v_h . r_ij)`,
   `r_ij = (|delta|^2, delta_x, delta_y)` on the `grid = (h, w)` token grid (row-major,
@@ -114,11 +114,11 @@ def gpsa_attention(q, k, v, pos_weights, gate_logits, *, grid, mask=None, causal
 
 
 # ---------------------------------------------------------------------------------------------
-# Decoupled-head attention (DHA [127]).
+# Decoupled-head attention (DHA (Chen et al. 2024, arXiv:2406.06567)).
 
 
 def dha_attention(q, k, v, k_assign, v_assign, **attn_kwargs):
-  """DHA (Chen et al. [127]): query head h attends with key group `k_assign[h]`, value group `v_assign[h]`.
+  """DHA (Chen et al. (Chen et al. 2024, arXiv:2406.06567)): query head h attends with key group `k_assign[h]`, value group `v_assign[h]`.
 
   `q [B, Tq, H, D]`, `k [B, Tk, gK, D]`, `v [B, Tk, gV, Dv]`, `k_assign, v_assign [H]` int (static
   tuples or arrays). K and V groupings are independent (GQA is the special case where both are
@@ -149,7 +149,7 @@ def dha_fuse_heads(kernel, fusion, head_dim: int):
 
 
 # ---------------------------------------------------------------------------------------------
-# Relative positional scores (Transformer-XL style, used by RCMHA [28]).
+# Relative positional scores (Transformer-XL style, used by RCMHA (Sugiharto et al. 2023, arXiv:2308.03429)).
 
 
 def sinusoid(positions, dim: int):
@@ -193,7 +193,7 @@ def relative_attention(q, k, v, rel, u, w, *, mask=None, causal=False, q_segment
 
 
 # ---------------------------------------------------------------------------------------------
-# Hierarchical self-attention [115] (two-level reading).
+# Hierarchical self-attention (Amizadeh et al. 2025, arXiv:2509.15448) (two-level reading).
 
 
 def hierarchical_attention_weights(q, k, group_ids, *, scale=None, causal=False):
@@ -204,7 +204,7 @@ def hierarchical_attention_weights(q, k, group_ids, *, scale=None, causal=False)
   member scores, averaged over the query group), and `Z_i = sum_{j in g} exp(S_ij) + sum_G exp(b_gG)`.
   Every query in g gives block G the same total mass, spread evenly over its keys. Rows sum to 1;
   one token per group is exactly softmax attention. Self-attention, non-causal only (the group
-  average reads the whole query group). Catalog [115] is "from abstract + summary": the paper's
+  average reads the whole query group). Our first spec of (Amizadeh et al. 2025, arXiv:2509.15448) was "from abstract + summary": the paper's
   DP over a full tree is reduced here to one level of nesting; this is our reading of the
   block-constant KL projection.
   """
@@ -239,12 +239,12 @@ def hierarchical_attention(q, k, v, group_ids, *, scale=None, causal=False):
 
 
 # ---------------------------------------------------------------------------------------------
-# Modular duplex attention (MODA [70]).
+# Modular duplex attention (MODA (Zhang et al. 2025, arXiv:2507.04635)).
 
 
 def moda_attention(q, k, v, modality_ids, *, pair_bias, basis=None, kv_modality_ids=None,
                    causal=False, mask=None, scale=None):
-  """MODA (as far as [70]'s abstract pins it): one softmax with duplex alignment and modality masks.
+  """MODA (as far as (Zhang et al. 2025, arXiv:2507.04635)'s abstract pins it): one softmax with duplex alignment and modality masks.
 
   Scores `S_ij = q_i . k_j` within a modality and `(q_i B_{m_i}^T) . k_j` across modalities
   (`basis [M, D, D]`: the query modality's learned basis maps the other modality's keys into its

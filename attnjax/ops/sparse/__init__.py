@@ -1,4 +1,4 @@
-"""Sparse attention patterns (static layout builders) and dynamic routers (catalog S)."""
+"""Sparse attention patterns (static layout builders) and dynamic routers."""
 
 from attnjax.ops.sparse import patterns
 

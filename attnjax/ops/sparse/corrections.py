@@ -1,15 +1,15 @@
-"""Corrections and inference schemes on top of a sparse pass (catalog S).
+"""Corrections and inference schemes on top of a sparse pass.
 
-* Rectified SpaAttn [21]: pooled-QK block selection, then IPAR (rescale the critical blocks'
+* Rectified SpaAttn (Liu et al. 2025, arXiv:2511.19835): pooled-QK block selection, then IPAR (rescale the critical blocks'
   softmax by the estimated share of the full normaliser) and GAPR (add pooled estimates of the
   non-critical blocks where the estimated gain beats the pooling error).
-* Recycled Attention [68]: decoding that alternates full steps (which record the top-K keys per GQA
+* Recycled Attention (Xu et al. 2024, arXiv:2411.05787): decoding that alternates full steps (which record the top-K keys per GQA
   group) with recycled steps (only those keys plus the tokens generated since).
-* HyLRA [79]: per-layer policy (full vs reuse) chosen by a dynamic program; full layers pass their
+* HyLRA (Ai et al. 2026, arXiv:2602.00777): per-layer policy (full vs reuse) chosen by a dynamic program; full layers pass their
   top-k key indices to the following reuse layers.
-* Flux Attention [81]: a router on the pooled context picks full or sparse attention per layer and
+* Flux Attention (Qiu et al. 2026, arXiv:2604.07394): a router on the pooled context picks full or sparse attention per layer and
   input (Gumbel-sigmoid relaxation in training, hard at inference).
-Re-ttention [38] and the top-k primitives live in `dynamic.py`.
+Re-ttention (Chen et al. 2025, arXiv:2505.22918) and the top-k primitives live in `dynamic.py`.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def pooled_block_selection(q, k, *, block: int, top_k: int):
 def rectified_spaattn(q, k, v, *, block: int, top_k: int, scale=None, ipar: bool = True,
                       gapr: bool = True, implementation: str | None = None,
                       return_row_mass: bool = False):
-  """Rectified SpaAttn [21] on `[B, T, H, D]` (non-causal, video DiT attention).
+  """Rectified SpaAttn (Liu et al. 2025, arXiv:2511.19835) on `[B, T, H, D]` (non-causal, video DiT attention).
 
   Critical key blocks `C(I)` of query block I: `pooled_block_selection`. The sparse pass gives
   `O_s` and `lse_s` over them. Each non-critical block J is summarised by its pooled key/value
@@ -141,7 +141,7 @@ def rectified_spaattn(q, k, v, *, block: int, top_k: int, scale=None, ipar: bool
 
 
 def recycled_decode(q, k, v, *, prompt_len: int, stride: int, top_k: int, scale=None):
-  """Recycled Attention [68] over `N` decode steps, as one scan.
+  """Recycled Attention (Xu et al. 2024, arXiv:2411.05787) over `N` decode steps, as one scan.
 
   `q [B, N, H, D]` are the queries of positions `prompt_len + n`; `k, v [B, prompt_len + N, Hk, D]`
   hold every key (position p sees keys `j <= p`). Step n is a full step when `n % stride == 0`: it
@@ -249,7 +249,7 @@ def hylra_policy_score(reuse_score, policy) -> float:
 
 def hylra_layer(q, k, v, *, full: bool, top_k: int, indices=None, causal: bool = True,
                 scale=None):
-  """One HyLRA [79] layer: `(o, indices)`. A full layer computes dense attention and the top-k
+  """One HyLRA (Ai et al. 2026, arXiv:2602.00777) layer: `(o, indices)`. A full layer computes dense attention and the top-k
   keys by attention mass (`dynamic.topk_key_indices`, per GQA group, over its queries); a reuse
   layer attends only to `indices [B, Hk, K]` from the last full layer (and passes them on).
   Oracles: all layers full, or `top_k >= Tk`, is dense attention."""
@@ -296,10 +296,10 @@ def flux_gate(logits, *, key=None, temperature: float = 1.0, hard: bool = False)
 
 def flux_attention(q, k, v, gate, *, sparse_fn: Callable, causal: bool = True, scale=None,
                    **kwargs):
-  """Flux Attention [81]: `gate * full + (1 - gate) * sparse`, `gate [B] | [B, Tq]` in [0, 1] (from
+  """Flux Attention (Qiu et al. 2026, arXiv:2604.07394): `gate * full + (1 - gate) * sparse`, `gate [B] | [B, Tq]` in [0, 1] (from
   `flux_gate`); `sparse_fn(q, k, v, causal=..., scale=..., **kwargs)` is the sparse branch (e.g. a
   sliding window or any block-sparse pattern). A hard gate of 1 is exactly the base (full) model
-  (catalog oracle). Both branches are evaluated here; a serving stack runs only the chosen one."""
+  (the defining property). Both branches are evaluated here; a serving stack runs only the chosen one."""
   _check_bthd(q, k, v)
   gate = jnp.asarray(gate, jnp.float32)
   b, tq = q.shape[:2]

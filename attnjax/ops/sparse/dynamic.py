@@ -1,10 +1,10 @@
-"""Content-routed sparse attention and corrections on top of a sparse pass (catalog S).
+"""Content-routed sparse attention and corrections on top of a sparse pass.
 
-* Routing Transformer [29]: k-means routing with balanced clusters (each centroid takes its top-w
+* Routing Transformer (Roy et al. 2020, arXiv:2003.05997): k-means routing with balanced clusters (each centroid takes its top-w
   tokens), online EMA centroids.
-* Trainable Dynamic Mask attention (DMA) [110]: query-agnostic per-key bias from V, top-w keys.
-* Re-ttention [38]: statistical reshape of an ultra-sparse pass (mass ratio + cached residual).
-* Top-k key reuse (Recycled Attention [68], HyLRA [79]): a full pass records the top-k keys per
+* Trainable Dynamic Mask attention (DMA) (Shi et al. 2025, arXiv:2508.02124): query-agnostic per-key bias from V, top-w keys.
+* Re-ttention (Chen et al. 2025, arXiv:2505.22918): statistical reshape of an ultra-sparse pass (mass ratio + cached residual).
+* Top-k key reuse (Recycled Attention (Xu et al. 2024, arXiv:2411.05787), HyLRA (Ai et al. 2026, arXiv:2602.00777)): a full pass records the top-k keys per
   GQA group; later steps / reuse layers attend only to them.
 Each comes with a dense-masked reference (`*_reference` or `implementation="reference"`).
 """
@@ -94,7 +94,7 @@ def _causal_members(q, k, centroids, window):
 
 
 def routing_attention(q, k, v, centroids, *, window: int, causal: bool = True, scale=None):
-  """Routing Transformer attention [29] on `[B, T, H, D]` -> `[B, Tq, H, Dv]`.
+  """Routing Transformer attention (Roy et al. 2020, arXiv:2003.05997) on `[B, T, H, D]` -> `[B, Tq, H, Dv]`.
 
   Query i attends the `window` keys of its cluster. Paper: C ~ sqrt(T) clusters, w = T / C, shared
   QK (pass k = q's projection to share). Reading ("from memory"): hard argmax query assignment, so
@@ -247,7 +247,7 @@ def balanced_routing_attention(q, k, v, centroids, *, window: int, shared_qk: bo
 
 
 def dma_key_bias(v, dt_weight, a_log):
-  """DMA [110] per-key bias `b [B, H, T] = exp(A_h * softplus(flatten_heads(V) W_dt))`.
+  """DMA (Shi et al. 2025, arXiv:2508.02124) per-key bias `b [B, H, T] = exp(A_h * softplus(flatten_heads(V) W_dt))`.
 
   `v [B, T, Hk, Dv]`, `dt_weight [Hk * Dv, H]`, `a_log`-named `A [H]` (flash-dmattn's `A`, used as
   is: negative A gives biases in (0, 1], zero A gives 1 for every key)."""
@@ -290,7 +290,7 @@ def _dma_choice(implementation, causal):
 @dispatch.dispatching_op
 def dma_attention(q, k, v, bias, *, keep_window: int, causal: bool = True, scale=None,
                   block: int = 64, implementation: str | None = None):
-  """DMA [110] on `[B, T, H, D]`: `softmax_j(scale q_i.k_j + b_{h,j})` over the top-`keep_window`
+  """DMA (Shi et al. 2025, arXiv:2508.02124) on `[B, T, H, D]`: `softmax_j(scale q_i.k_j + b_{h,j})` over the top-`keep_window`
   keys by `b` (`bias [B, H, Tk]`, `dma_key_bias`) among the visible ones. Paper: keep_window 2048.
 
   Non-causal the selection is query-agnostic, so the block-sparse path lists only key blocks holding
@@ -348,7 +348,7 @@ def rettention_statistics(q, k, v, layout: L.BlockLayout, *, scale=None):
 
 
 def rettention_attention(q, k, v, layout: L.BlockLayout, rho, residual, *, scale=None):
-  """Re-ttention [38] sparse step: `rho_i O_sparse,i + residual_i` with cached statistics."""
+  """Re-ttention (Chen et al. 2025, arXiv:2505.22918) sparse step: `rho_i O_sparse,i + residual_i` with cached statistics."""
   o = block_sparse.block_sparse_attention(q, k, v, layout, scale=scale)
   out = rho.transpose(0, 2, 1)[..., None] * o.astype(jnp.float32) + residual
   return out.astype(q.dtype)
@@ -447,7 +447,7 @@ def landmark_weights(q, k, block: int, *, top_k: int | None = None, scale=None, 
   the weight is 0 on landmarks, `S_ij` when `G_ij = G_ii`, else `S_ij * S_{i, p_j}` (a block's tokens
   are gated by its landmark), so normal rows sum to 1. `top_k` (inference retrieval) keeps, per
   query, only the k other blocks whose landmarks score highest; the rest leave the softmax; top_k >=
-  #blocks is the training-time grouped softmax (catalog oracle). Dense O(Tq * Tk): a reference,
+  #blocks is the training-time grouped softmax (the defining property). Dense O(Tq * Tk): a reference,
   checked against the paper's equations (read via a public summary of the paper's Section 3.1).
 
   Decoding: `q_pos [Tq]` (int, may be traced) are the queries' positions in the key sequence
@@ -501,7 +501,7 @@ def landmark_weights(q, k, block: int, *, top_k: int | None = None, scale=None, 
 
 def landmark_attention(q, k, v, block: int, *, top_k: int | None = None, scale=None, q_pos=None,
                        key_mask=None):
-  """Landmark attention [53] on `[B, T, H, D]` whose tokens include a landmark after every `block`
+  """Landmark attention (Mohtashami & Jaggi 2023, arXiv:2305.16300) on `[B, T, H, D]` whose tokens include a landmark after every `block`
   tokens (`landmark_positions`; `attnjax.data.landmark.insert_landmarks` puts them there):
   `o_i = sum_j w_ij v_j` with `landmark_weights` (`q_pos`, `key_mask`: decoding against a cache).
   Paper: block 50, k = 4 retrieved blocks at inference."""

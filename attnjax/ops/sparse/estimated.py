@@ -1,4 +1,4 @@
-"""Estimated sparse attention: HyperAttention [51] and SEA [67] (catalog S).
+"""Estimated sparse attention: HyperAttention (Han et al. 2023, arXiv:2310.05869) and SEA (Lee et al. 2023, arXiv:2310.01777).
 
 Both estimate where the heavy attention entries are from cheap sketches of Q and K, then run exact
 softmax attention only there, through the block-sparse path (`attnjax.ops.block_sparse`):
@@ -201,7 +201,7 @@ def _check_hyper_args(q, k, block_size, sample_size, min_seq_len, causal, query_
 def hyper_attention(q, k, v, proj, *, block_size: int = 256, sample_size: int = 256, key=None,
                     causal: bool = False, min_seq_len: int = 4096, scale=None,
                     return_lse: bool = False, query_blocks: str = "rank"):
-  """HyperAttention [51] on `[B, T, H, D]` (GQA: keys sorted per kv head).
+  """HyperAttention (Han et al. 2023, arXiv:2310.05869) on `[B, T, H, D]` (GQA: keys sorted per kv head).
 
   Non-causal: queries and keys are sorted by `angular_lsh_hash(., proj)`; query rank p attends the
   key ranks r with `p // qb == r // block_size` (`qb = ceil(Tq / ceil(Tk / block_size))`), a
@@ -328,7 +328,7 @@ def sea_selection(est, *, chunk_size: int, top_k: int, tk: int, causal: bool = F
 
 def sea_attention(q, k, v, proj, *, chunk_size: int, top_k: int, causal: bool = False, scale=None,
                   implementation: str | None = None, return_lse: bool = False):
-  """SEA [67] on `[B, T, H, D]`: softmax attention over each query's `top_k` key chunks of
+  """SEA (Lee et al. 2023, arXiv:2310.01777) on `[B, T, H, D]`: softmax attention over each query's `top_k` key chunks of
   `chunk_size` tokens, chosen by the kernel estimate `sea_estimate` (Performer features `proj
   [D, r]`). `top_k >= nC` is exact attention. The selection is detached, so gradients flow through
   the sparse softmax only (the paper trains its estimator by distilling the teacher's attention:

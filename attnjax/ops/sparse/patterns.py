@@ -83,7 +83,7 @@ def dilated_layout(t: int, window: int, dilation: int, block: int = 128):
 
 
 def power_attention_block_mask(num_blocks: int, num_sink_blocks: int = 1) -> np.ndarray:
-  """PowerAttention [30]: block i sees block j iff `i - j in {0, 1} U {2^m}` or j is a sink block."""
+  """PowerAttention (Chen et al. 2025, arXiv:2503.03588): block i sees block j iff `i - j in {0, 1} U {2^m}` or j is a sink block."""
   i = np.arange(num_blocks)[:, None]
   j = np.arange(num_blocks)[None, :]
   diff = i - j
@@ -92,10 +92,10 @@ def power_attention_block_mask(num_blocks: int, num_sink_blocks: int = 1) -> np.
 
 
 def power_attention_layout(t: int, block: int = 128, num_sink_blocks: int = 1):
-  """PowerAttention [30] as a causal block layout (diagonal blocks partial, the rest full).
+  """PowerAttention (Chen et al. 2025, arXiv:2503.03588) as a causal block layout (diagonal blocks partial, the rest full).
 
-  Reading: the catalog's "i - j in {0, 1} U {2^m} (+ sink block)" at block granularity; 2^0 = 1
-  already covers the neighbour block. Marked "from abstract + memory" in the catalog: the paper's
+  Reading: the spec's "i - j in {0, 1} U {2^m} (+ sink block)" at block granularity; 2^0 = 1
+  already covers the neighbour block. A reading from the abstract and memory: the paper's
   exact sink/local sizes are not verified here.
   """
   nb = -(-t // block)
@@ -106,7 +106,7 @@ def power_attention_layout(t: int, block: int = 128, num_sink_blocks: int = 1):
 
 
 def s2_block_mask(num_blocks: int, num_heads: int, local_blocks: int, vert_stride: int):
-  """S2-Attention [129] / vLLM blocksparse: per head h, block (i, j), j <= i, kept iff
+  """S2-Attention (Lin et al. 2024, arXiv:2407.17678) / vLLM blocksparse: per head h, block (i, j), j <= i, kept iff
   `i - j < local_blocks` or `(j + h * step + 1) % vert_stride == 0`, `step = max(1, stride // H)`."""
   step = max(1, vert_stride // num_heads)
   i = np.arange(num_blocks)[:, None]
@@ -119,7 +119,7 @@ def s2_block_mask(num_blocks: int, num_heads: int, local_blocks: int, vert_strid
 
 
 def s2_layout(t: int, num_heads: int, block: int = 64, local_blocks: int = 2, vert_stride: int = 4):
-  """S2-Attention per-head heterogeneous strided shards [129] (layout `[1, H, nQ, nK]`).
+  """S2-Attention per-head heterogeneous strided shards (Lin et al. 2024, arXiv:2407.17678) (layout `[1, H, nQ, nK]`).
 
   Follows vLLM's `blocksparse_attention` reading (cited by the S2 authors' dkernel): heads shift
   the vertical stride so that together they cover every key block.
@@ -157,7 +157,7 @@ def _radial_keeps_frame(dist: int, frame_tokens: int, block: int) -> bool:
 
 def radial_block_mask(num_frames: int, frame_tokens: int, block: int, *, decay_factor: float = 1.0,
                       model_type: str = "hunyuan") -> np.ndarray:
-  """Radial attention [102] block mask `[nB, nB]` over `num_frames * frame_tokens` tokens in
+  """Radial attention (Li et al. 2025, arXiv:2506.19852) block mask `[nB, nB]` over `num_frames * frame_tokens` tokens in
   frame-major order, `nB = ceil(T / block)`: mit-han-lab/radial-attention `radial_attn/
   attn_mask.py` `gen_log_mask_shrinked`. For query frame i and key frame j the token mask is all
   ones when j == 0 (key frame 0 is the attention sink; query frame 0 is not special), else the

