@@ -403,7 +403,7 @@ def _no_causal(pattern, causal):
                                 "pattern; use causal=False (ViT builds its mixers that way)")
 
 
-register_mixer("swin", "Swin W-MSA / SW-MSA (Wu et al. 2025, arXiv:2508.10552) window attention on an image grid (window, shift; "
+register_mixer("swin", "Swin W-MSA / SW-MSA (Liu et al. 2021, arXiv:2103.14030) window attention on an image grid (window, shift; "
                "non-causal).")(_grid_builder("swin", ("window", "shift")))
 
 
