@@ -21,7 +21,7 @@ gated 1.723. Gu et al. see sinks only "after effective optimization on sufficien
 sink rate 0.062 (step 100) and ends at 0.008, BOS share 0.10; sigmoid and gated 0.000. A 2000-step
 run (`--config.train.steps=2000 --config.repro.probe_every=200 --config.repro.tag=2000steps`) was
 rerun afterwards (softmax only, 2M tokens, 13 min): eval loss 1.26, but the sink rate stays at
-0.02-0.03 at every probe step and the BOS share at 0.08, so still no sink at 2000 steps.
+0.018-0.023 at every probe step and the BOS share at 0.08, so still no sink at 2000 steps.
 Figures: `benchmarks/probe_sinks_vs_step.png`, `benchmarks/probe_sinks_vs_step_lr1e-2.png`,
 `benchmarks/probe_sinks_vs_step_2000steps.png`.
 """
