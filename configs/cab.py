@@ -68,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.efficiency.update({"mixers": "linear", "seq_lens": "32,64", "d_model": 32, "repeats": 1})
     c.quality.tasks = ml_collections.ConfigDict()
     c.quality.tasks.selective_copy = _entry("selective_copy", "configs/selective_copy.py:tiny", "softmax")
-    c.quality.tasks.digits = _entry("digits", "configs/vit_digits.py:tiny", "gla")  # gla: no 'self'
+    c.quality.tasks.digits = _entry("digits", "configs/vit_digits.py:tiny", "softmax,gla")  # gla: no 'self'
     c.quality.tasks.mlm = _entry("mlm", "configs/mlm_mosaic_bert.py:tiny", "softmax")
   elif arg:
     raise ValueError(f"unknown preset {arg!r} for configs/cab.py; known: 'tiny', 'full'")

@@ -66,7 +66,7 @@ def recurrent_state_floats(model, seq_len: int) -> float:
       continue
     try:
       mixer.init_cache(1, seq_len)
-    except (NotImplementedError, AttributeError, TypeError):
+    except (NotImplementedError, AttributeError, TypeError, ValueError):
       return float("nan")
     total += sum(int(v.size) for v in jax.tree.leaves(nnx.state(mixer, nnx.Cache)) if v.ndim > 0)
   return float(total)
@@ -156,7 +156,9 @@ def _result_row(mixer: str, width, summary: dict, model, seq_len: int, lr=None) 
   """One table row from a run's summary (as `train_and_evaluate` returns it or summary.json)."""
   return {"mixer": mixer, "d_model": int(width), "lr": lr,
           "label": f"{mixer} d={width}" + ("" if lr is None else f" lr={lr:.2g}"),
-          "params": summary["params"], "state_floats": recurrent_state_floats(model, seq_len),
+          "params": summary["params"],
+          # Decoding state only means something for sequence models (not e.g. image classifiers).
+          "state_floats": recurrent_state_floats(model, seq_len) if seq_len else float("nan"),
           "accuracy": summary["final_eval"]["accuracy"], "steps_per_s": summary["steps_per_s"],
           "history": summary["history"]}
 
@@ -211,7 +213,7 @@ def collect(config, mixers, widths, workdir, lrs=()) -> list[dict]:
     with open(path) as f:
       s = json.load(f)
     model = task.build_model(cfg, nnx.Rngs(cfg.seed))
-    results.append(_result_row(mixer, width, s, model, cfg.data.seq_len, lr))
+    results.append(_result_row(mixer, width, s, model, cfg.data.get("seq_len"), lr))
   return results
 
 
@@ -221,7 +223,7 @@ def run(config, mixers, widths, workdir, lrs=()) -> list[dict]:
   results = []
   for mixer, width, lr, cfg in runs:
     s = train_lib.train_and_evaluate(cfg, os.path.join(workdir, _run_name(mixer, width, lr)))
-    results.append(_result_row(mixer, width, s, s["model"], cfg.data.seq_len, lr))
+    results.append(_result_row(mixer, width, s, s["model"], cfg.data.get("seq_len"), lr))
     print(f"  {mixer:>20s} d={width} lr={cfg.optim.lr:.2g}: accuracy {results[-1]['accuracy']:.4f}  "
           f"({s['steps_per_s']:.1f} steps/s)", flush=True)
   return results

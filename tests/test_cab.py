@@ -49,6 +49,7 @@ def test_tiny_preset_end_to_end(tmp_path):
   assert q["selective_copy", "softmax"]["status"] == "ok" and 0 <= q["selective_copy", "softmax"]["accuracy"] <= 1
   assert q["mlm", "softmax"]["status"] == "ok" and 0 <= q["mlm", "softmax"]["accuracy"] <= 1
   assert q["unknown", "softmax"]["status"] == "skipped" and "not registered" in q["unknown", "softmax"]["note"]
+  assert q["digits", "softmax"]["status"] == "ok" and 0 <= q["digits", "softmax"]["accuracy"] <= 1
   assert q["digits", "gla"]["status"] == "skipped" and "'self'" in q["digits", "gla"]["note"]
 
 
