@@ -330,3 +330,15 @@ def test_unwritable_workdir_is_one_error_before_anything_is_built(tmp_path, monk
   monkeypatch.setattr(trainer.tasks_lib, "make_task", lambda c: pytest.fail("built before the check"))
   with pytest.raises(guards.DiskError, match=r"workdir '.*ro' is not writable: Permission denied"):
     trainer.train_and_evaluate(mqar.get_config("tiny"), str(tmp_path / "ro"))
+
+
+def test_every_shipped_config_rejects_an_unknown_preset():
+  import importlib
+  import pkgutil
+  import configs
+  names = [m.name for m in pkgutil.iter_modules(configs.__path__)]
+  assert len(names) > 20
+  for name in names:
+    mod = importlib.import_module(f"configs.{name}")
+    with pytest.raises(ValueError, match="zz_no_such_preset"):
+      mod.get_config("zz_no_such_preset")
