@@ -56,11 +56,11 @@ def recurrent_state_floats(model, seq_len: int) -> float:
 
   A mixer may say it with `state_size(seq_len)`; otherwise we count its decode cache
   (`init_cache(1, seq_len)`). The short convolutions are left out (the same for every mixer).
-  Returns NaN when a mixer can do neither.
+  Returns NaN when a mixer can do neither. The model is left as it was.
   """
   total = 0
   for blk in getattr(model, "blocks", []):
-    mixer = blk.mixer
+    mixer = nnx.clone(blk.mixer)  # init_cache below must not touch the caller's (trained) model
     if hasattr(mixer, "state_size"):
       total += int(mixer.state_size(seq_len))
       continue
@@ -203,7 +203,7 @@ def sweep_configs(config, mixers, widths, lrs=()) -> list[tuple[str, int, float 
 def collect(config, mixers, widths, workdir, lrs=()) -> list[dict]:
   """The results of finished runs in `workdir` (missing ones are reported and left out)."""
   runs = sweep_configs(config, mixers, widths, lrs)
-  task = tasks_lib.make_task(config)
+  build = tasks_lib.model_builder(config)  # no data: collecting only reads the summaries
   results = []
   for mixer, width, lr, cfg in runs:
     path = os.path.join(workdir, _run_name(mixer, width, lr), "summary.json")
@@ -212,7 +212,7 @@ def collect(config, mixers, widths, workdir, lrs=()) -> list[dict]:
       continue
     with open(path) as f:
       s = json.load(f)
-    model = task.build_model(cfg, nnx.Rngs(cfg.seed))
+    model = build(cfg, nnx.Rngs(cfg.seed))
     results.append(_result_row(mixer, width, s, model, cfg.data.get("seq_len"), lr))
   return results
 

@@ -411,6 +411,17 @@ def registered_tasks() -> tuple[str, ...]:
   return tuple(sorted(_TASKS))
 
 
+def model_builder(config) -> Callable[..., nnx.Module]:
+  """`build_model(config, rngs)` of `config.task` without generating its data, for the tasks whose
+  model does not depend on the data (the sequence tasks); others fall back to `make_task`."""
+  if config.task in ("mqar", "selective_copy"):
+    return build_decoder
+  if config.task == "lm":
+    return {"decoder": build_decoder, "parallel": build_parallel, "bam": build_bam}[
+        config.model.get("arch", "decoder")]
+  return make_task(config).build_model
+
+
 def make_task(config) -> Task:
   if config.task not in _TASKS:
     raise ValueError(f"unknown task {config.task!r}; known: {sorted(_TASKS)}")

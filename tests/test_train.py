@@ -30,12 +30,33 @@ def test_compare_writes_table_and_plot(tmp_path):
   compare.plot_state(results, str(tmp_path / "s.png"), "t")
   compare.plot(results, str(tmp_path / "p.png"), "t")
   assert (tmp_path / "p.png").stat().st_size > 1000
-  # --collect rebuilds the same rows from the finished runs and skips the missing ones.
-  again = compare.collect(cfg, ["softmax", "gla", "sliding_window"], [], str(tmp_path))
+  # --collect rebuilds the same rows from the finished runs and skips the missing ones, without
+  # generating the task's data.
+  import pytest
+  from experiments import tasks as tasks_lib
+  mp = pytest.MonkeyPatch()
+  mp.setattr(tasks_lib, "make_task", lambda c: (_ for _ in ()).throw(AssertionError("data built")))
+  try:
+    again = compare.collect(cfg, ["softmax", "gla", "sliding_window"], [], str(tmp_path))
+  finally:
+    mp.undo()
   assert [r["mixer"] for r in again] == ["softmax", "sliding_window"]
   for r, s in zip(again, results):
     assert (r["params"], r["state_floats"], r["accuracy"]) == (s["params"], s["state_floats"],
                                                                s["accuracy"])
+
+
+def test_counting_decoding_state_leaves_the_model_untouched():
+  import jax
+  from flax import nnx
+  from attnjax.models import DecoderLM
+  lm = DecoderLM(vocab_size=16, d_model=16, num_layers=2, num_heads=2, mixer=["softmax", "gla"],
+                 rngs=nnx.Rngs(0))
+  before = jax.tree.map(lambda x: x, nnx.state(lm))
+  assert compare.recurrent_state_floats(lm, 8) > 0
+  after = nnx.state(lm)
+  assert jax.tree.structure(after) == jax.tree.structure(before)
+  assert all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)))
 
 
 def test_lr_sweep_configs_best_lr_table_and_the_zoology_guard():
