@@ -21,3 +21,17 @@ from attnjax.ops.operators.structured import (dha_attention, dha_fuse_heads, gps
                                               hierarchical_attention_weights, moda_attention,
                                               relative_attention, reversed_attention,
                                               reversed_attention_weights, sinusoid)
+
+__all__ = [
+    "AarenState", "aaren_attention", "aaren_init_state", "aaren_step", "affine_scaled_attention",
+    "alibi_factors", "alibi_key_factors", "attention_entropy", "cca_mask", "cca_positions",
+    "cca_ring_index", "cca_token_positions", "cca_visibility", "dha_attention", "dha_fuse_heads",
+    "diff_lambda", "diff_lambda_init", "differential_attention", "efficient_probe",
+    "entropy_regularizer", "flashbias_attention", "gaam_weights", "gated_attention",
+    "gaussian_adaptive_attention", "gpsa_attention", "gpsa_local_init", "grid_offsets",
+    "head_entropy", "hierarchical_attention", "hierarchical_attention_weights", "lama_pool",
+    "lowrank_bias_factors", "lssa_attention", "lssa_weights", "mixture_of_heads_attention",
+    "moda_attention", "moh_router", "probe_attention_weights", "relative_attention",
+    "reversed_attention", "reversed_attention_weights", "routed_heads_attention",
+    "sigmoid_attention", "sigmoid_attention_weights", "sinusoid", "softmax_attention_weights"
+]
