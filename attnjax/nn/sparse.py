@@ -443,7 +443,7 @@ def _radial_layout(t, frame_tokens, block, decay_factor, model_type):
 
 def radial_fn(q, k, v, *, causal, mask=None, q_segment_ids=None, kv_segment_ids=None,
               frame_tokens: int = 4, block: int = 4, decay_factor: float = 1.0,
-              model_type: str = "hunyuan", **unused):
+              model_type: str = "hunyuan", implementation=None, **unused):
   """Radial attention (Li et al. 2025, arXiv:2506.19852) as an `attn_fn` over tokens in frame-major order (`frame_tokens` per
   frame, whole frames): the authors' static block mask (`patterns.radial_block_mask`), block-sparse
   path."""
