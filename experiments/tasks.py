@@ -174,14 +174,19 @@ def classification_loss(model: nnx.Module, batch):
   return loss, {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
 
 
-def make_digits(config) -> Task:
-  """scikit-learn's bundled 8x8 digits (`data.image_size` upsamples), 10-way classification."""
-  d = config.data
-  x_train, y_train = images.load_digits("train", seed=config.seed, image_size=d.image_size)
-  x_test, y_test = images.load_digits("test", seed=config.seed, image_size=d.image_size)
+def digits_batches(config):
+  """`(train loader, eval batches)` of the digits at `data.image_size` (images `[B, S, S, 1]`,
+  labels `[B]`), shared by the image tasks."""
+  x_train, y_train = images.load_digits("train", seed=config.seed, image_size=config.data.image_size)
+  x_test, y_test = images.load_digits("test", seed=config.seed, image_size=config.data.image_size)
   bs = config.train.batch_size
   loader = images.ArrayLoader(x_train, y_train, bs, seed=config.seed)
-  evals = [jax.tree.map(jnp.asarray, b) for b in images.eval_batches(x_test, y_test, bs)]
+  return loader, [jax.tree.map(jnp.asarray, b) for b in images.eval_batches(x_test, y_test, bs)]
+
+
+def make_digits(config) -> Task:
+  """scikit-learn's bundled 8x8 digits (`data.image_size` upsamples), 10-way classification."""
+  loader, evals = digits_batches(config)
   return Task("digits", loader, evals, classification_loss, build_image_model)
 
 
@@ -312,12 +317,7 @@ def build_digits_text(config, rngs: nnx.Rngs) -> nnx.Module:
 
 def make_digits_text(config) -> Task:
   """Digits as image patches followed by text whose next byte is the label (MoT / LlamaFusion)."""
-  d = config.data
-  x_train, y_train = images.load_digits("train", seed=config.seed, image_size=d.image_size)
-  x_test, y_test = images.load_digits("test", seed=config.seed, image_size=d.image_size)
-  bs = config.train.batch_size
-  loader = images.ArrayLoader(x_train, y_train, bs, seed=config.seed)
-  evals = [jax.tree.map(jnp.asarray, b) for b in images.eval_batches(x_test, y_test, bs)]
+  loader, evals = digits_batches(config)
   loss = functools.partial(digits_text_loss, patch_size=config.model.patch_size)
   labels = llamafusion.param_labels if config.model.arch == "llamafusion" else None
   return Task("digits_text", loader, evals, loss, build_digits_text, labels)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from attnjax.models.graph_transformer import laplacian_pe
+from attnjax.data.loader import IndexedLoader
 
 
 def sbm_graphs(num_graphs: int, *, min_nodes: int, max_nodes: int, num_classes: int, p_in: float,
@@ -45,7 +46,7 @@ def sbm_graphs(num_graphs: int, *, min_nodes: int, max_nodes: int, num_classes: 
   return out
 
 
-class GraphLoader:
+class GraphLoader(IndexedLoader):
   """Random batches of a `sbm_graphs` dataset plus `"train" [B]` (True) with the authors' random
   Laplacian-PE sign flip: one sign per PE column per batch (`train_SBMs_node_classification.py`).
   Batch i depends only on (seed, i); `state()` / `restore()` record i."""
@@ -56,15 +57,6 @@ class GraphLoader:
     if batch_size > self.num:
       raise ValueError(f"batch_size={batch_size} exceeds the {self.num} graphs")
     self.index = 0
-
-  def state(self) -> dict:
-    return {"index": self.index}
-
-  def restore(self, state: dict) -> None:
-    self.index = int(state["index"])
-
-  def __iter__(self):
-    return self
 
   def __next__(self) -> dict[str, np.ndarray]:
     rng = np.random.default_rng((self.seed, self.index))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from attnjax.data.loader import IndexedLoader
+
 
 def load_digits(split: str = "train", *, test_fraction: float = 0.2, seed: int = 0,
                 image_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -41,7 +43,7 @@ def load_digits(split: str = "train", *, test_fraction: float = 0.2, seed: int =
   return images, labels
 
 
-class ArrayLoader:
+class ArrayLoader(IndexedLoader):
   """Random batches of `(x, y)` arrays; batch i depends only on (seed, i).
 
   `state()` / `restore()` record the batch index, so a resumed run sees the same batches.
@@ -54,15 +56,6 @@ class ArrayLoader:
       raise ValueError(f"batch_size must be positive, got {batch_size}")
     self.x, self.y, self.batch_size, self.seed = x, y, batch_size, seed
     self.index = 0
-
-  def state(self) -> dict:
-    return {"index": self.index}
-
-  def restore(self, state: dict) -> None:
-    self.index = int(state["index"])
-
-  def __iter__(self):
-    return self
 
   def __next__(self) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng((self.seed, self.index))

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from attnjax.data.loader import IndexedLoader
+
 PAD, MASK = 256, 257
 VOCAB_SIZE = 320  # 258 symbols, rounded up to a multiple of 64 as MosaicBERT pads its vocabulary
 
 
-class MLMLoader:
+class MLMLoader(IndexedLoader):
   """Batches `{"inputs", "attention_mask", "targets", "weights"}`, each `[batch, seq_len]`.
 
   `targets` hold the original bytes, `weights` are 1.0 at the chosen (loss) positions and 0
@@ -38,15 +40,6 @@ class MLMLoader:
     self.data, self.batch_size, self.seq_len = data, batch_size, seq_len
     self.min_len, self.mask_prob, self.packed_tokens, self.seed = min_len, mask_prob, packed_tokens, seed
     self.index = 0
-
-  def state(self) -> dict:
-    return {"index": self.index}
-
-  def restore(self, state: dict) -> None:
-    self.index = int(state["index"])
-
-  def __iter__(self):
-    return self
 
   def __next__(self) -> dict[str, np.ndarray]:
     rng = np.random.default_rng((self.seed, self.index))

@@ -12,6 +12,8 @@ import os
 
 import numpy as np
 
+from attnjax.data.loader import IndexedLoader
+
 STDLIB_PACKAGES = ("json", "email", "http", "logging", "unittest", "xml", "urllib", "asyncio")
 
 
@@ -40,7 +42,7 @@ def load_corpus(path: str | None = None, max_bytes: int | None = None) -> np.nda
   return np.frombuffer(data, np.uint8)
 
 
-class WindowLoader:
+class WindowLoader(IndexedLoader):
   """Random `[batch, seq_len + 1]` windows of a byte array; batch i depends only on (seed, i).
 
   `bos`: None (plain random crops), or a token id put at position 0 of every window, followed by
@@ -58,15 +60,6 @@ class WindowLoader:
     self.data, self.batch_size, self.seq_len, self.seed = data, batch_size, seq_len, seed
     self.bos = bos
     self.index = 0
-
-  def state(self) -> dict:
-    return {"index": self.index}
-
-  def restore(self, state: dict) -> None:
-    self.index = int(state["index"])
-
-  def __iter__(self):
-    return self
 
   def __next__(self) -> np.ndarray:
     rng = np.random.default_rng((self.seed, self.index))
